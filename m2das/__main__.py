@@ -1,0 +1,5 @@
+import sys
+
+from m2das.cli import main
+
+sys.exit(main())

@@ -1,0 +1,40 @@
+"""`m2das <command>`: one entry point, each command a module of its own.
+
+Commands are imported lazily so `m2das status` does not pay for importing torch.
+"""
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("m2das.train", "Pre-train M2D-AS (single process, torchrun, or a launcher rank)."),
+    "prepare": ("m2das.prepare", "Audio folder -> LMS .npy files, lists, labels, weights, norm stats."),
+    "demo": ("m2das.demo", "Synthesise a tiny corpus, train, interrupt, resume: the whole job in minutes."),
+    "status": ("m2das.status", "Progress of a run folder: step, checkpoints, speed, restarts, ETA."),
+    "bench": ("m2das.bench", "Benchmarks: `bench train`, `bench prepare`."),
+}
+
+
+def usage() -> str:
+    lines = ["usage: m2das <command> [options]", "", "commands:"]
+    lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`m2das <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from m2das import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"m2das: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)

@@ -1,0 +1,62 @@
+"""Atomic file writes: a kill at any instant leaves either the old file or the new one."""
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def fsync_dir(folder) -> None:
+    fd = os.open(str(folder), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb"):
+    """Yield a file object; on success it replaces `path` (fsync, rename, fsync dir).
+
+    The temporary file sits in the destination folder so the rename never
+    crosses file systems; on error it is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json(path, obj) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def append_jsonl(path, obj) -> None:
+    """One self-contained line per call; a torn last line is skipped by readers."""
+    with open(path, "a") as f:
+        f.write(json.dumps(obj, sort_keys=True) + "\n")
+        f.flush()
+
+
+def read_jsonl(path) -> list:
+    rows = []
+    if not Path(path).exists():
+        return rows
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    return rows

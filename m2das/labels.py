@@ -1,0 +1,215 @@
+"""AudioSet labels and sampling weights for `files_as_weighted.csv`.
+
+Reads Google's release CSVs (or the same tables after a spreadsheet
+round-trip), maps file names to YouTube IDs in both common naming styles, and
+computes AudioMAE's per-file sampling weights. Files whose ID is in no list are
+left out and counted instead of crashing the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import shutil
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+from m2das.fileio import atomic_write
+
+SEGMENT_FILES = ("eval_segments.csv", "balanced_train_segments.csv",
+                 "unbalanced_train_segments.csv")  # read in this order; the last read wins
+CLASS_FILE = "class_labels_indices.csv"
+OPTIONAL_FILES = ("unbalanced_train_segments.csv",)
+METADATA_FILES = SEGMENT_FILES + (CLASS_FILE,)
+DEFAULT_URL_BASE = "http://storage.googleapis.com/us_audioset/youtube_corpus/v1/csv"
+URL_ENV = "M2DAS_AUDIOSET_URL"
+YTID_LENGTH = 11
+_NAME_SEPARATORS = set("_. ")
+
+
+class MetadataError(RuntimeError):
+    """Metadata missing or unusable; the message says which file to put where."""
+
+
+def read_segments(path) -> tuple[dict[str, str], int]:
+    """YTID -> comma-joined MIDs from one segment list, and the number of rows skipped.
+
+    Accepts the release format (comment lines, ", " separators, quoted label
+    lists) and what a spreadsheet writes back (no comments, maybe a header row,
+    "," separators, unquoted single labels, a BOM).
+    """
+    labels: dict[str, str] = {}
+    bad = 0
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        for row in csv.reader(f, skipinitialspace=True):
+            if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
+                continue
+            ytid = row[0].strip()
+            if ytid.upper() == "YTID":
+                continue
+            mids = [m.strip() for field in row[3:] for m in field.split(",") if m.strip()]
+            if len(row) < 4 or not mids:
+                bad += 1
+                continue
+            labels[ytid] = ",".join(mids)
+    return labels, bad
+
+
+def read_class_mids(path) -> list[str]:
+    """MIDs in class-index order from class_labels_indices.csv."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, skipinitialspace=True)
+        if reader.fieldnames is None or "mid" not in [n.strip() for n in reader.fieldnames]:
+            raise MetadataError(f"{path}: no 'mid' column; expected the release's "
+                                f"'index,mid,display_name' header")
+        reader.fieldnames = [n.strip() for n in reader.fieldnames]
+        return [row["mid"].strip() for row in reader if row.get("mid")]
+
+
+def load_label_map(metadata_dir, warn=print) -> dict[str, str]:
+    """Eval, balanced, then unbalanced into one map; a YTID listed twice keeps the last value."""
+    metadata_dir = Path(metadata_dir)
+    label_map: dict[str, str] = {}
+    for name in SEGMENT_FILES:
+        path = metadata_dir / name
+        if not path.is_file():
+            if name in OPTIONAL_FILES:
+                warn(f"warning: {path} not found; going on with the other lists "
+                     f"(put it there for the ~2M unbalanced labels)")
+                continue
+            raise MetadataError(missing_message([path], metadata_dir))
+        part, bad = read_segments(path)
+        if bad:
+            warn(f"warning: {path}: skipped {bad} malformed rows")
+        label_map.update(part)
+    return label_map
+
+
+def ytid_of(file_name: str, label_map) -> str | None:
+    """The YouTube ID of a file, or None when it is in no list.
+
+    Two naming styles exist: `--PJHxphWEs_30.000.wav` (ID = first 11
+    characters) and `Y--PJHxphWEs.wav` (a `Y` prefix). A real ID may itself start
+    with `Y`, so the candidate found in the label map wins; when both are found,
+    the one followed by a separator (or the end of the name) wins, and the plain
+    rule breaks a remaining tie.
+    """
+    stem = Path(file_name).stem
+    plain = stem[:YTID_LENGTH]
+    prefixed = stem[1:YTID_LENGTH + 1] if stem.startswith("Y") and len(stem) > YTID_LENGTH else None
+    plain_found = len(plain) == YTID_LENGTH and plain in label_map
+    prefixed_found = prefixed is not None and prefixed in label_map
+    if plain_found and prefixed_found:
+        plain_fits = len(stem) == YTID_LENGTH or stem[YTID_LENGTH] in _NAME_SEPARATORS
+        prefixed_fits = len(stem) == YTID_LENGTH + 1 or stem[YTID_LENGTH + 1] in _NAME_SEPARATORS
+        return prefixed if prefixed_fits and not plain_fits else plain
+    if plain_found:
+        return plain
+    if prefixed_found:
+        return prefixed
+    return None
+
+
+def sample_weights(label_lists: list[list[str]]) -> list[float]:
+    """AudioMAE's rule: w_c = 1000 / (count_c + 100); weight = (sum of w_c) ** (1 / 1.5)."""
+    classes = [sorted(set(mids)) for mids in label_lists]
+    count = Counter(c for mids in classes for c in mids)
+    label_weight = {c: 1000.0 / (n + 100.0) for c, n in count.items()}
+    return [sum(label_weight[c] for c in mids) ** (1.0 / 1.5) for mids in classes]
+
+
+def write_weighted_list(path, file_names, label_map, class_mids=None) -> dict:
+    """Write file_name,label,weight for the files that have labels; return counts."""
+    rows, without = [], []
+    for name in file_names:
+        ytid = ytid_of(name, label_map)
+        if ytid is None:
+            without.append(name)
+        else:
+            rows.append((name, label_map[ytid]))
+    weights = sample_weights([label.split(",") for _, label in rows])
+    with atomic_write(path, "w") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["file_name", "label", "weight"])
+        for (name, label), w in zip(rows, weights):
+            writer.writerow([name, label, repr(w)])
+    used = {c for _, label in rows for c in label.split(",")}
+    known = set(class_mids or [])
+    return {
+        "labelled": len(rows),
+        "without_labels": len(without),
+        "without_labels_examples": without[:5],
+        "classes_used": len(used),
+        "classes_without_files": len(known - used) if known else None,
+        "unknown_mids": sorted(used - known) if known else [],
+    }
+
+
+def missing_message(paths, metadata_dir, url_base=None, reason=None) -> str:
+    where = Path(metadata_dir)
+    lines = []
+    if reason:
+        lines.append(f"cannot download AudioSet metadata from {url_base or DEFAULT_URL_BASE} "
+                     f"({reason}).")
+    lines.append(f"Missing: {', '.join(Path(p).name for p in paths)}. Put these files from the "
+                 f"AudioSet release ({DEFAULT_URL_BASE}/<name>) into {where}/ "
+                 f"(or any folder passed with --metadata DIR); "
+                 f"{', '.join(OPTIONAL_FILES)} is optional.")
+    return " ".join(lines)
+
+
+def _open_url(url: str, timeout: float):
+    """fsspec when it can speak HTTP here (needs aiohttp), the standard library otherwise."""
+    if importlib.util.find_spec("aiohttp") is not None:
+        import aiohttp
+        import fsspec
+
+        limits = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        return fsspec.open(url, "rb", client_kwargs={"timeout": limits}).open()
+    return urllib.request.urlopen(url, timeout=timeout)
+
+
+def fetch_metadata(dest_dir, url_base=None, timeout: float = 30.0, warn=print) -> Path:
+    """Download the release CSVs missing from `dest_dir` (once; present files are kept).
+
+    Raises MetadataError naming the files to put where when a required file cannot
+    be had; a missing unbalanced list only warns.
+    """
+    dest_dir = Path(dest_dir)
+    url_base = (url_base or os.environ.get(URL_ENV) or DEFAULT_URL_BASE).rstrip("/")
+    missing_required, first_error = [], None
+    for name in METADATA_FILES:
+        path = dest_dir / name
+        if path.is_file():
+            continue
+        url = f"{url_base}/{name}"
+        warn(f"downloading {url} -> {path}")
+        try:
+            with _open_url(url, timeout) as src, atomic_write(path, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+        except Exception as e:  # offline, DNS, HTTP errors: all mean "not available"
+            reason = " ".join(str(e).split()) or type(e).__name__
+            first_error = first_error or reason
+            if name in OPTIONAL_FILES:
+                warn(f"warning: could not download {name} ({reason}); going on without it")
+            else:
+                missing_required.append(path)
+    if missing_required:
+        raise MetadataError(missing_message(missing_required, dest_dir, url_base, first_error))
+    return dest_dir
+
+
+def check_metadata_dir(metadata_dir) -> Path:
+    metadata_dir = Path(metadata_dir)
+    missing = [metadata_dir / n for n in METADATA_FILES
+               if n not in OPTIONAL_FILES and not (metadata_dir / n).is_file()]
+    if missing:
+        raise MetadataError(missing_message(missing, metadata_dir))
+    return metadata_dir
+
+
+__all__ = ["read_segments", "read_class_mids", "load_label_map", "ytid_of", "sample_weights",
+           "write_weighted_list", "fetch_metadata", "check_metadata_dir", "MetadataError",
+           "METADATA_FILES", "SEGMENT_FILES", "CLASS_FILE", "URL_ENV", "DEFAULT_URL_BASE"]

@@ -1,0 +1,639 @@
+"""`m2das prepare`: a folder of AudioSet audio -> a training-ready data folder.
+
+Steps (each restartable, each usable alone):
+  lms     audio -> DATA/audioset_lms/<same relative path>.npy, float32 [1, 80, T]
+  list    DATA/files_audioset.csv: every output that exists and loads
+  labels  DATA/files_as_weighted.csv: labels and sampling weights from AudioSet's lists
+  stats   DATA/norm_stats.json: normalisation mean/std (read by the trainer)
+
+Every output is written atomically, existing LMS files are kept, and a file that
+cannot be converted is recorded in DATA/prepare_failures.csv instead of stopping
+the run, so a run killed at any moment is finished by running it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import csv
+import fcntl
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from m2das.fileio import atomic_write
+
+STEPS = ("lms", "list", "labels", "stats")
+LMS_DIR = "audioset_lms"
+FILE_LIST = "files_audioset.csv"
+WEIGHTED_LIST = "files_as_weighted.csv"
+FAILURES = "prepare_failures.csv"
+NORM_STATS = "norm_stats.json"
+METADATA_SUBDIR = "metadata"
+LOCK_FILE = ".prepare.lock"
+DEFAULT_AUDIO_DIR = "/audio"
+DEFAULT_DATA_DIR = "/data"
+# Extensions taken as audio. Formats libsndfile cannot decode (m4a, webm) are
+# still attempted so that they show up in the failure list instead of vanishing.
+AUDIO_EXTENSIONS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff",
+                    ".aifc", ".au", ".snd", ".caf", ".w64", ".rf64", ".m4a", ".mp4", ".webm"}
+_TMP_NAME = re.compile(r"^\..+\.npy\..+\.tmp$")  # what fileio.atomic_write leaves when killed
+
+
+class PrepareError(RuntimeError):
+    """Fatal for the whole run; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="file", disable=not enabled, mininterval=1.0,
+                smoothing=0.05, dynamic_ncols=True, file=sys.stderr)
+
+
+# ---------------------------------------------------------------- the lms step
+
+
+@dataclass(frozen=True)
+class Job:
+    src: str  # absolute input path
+    rel: str  # input path relative to AUDIO_DIR, posix
+    out: str  # absolute output path
+
+
+def output_path(data_dir, rel_audio_path) -> Path:
+    """AUDIO/a/b.wav -> DATA/audioset_lms/a/b.npy (only the last suffix is replaced)."""
+    return Path(data_dir) / LMS_DIR / Path(rel_audio_path).with_suffix(".npy")
+
+
+def find_audio(audio_dir, data_dir) -> tuple[list[Job], list[tuple[str, str]], int]:
+    """Audio files under `audio_dir` in sorted order, files sharing an output name, ignored count."""
+    audio_dir = Path(audio_dir)
+    jobs, clashes, ignored, seen = [], [], 0, {}
+    for root, dirs, files in os.walk(audio_dir, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or Path(name).suffix.lower() not in AUDIO_EXTENSIONS:
+                ignored += 1
+                continue
+            src = Path(root) / name
+            rel = src.relative_to(audio_dir).as_posix()
+            out = output_path(data_dir, rel)
+            if out in seen:
+                clashes.append((rel, f"same output {out.relative_to(data_dir).as_posix()} as "
+                                     f"{seen[out]}; rename one of them"))
+                continue
+            seen[out] = rel
+            jobs.append(Job(str(src), rel, str(out)))
+    return jobs, clashes, ignored
+
+
+def existing_outputs(lms_dir) -> set[str]:
+    """Outputs already written; removes temporaries a killed run left behind."""
+    found = set()
+    for root, _, files in os.walk(lms_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            if _TMP_NAME.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            elif name.endswith(".npy"):
+                found.add(path)
+    return found
+
+
+def save_lms(path, lms: np.ndarray) -> None:
+    with atomic_write(path, "wb") as f:
+        np.save(f, lms)
+
+
+def _checked(lms: np.ndarray) -> np.ndarray:
+    from m2das.audio import AudioError
+
+    if not np.isfinite(lms).all():
+        raise AudioError("the LMS has NaN or inf values")
+    return lms
+
+
+def convert_one(job: Job) -> tuple[str, str, str, float, bool]:
+    """Convert one file: (rel, "ok"|"failed", reason, seconds of audio, silent).
+
+    Per-file problems are returned, not raised; a failure to write (disk full,
+    permissions) raises, because it would fail for every file after it.
+    """
+    from m2das.audio import AudioError, lms_from_waveform, load_audio
+
+    try:
+        wave, sr = load_audio(job.src)
+        lms = _checked(lms_from_waveform(wave, sr))
+    except AudioError as e:
+        return job.rel, "failed", str(e), 0.0, False
+    except Exception as e:  # a conversion error in one file must not stop the others
+        return job.rel, "failed", f"conversion error: {type(e).__name__}: {e}", 0.0, False
+    save_lms(job.out, lms)
+    return job.rel, "ok", "", wave.shape[1] / sr, not np.any(wave)
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+
+
+def _load_for_gpu(job: Job):
+    """CPU side of the GPU path: decode and downmix; the device does resampling and STFT."""
+    from m2das.audio import AudioError, load_audio
+
+    try:
+        wave, sr = load_audio(job.src)
+    except AudioError as e:
+        return job, None, 0, str(e)
+    except Exception as e:
+        return job, None, 0, f"read error: {type(e).__name__}: {e}"
+    return job, wave.mean(axis=0, dtype=np.float32), sr, ""
+
+
+def _pool(workers: int):
+    # fork: workers start in milliseconds; they run with one torch thread and
+    # never touch CUDA, which is what makes forking after torch import safe.
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    return ctx.Pool(workers, initializer=_worker_init)
+
+
+def _convert_cpu(jobs, workers, on_result):
+    if workers <= 1:
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for job in jobs:
+                on_result(convert_one(job))
+        finally:
+            torch.set_num_threads(previous)
+        return
+    with _pool(workers) as pool:
+        for result in pool.imap_unordered(convert_one, jobs, chunksize=4):
+            on_result(result)
+
+
+def _convert_gpu(jobs, workers, device, batch_size, on_result):
+    """Decode on CPU workers, resample and STFT in batches on the device, write in threads."""
+    import torch
+
+    from m2das.audio import lms_batch_16k, resample_16k
+
+    writer = concurrent.futures.ThreadPoolExecutor(max(2, min(8, workers)))
+    pending: list = []
+
+    def flush(batch):
+        groups: dict = {}
+        for item in batch:
+            groups.setdefault((item[2], item[1].shape[0]), []).append(item)
+        waves, order = [], []
+        for (sr, _), items in groups.items():
+            stacked = torch.from_numpy(np.stack([it[1] for it in items])).to(device)
+            waves += list(resample_16k(stacked, sr))
+            order += items
+        for (job, wave, sr, _), lms in zip(order, lms_batch_16k(waves, device)):
+            def write(job=job, lms=lms, seconds=wave.shape[0] / sr, silent=not np.any(wave)):
+                try:
+                    lms = _checked(lms)
+                except Exception as e:
+                    return job.rel, "failed", str(e), 0.0, False
+                save_lms(job.out, lms)
+                return job.rel, "ok", "", seconds, silent
+            pending.append(writer.submit(write))
+
+    def drain(block=False):
+        while pending and (block or pending[0].done()):
+            on_result(pending.pop(0).result())
+
+    try:
+        with _pool(max(1, workers)) as pool:
+            batch = []
+            for job, wave, sr, reason in pool.imap(_load_for_gpu, jobs, chunksize=2):
+                if wave is None:
+                    on_result((job.rel, "failed", reason, 0.0, False))
+                    continue
+                batch.append((job, wave, sr, reason))
+                if len(batch) >= batch_size:
+                    flush(batch)
+                    batch = []
+                    drain()
+            flush(batch)
+            drain(block=True)
+    finally:
+        writer.shutdown(wait=True, cancel_futures=True)
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize()
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PrepareError("--device cuda: no CUDA device is visible here; use --device cpu "
+                           "(or run the container with --gpus all)", 2)
+    if device != "cpu" and not device.startswith("cuda"):
+        raise PrepareError(f"--device {device}: expected auto, cpu or cuda", 2)
+    return device
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def write_failures(data_dir, failures) -> Path:
+    path = Path(data_dir) / FAILURES
+    with atomic_write(path, "w") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["file", "reason"])
+        writer.writerows(sorted(failures))
+    return path
+
+
+def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = None,
+            batch_size: int = 32, progress: bool = True) -> dict:
+    """Convert every audio file that has no output yet; record the ones that fail."""
+    audio_dir, data_dir = Path(audio_dir), Path(data_dir)
+    if not audio_dir.is_dir():
+        raise PrepareError(f"audio folder {audio_dir} does not exist; pass AUDIO_DIR or mount "
+                           f"your audio there (docker run -v /path/to/audio:{DEFAULT_AUDIO_DIR})", 2)
+    device = resolve_device(device)
+    workers = default_workers() if workers is None else max(1, int(workers))
+    jobs, clashes, ignored = find_audio(audio_dir, data_dir)
+    done = existing_outputs(data_dir / LMS_DIR)
+    todo = [j for j in jobs if j.out not in done]
+    summary = {"audio_files": len(jobs) + len(clashes), "ignored_non_audio": ignored,
+               "skipped_existing": len(jobs) - len(todo), "converted": 0, "failed": 0,
+               "silent": 0, "hours_converted": 0.0, "device": device, "workers": workers}
+    _log(f"lms: {len(jobs)} audio files in {audio_dir}, {summary['skipped_existing']} already "
+         f"converted, {len(todo)} to do on {device} ({workers} workers)")
+    failures = list(clashes)
+    seconds = 0.0
+    bar = _progress(len(todo), "lms", progress)
+
+    def on_result(result):
+        nonlocal seconds
+        rel, status, reason, secs, silent = result
+        if status == "ok":
+            summary["converted"] += 1
+            summary["silent"] += int(silent)
+            seconds += secs
+        else:
+            failures.append((rel, reason))
+            bar.set_postfix(failed=len(failures), refresh=False)
+        bar.update(1)
+
+    started = time.monotonic()
+    try:
+        if device == "cpu":
+            _convert_cpu(todo, workers, on_result)
+        else:
+            _convert_gpu(todo, workers, device, batch_size, on_result)
+    finally:
+        bar.close()
+        summary["failed"] = len(failures)
+        summary["hours_converted"] = seconds / 3600.0
+        summary["lms_seconds"] = time.monotonic() - started
+        summary["failures_file"] = str(write_failures(data_dir, failures))
+    for rel, reason in sorted(failures)[:5]:
+        _log(f"  failed: {audio_dir / rel}: {reason}")
+    if len(failures) > 5:
+        _log(f"  ... {len(failures) - 5} more in {summary['failures_file']}")
+    return summary
+
+
+# ---------------------------------------------------------------- list, labels, stats
+
+
+def check_lms_file(path) -> int:
+    """Frames of a valid LMS file; ValueError when it is not float32 [1, 80, T]."""
+    from m2das.audio import N_MELS
+
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    if arr.dtype != np.float32 or arr.ndim != 3 or arr.shape[:2] != (1, N_MELS) or arr.shape[2] < 1:
+        raise ValueError(f"expected float32 [1, {N_MELS}, T], got {arr.dtype} {list(arr.shape)}")
+    return int(arr.shape[2])
+
+
+def write_file_list(data_dir, progress: bool = True) -> dict:
+    """files_audioset.csv from the outputs on disk, so it never names a missing or broken file."""
+    from m2das.audio import duration_from_frames
+
+    data_dir = Path(data_dir)
+    lms_dir = data_dir / LMS_DIR
+    names = []
+    for root, dirs, files in os.walk(lms_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        names += [os.path.join(root, n) for n in files if n.endswith(".npy") and not n.startswith(".")]
+    good, bad, seconds = [], [], 0.0
+    with _progress(len(names), "list", progress) as bar:
+        for path in names:
+            try:
+                seconds += duration_from_frames(check_lms_file(path))
+                good.append(Path(path).relative_to(data_dir).as_posix())
+            except Exception as e:
+                bad.append((path, " ".join(str(e).split())))
+            bar.update(1)
+    good.sort()
+    out = data_dir / FILE_LIST
+    with atomic_write(out, "w") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["file_name"])
+        writer.writerows([n] for n in good)
+    for path, reason in bad[:5]:
+        _log(f"  unusable output {path}: {reason}; delete it and rerun to convert it again")
+    return {"listed": len(good), "invalid_outputs": len(bad), "hours_listed": seconds / 3600.0,
+            "file_list": str(out)}
+
+
+def read_file_list(data_dir) -> list[str]:
+    path = Path(data_dir) / FILE_LIST
+    if not path.is_file():
+        raise PrepareError(f"{path} not found; run the list step first (--steps list)", 2)
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header or header[0].strip() != "file_name":
+            raise PrepareError(f"{path}: first line must be 'file_name'; rerun --steps list", 2)
+        return [row[0] for row in reader if row and row[0]]
+
+
+def run_labels(data_dir, metadata_dir=None, url_base=None) -> dict:
+    """files_as_weighted.csv; metadata from `metadata_dir`, else downloaded once into DATA/metadata."""
+    from m2das import labels
+
+    data_dir = Path(data_dir)
+    try:
+        if metadata_dir is None:
+            metadata_dir = labels.fetch_metadata(data_dir / METADATA_SUBDIR, url_base, warn=_log)
+        else:
+            metadata_dir = labels.check_metadata_dir(metadata_dir)
+        label_map = labels.load_label_map(metadata_dir, warn=_log)
+        class_mids = labels.read_class_mids(Path(metadata_dir) / labels.CLASS_FILE)
+    except labels.MetadataError as e:
+        raise PrepareError(str(e), 2) from None
+    names = read_file_list(data_dir)
+    out = data_dir / WEIGHTED_LIST
+    result = labels.write_weighted_list(out, names, label_map, class_mids)
+    result.update({"weighted_list": str(out), "metadata_dir": str(metadata_dir),
+                   "label_map_size": len(label_map), "classes": len(class_mids)})
+    if result["unknown_mids"]:
+        _log(f"warning: {len(result['unknown_mids'])} label MIDs are not in "
+             f"{labels.CLASS_FILE}, e.g. {result['unknown_mids'][:3]}")
+    return result
+
+
+def run_stats(data_dir, num_files: int | None = None, seed: int | None = None,
+              progress: bool = True) -> dict:
+    """norm_stats.json with the shared rule of m2das.stats (fixed seed, so reruns agree)."""
+    from m2das import stats
+
+    data_dir = Path(data_dir)
+    names = read_file_list(data_dir)
+    if not names:
+        raise PrepareError(f"{data_dir / FILE_LIST} is empty: nothing to compute statistics from", 1)
+    num_files = stats.DEFAULT_STATS_FILES if num_files is None else num_files
+    seed = stats.DEFAULT_STATS_SEED if seed is None else seed
+    with _progress(num_files, "stats", progress) as bar:
+        result = stats.compute_norm_stats([data_dir / n for n in names], num_files=num_files,
+                                          seed=seed, progress=lambda n, total: bar.update(1))
+    out = data_dir / NORM_STATS
+    stats.write_norm_stats(out, result)
+    return {"norm_stats": str(out), "mean": result["mean"], "std": result["std"]}
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+@contextlib.contextmanager
+def _lock(data_dir):
+    """One prepare per data folder: two would delete each other's temporary files."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise PrepareError(f"another `m2das prepare` is running on {data_dir}; wait for it "
+                               f"or stop it", 1) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def parse_steps(steps) -> list[str]:
+    if isinstance(steps, str):
+        steps = [s.strip() for s in steps.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown or not steps:
+        raise PrepareError(f"--steps {','.join(steps)}: choose from {','.join(STEPS)}", 2)
+    return [s for s in STEPS if s in steps]
+
+
+def run_prepare(audio_dir=DEFAULT_AUDIO_DIR, data_dir=DEFAULT_DATA_DIR, metadata_dir=None,
+                device: str = "auto", workers: int | None = None, steps=STEPS,
+                url_base: str | None = None, stats_files: int | None = None,
+                batch_size: int = 32, progress: bool = True) -> dict:
+    """Run the chosen steps; return the summary. Raises PrepareError (with .code) when fatal."""
+    steps = parse_steps(steps)
+    data_dir = Path(data_dir)
+    started = time.monotonic()
+    summary: dict = {"steps": steps, "data_dir": str(data_dir)}
+    with _lock(data_dir):
+        if "lms" in steps:
+            summary.update(run_lms(audio_dir, data_dir, device, workers, batch_size, progress))
+        if "list" in steps:
+            summary.update(write_file_list(data_dir, progress))
+        if "labels" in steps:
+            summary.update(run_labels(data_dir, metadata_dir, url_base))
+        if "stats" in steps:
+            summary.update(run_stats(data_dir, stats_files, progress=progress))
+    summary["seconds"] = time.monotonic() - started
+    summary["ok"], summary["reason"] = _usable(summary)
+    return summary
+
+
+def _usable(s: dict) -> tuple[bool, str]:
+    if "listed" in s and s["listed"] == 0:
+        return False, (f"no usable LMS file in {s['data_dir']}/{LMS_DIR} (see "
+                       f"{FAILURES} for files that failed)")
+    if "labelled" in s and s["labelled"] == 0:
+        return False, "no file has a label in the AudioSet lists: check the file names (YTID)"
+    if "converted" in s and "listed" not in s and s["converted"] + s["skipped_existing"] == 0:
+        return False, "no audio file was converted"
+    return True, ""
+
+
+def format_summary(s: dict) -> str:
+    lines = ["", "m2das prepare summary"]
+    if "converted" in s:
+        lines.append(f"  converted          {s['converted']} ({s['hours_converted']:.2f} h of audio, "
+                     f"{s['silent']} silent) on {s['device']}")
+        lines.append(f"  skipped (existing) {s['skipped_existing']}")
+        lines.append(f"  failed             {s['failed']}  -> {s['failures_file']}")
+        if s["ignored_non_audio"]:
+            lines.append(f"  ignored non-audio  {s['ignored_non_audio']} (by extension)")
+    if "listed" in s:
+        lines.append(f"  listed             {s['listed']} ({s['hours_listed']:.2f} h) -> "
+                     f"{s['file_list']}")
+        if s["invalid_outputs"]:
+            lines.append(f"  unusable outputs   {s['invalid_outputs']} (not in the list)")
+    if "labelled" in s:
+        lines.append(f"  labelled           {s['labelled']} -> {s['weighted_list']}")
+        lines.append(f"  without labels     {s['without_labels']} (YTID in no list; left out)")
+        lines.append(f"  classes with no file {s['classes_without_files']} of {s['classes']}")
+    if "norm_stats" in s:
+        lines.append(f"  norm stats         mean {s['mean']:.4f} std {s['std']:.4f} -> "
+                     f"{s['norm_stats']}")
+    lines.append(f"  time               {s['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="m2das prepare",
+        description="Audio folder -> LMS .npy files, files_audioset.csv, files_as_weighted.csv, "
+                    "norm_stats.json. Rerun to finish an interrupted run; done files are kept.")
+    p.add_argument("audio_dir", nargs="?", default=DEFAULT_AUDIO_DIR,
+                   help=f"folder of AudioSet clips, any depth (default {DEFAULT_AUDIO_DIR})")
+    p.add_argument("data_dir", nargs="?", default=DEFAULT_DATA_DIR,
+                   help=f"output data folder (default {DEFAULT_DATA_DIR})")
+    p.add_argument("--metadata", metavar="DIR", default=None,
+                   help="folder with eval_segments.csv, balanced_train_segments.csv, "
+                        "[unbalanced_train_segments.csv], class_labels_indices.csv; "
+                        f"default: DATA_DIR/{METADATA_SUBDIR}, downloading what is missing")
+    p.add_argument("--metadata-url", metavar="URL", default=None,
+                   help=f"where to download the lists from (env {'M2DAS_AUDIOSET_URL'}; "
+                        "default Google's AudioSet release)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: all CPU cores)")
+    p.add_argument("--steps", default=",".join(STEPS),
+                   help=f"comma-separated subset of {','.join(STEPS)} (default all)")
+    p.add_argument("--stats-files", type=int, default=None,
+                   help="random crops for the normalisation statistics (default 5000)")
+    p.add_argument("--batch-size", type=int, default=32, help="clips per GPU batch (default 32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _raise_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        summary = run_prepare(args.audio_dir, args.data_dir, args.metadata, args.device,
+                              args.workers, args.steps, args.metadata_url, args.stats_files,
+                              args.batch_size, not args.no_progress)
+    except PrepareError as e:
+        _log(f"m2das prepare: {e}")
+        return e.code
+    except KeyboardInterrupt:
+        _log("m2das prepare: interrupted; finished files are kept, rerun the same command to "
+             "go on")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(format_summary(summary))
+    if not summary["ok"]:
+        _log(f"m2das prepare: {summary['reason']}")
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def make_bench_clips(folder, count: int, seconds: float = 10.0, sample_rate: int = 44100,
+                     seed: int = 0) -> list[Path]:
+    """Stereo 16-bit wav clips of noise plus tones, the typical downloaded AudioSet file."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    paths = []
+    for i in range(count):
+        tone = np.sin(2 * np.pi * rng.uniform(100, 4000) * t)
+        wave = 0.3 * tone[:, None] + 0.05 * rng.standard_normal((t.size, 2))
+        path = Path(folder) / f"bench{i:05d}_0.000.wav"
+        sf.write(str(path), wave.astype(np.float32), sample_rate, subtype="PCM_16")
+        paths.append(path)
+    return paths
+
+
+def bench_main(argv=None) -> int:
+    """`m2das bench prepare`: files/s of the lms step on generated 10-s 44.1-kHz stereo clips."""
+    import tempfile
+
+    import torch
+
+    p = argparse.ArgumentParser(prog="m2das bench prepare",
+                                description="Time the lms step on clips generated here.")
+    p.add_argument("--files", type=int, default=None, help="clips (default 24 per worker)")
+    p.add_argument("--workers", type=int, default=None, help="default: all CPU cores")
+    p.add_argument("--device", default="auto", help="auto (CPU, then GPU if present)|cpu|cuda")
+    args = p.parse_args(argv)
+    workers = default_workers() if args.workers is None else args.workers
+    files = args.files or 24 * workers
+    devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device != "auto":
+            _log("m2das bench prepare: no CUDA device visible")
+            return 2
+        devices.remove("cuda")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores ({default_workers()} usable)")
+    with tempfile.TemporaryDirectory(prefix="m2das-bench-") as tmp:
+        audio = Path(tmp) / "audio"
+        audio.mkdir()
+        make_bench_clips(audio, files)
+        for device in devices:
+            data = Path(tmp) / f"data-{device}"
+            s = run_lms(audio, data, device=device, workers=workers, progress=False)
+            rate = s["converted"] / s["lms_seconds"]
+            name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+            print(f"{device}: {files} clips (10 s, 44.1 kHz, stereo, 16-bit wav) in "
+                  f"{s['lms_seconds']:.2f} s with {workers} workers: {rate:.1f} files/s, "
+                  f"{rate / workers:.1f} files/s per core ({name})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Training flags (the reference's names, so the paper's command line runs verbatim) and
+the values derived from them (world size, effective batch, absolute LR, steps)."""
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+from pathlib import Path
+
+# Flags that change what is trained; a restart with any of them different is
+# a different run. The rest (workers, logging, resume, ...) may change freely.
+IDENTITY_KEYS = (
+    "model", "input_size", "patch_size", "epochs", "batch_size", "accum_iter", "seed", "loss_off",
+    "blr", "lr", "min_lr", "warmup_epochs", "mask_ratio", "ema_decay_init", "ema_decay",
+    "clip_grad", "weight_decay", "weighted", "bf16", "init_from",
+    "stats_files",
+)
+
+
+def size_pair(text: str):
+    try:
+        a, b = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FxT such as 80x608, got {text!r}") from None
+    return [a, b]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="m2das train",
+        description="M2D-AS pre-training. Defaults are the paper's run (300 epochs, 512 per GPU, "
+                    "seed 3, loss_off 1). Rerunning the same command resumes the run.",
+    )
+    a = p.add_argument
+    a("--model", default="m2d_as_vit_base", help="m2d_as_vit_base | m2d_as_vit_large | m2d_as_vit_tiny")
+    a("--input_size", type=size_pair, default=[80, 608], help="FxT of the training crop (80x608)")
+    a("--patch_size", type=size_pair, default=[16, 16])
+    a("--epochs", type=int, default=300)
+    a("--batch_size", type=int, default=512, help="per process (GPU)")
+    a("--accum_iter", type=int, default=1, help="batches per optimizer step")
+    a("--save_freq", type=int, default=50, help="write checkpoint-{epoch}.pth every N epochs")
+    a("--seed", type=int, default=3)
+    a("--loss_off", type=float, default=1.0, help="weight of the offline (AudioSet label) loss")
+    a("--data_path", default="data", help="data root: the list's file names are relative to it")
+    a("--csv_main", default=None, help="list with file_name,label[,weight] (default DATA_PATH/files_as_weighted.csv)")
+    a("--output_dir", default=None, help="run folder (default runs/{model}-{F}x{T}p{pf}x{pt}p16k-{YYMMDD}-{config})")
+    a("--runs_dir", default="runs", help="parent of the default run folder")
+    a("--bf16", action="store_true", help="bf16 autocast instead of fp16 + loss scaling (CUDA)")
+    a("--num_workers", type=int, default=8, help="DataLoader workers per process")
+    a("--blr", type=float, default=3e-4, help="base LR: lr = blr * effective batch / 256")
+    a("--lr", type=float, default=None, help="absolute LR (overrides --blr)")
+    a("--min_lr", type=float, default=0.0)
+    a("--warmup_epochs", type=float, default=20)
+    a("--mask_ratio", type=float, default=0.7)
+    a("--ema_decay_init", type=float, default=0.99995)
+    a("--ema_decay", type=float, default=0.99999)
+    a("--clip_grad", type=float, default=3.0)
+    a("--weight_decay", type=float, default=0.05)
+    a("--weighted", action="store_true", help="sample by the list's weight column (the paper samples uniformly)")
+    a("--init_from", default=None, help="start a fresh schedule from the weights of an M2D / M2D-AS checkpoint")
+    a("--resume", default="auto", help="auto (newest valid checkpoint in the run folder) | none | PATH")
+    a("--ckpt_interval_min", type=float, default=30, help="minutes between rolling full-state saves")
+    a("--log_every", type=int, default=50, help="optimizer steps between log lines")
+    a("--stats_files", type=int, default=5000, help="files drawn for normalisation statistics")
+    a("--device", default="auto", help="auto | cpu | cuda")
+    a("--force_config", action="store_true", help="continue a run folder whose config.json differs")
+    a("--skip_validation", action="store_true", help="do not check every listed file before training")
+    a("--print_config", action="store_true", help="print the resolved configuration as JSON and exit")
+    return p
+
+
+def parse_args(argv) -> dict:
+    cfg = vars(build_parser().parse_args(argv))
+    if cfg["csv_main"] is None:
+        cfg["csv_main"] = str(Path(cfg["data_path"]) / "files_as_weighted.csv")
+    return cfg
+
+
+def dist_env() -> dict:
+    """World size and ranks as torchrun (or the launcher) set them."""
+    return {
+        "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+        "rank": int(os.environ.get("RANK", 0)),
+        "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+    }
+
+
+def count_list_rows(csv_path) -> int | None:
+    """Data rows of a list without parsing it (None when it is absent)."""
+    try:
+        with open(csv_path, "rb") as f:
+            return max(sum(1 for line in f if line.strip()) - 1, 0)
+    except OSError:
+        return None
+
+
+def resolve(cfg: dict, world_size: int, num_files: int | None) -> dict:
+    """The numbers a user wants to see before committing days of GPU time."""
+    effective = cfg["batch_size"] * cfg["accum_iter"] * world_size
+    lr = cfg["lr"] if cfg["lr"] is not None else cfg["blr"] * effective / 256
+    out = {"world_size": world_size, "effective_batch_size": effective, "abs_lr": lr,
+           "num_files": num_files, "batches_per_epoch": None, "steps_per_epoch": None,
+           "total_batches": None, "total_steps": None}
+    if num_files is not None:
+        batches = num_files // (cfg["batch_size"] * world_size)
+        out.update(batches_per_epoch=batches, steps_per_epoch=batches // cfg["accum_iter"],
+                   total_batches=batches * cfg["epochs"],
+                   total_steps=batches // cfg["accum_iter"] * cfg["epochs"])
+    return out
+
+
+def short_config(cfg: dict, world_size: int) -> str:
+    """A compact, dash-free tag of the run; a hash keeps distinct configs apart."""
+    ident = json.dumps({k: cfg[k] for k in IDENTITY_KEYS}, sort_keys=True)
+    digest = hashlib.sha1(ident.encode()).hexdigest()[:6]
+    eff = cfg["batch_size"] * cfg["accum_iter"] * world_size
+    loss_off = f"{cfg['loss_off']:g}".replace(".", "p")
+    return f"M2DASe{cfg['epochs']}b{eff}s{cfg['seed']}off{loss_off}h{digest}"
+
+
+def run_name(cfg: dict, world_size: int, date: datetime.date | None = None) -> str:
+    """{model}-{F}x{T}p{pf}x{pt}p16k-{YYMMDD}-{config}: the form the published runtime parses."""
+    date = date or datetime.date.today()
+    (f, t), (pf, pt) = cfg["input_size"], cfg["patch_size"]
+    return f"{cfg['model']}-{f}x{t}p{pf}x{pt}p16k-{date:%y%m%d}-{short_config(cfg, world_size)}"
+
+
+def default_output_dir(cfg: dict, world_size: int) -> Path:
+    """An unfinished run of the same configuration if there is one, else a new dated folder.
+
+    Without this a plain rerun the next day would start over in a new folder.
+    """
+    runs = Path(cfg["runs_dir"])
+    (f, t), (pf, pt) = cfg["input_size"], cfg["patch_size"]
+    pattern = f"{cfg['model']}-{f}x{t}p{pf}x{pt}p16k-*-{short_config(cfg, world_size)}"
+    unfinished = [d for d in sorted(runs.glob(pattern))
+                  if not (d / f"checkpoint-{cfg['epochs']}.pth").exists()]
+    return unfinished[-1] if unfinished else runs / run_name(cfg, world_size)
+
+
+def identity(cfg: dict) -> dict:
+    return {k: cfg.get(k) for k in IDENTITY_KEYS}
+
+
+def config_differences(saved: dict, cfg: dict) -> list[str]:
+    old, new = identity(saved), identity(cfg)
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in IDENTITY_KEYS if old[k] != new[k]]

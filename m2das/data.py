@@ -1,0 +1,200 @@
+"""The training list -> validated samples -> deterministic, resumable batches.
+
+Every random choice here is a pure function of (seed, epoch, position), never of
+which worker loads a sample or when the process started, so a run resumed
+mid-epoch sees exactly the batches an uninterrupted run would have seen.
+"""
+
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from m2das.stats import crop_or_pad, crop_start
+
+
+class DataListError(ValueError):
+    """The list or the files it names cannot be trained on; the message says what to fix."""
+
+
+@dataclass
+class SampleList:
+    root: Path
+    files: list            # paths relative to root
+    classes: list          # sorted MIDs: the label vocabulary
+    label_offsets: np.ndarray  # CSR: labels of file i are label_ids[offsets[i]:offsets[i+1]]
+    label_ids: np.ndarray
+    weights: np.ndarray | None
+
+    def __len__(self):
+        return len(self.files)
+
+    def labels_of(self, i: int) -> np.ndarray:
+        return self.label_ids[self.label_offsets[i]:self.label_offsets[i + 1]]
+
+
+def split_labels(value) -> list:
+    if not isinstance(value, str):
+        return []
+    return [m.strip() for m in value.split(",") if m.strip()]
+
+
+def read_list(csv_path, root, classes: list | None = None) -> SampleList:
+    """Read file_name,label[,weight]; labels become indices into the sorted MID set.
+
+    `classes` pins the vocabulary (a resumed run keeps the one it started with).
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.exists():
+        raise DataListError(f"{csv_path}: list not found; run `m2das prepare AUDIO_DIR DATA_DIR` "
+                            f"or pass --data_path/--csv_main")
+    try:
+        df = pd.read_csv(csv_path, dtype={"file_name": str, "label": str}, keep_default_na=False)
+    except Exception as e:  # pandas raises many types for malformed CSVs
+        raise DataListError(f"{csv_path}: unreadable CSV ({e})") from e
+    missing = {"file_name", "label"} - set(df.columns)
+    if missing:
+        raise DataListError(f"{csv_path}: missing column(s) {sorted(missing)}; expected file_name,label,weight "
+                            f"(make it with `m2das prepare ... --steps labels`)")
+    if len(df) == 0:
+        raise DataListError(f"{csv_path}: the list is empty")
+    labels = [split_labels(v) for v in df["label"]]
+    vocab = sorted({m for row in labels for m in row}) if classes is None else list(classes)
+    index = {m: i for i, m in enumerate(vocab)}
+    unknown = sorted({m for row in labels for m in row if m not in index})
+    if unknown:
+        raise DataListError(f"{csv_path}: {len(unknown)} label(s) not in this run's class list, e.g. {unknown[:3]}; "
+                            f"the list changed since the run started (use a new --output_dir)")
+    offsets = np.zeros(len(labels) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(row) for row in labels])
+    ids = np.fromiter((index[m] for row in labels for m in row), dtype=np.int32, count=int(offsets[-1]))
+    weights = None
+    if "weight" in df.columns:
+        weights = pd.to_numeric(df["weight"], errors="coerce").to_numpy(dtype=np.float64)
+    return SampleList(Path(root), list(df["file_name"]), vocab, offsets, ids, weights)
+
+
+def check_file(path: Path, freq_bins: int) -> str | None:
+    """Why `path` cannot be trained on, or None when it can."""
+    if not path.exists():
+        return "missing"
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except Exception as e:  # truncated or not an .npy: numpy raises ValueError/OSError/EOFError
+        return f"unreadable ({type(e).__name__}: {e})"
+    if arr.ndim != 3 or arr.shape[0] != 1 or arr.shape[1] != freq_bins or arr.shape[2] == 0:
+        return f"shape {list(arr.shape)}, expected [1, {freq_bins}, T]"
+    if arr.dtype != np.float32:
+        return f"dtype {arr.dtype}, expected float32"
+    return None
+
+
+def validate(samples: SampleList, csv_path, freq_bins: int, workers: int = 16, progress=None) -> None:
+    """Check every listed file before the first step; raise one error naming the first offenders."""
+    problems = []
+    for i in range(len(samples)):
+        if samples.label_offsets[i + 1] == samples.label_offsets[i]:
+            problems.append((samples.files[i], "no labels"))
+    if samples.weights is not None and not np.all(np.isfinite(samples.weights) & (samples.weights >= 0)):
+        bad = int(np.sum(~(np.isfinite(samples.weights) & (samples.weights >= 0))))
+        problems.append((f"{bad} row(s)", "weight is not a non-negative number"))
+
+    def check(name):
+        return name, check_file(samples.root / name, freq_bins)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for n, (name, why) in enumerate(pool.map(check, samples.files, chunksize=256), 1):
+            if why:
+                problems.append((name, why))
+            if progress is not None and (n % 10000 == 0 or n == len(samples)):
+                progress(n, len(samples))
+    if problems:
+        shown = "; ".join(f"{name}: {why}" for name, why in problems[:5])
+        raise DataListError(f"{csv_path}: {len(problems)} unusable entr{'y' if len(problems) == 1 else 'ies'} "
+                            f"under {samples.root} (first: {shown}); rerun `m2das prepare` or fix the list")
+
+
+class LMSDataset(Dataset):
+    """Keys are (epoch, position, index); the crop start is drawn from (seed, epoch, position)."""
+
+    def __init__(self, samples: SampleList, frames: int, seed: int):
+        self.samples, self.frames, self.seed = samples, frames, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, position, i = key
+        lms = np.load(self.samples.root / self.samples.files[i], mmap_mode="r")
+        rng = np.random.default_rng([self.seed, epoch, position])
+        x = crop_or_pad(lms, self.frames, crop_start(lms.shape[-1], self.frames, rng))
+        y = np.zeros(len(self.samples.classes), dtype=np.float32)
+        y[self.samples.labels_of(i)] = 1.0
+        return torch.from_numpy(np.array(x, dtype=np.float32)), torch.from_numpy(y)
+
+
+class ResumableSampler(Sampler):
+    """This rank's share of a per-epoch order, starting from any batch of the epoch.
+
+    The order is a permutation (or, with weights, draws with replacement) from a
+    generator seeded by (seed, epoch); it is the same on every rank and each
+    rank takes every world_size-th element. The incomplete last batch is dropped.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 weights: np.ndarray | None = None):
+        self.n, self.batch_size, self.rank, self.world = num_items, batch_size, rank, world_size
+        self.seed, self.weights = seed, weights
+        self.batches_per_epoch = num_items // (batch_size * world_size)
+        self.epoch, self.start_batch = 0, 0
+
+    def set_position(self, epoch: int, start_batch: int = 0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.weights is None:
+            return rng.permutation(self.n)
+        return rng.choice(self.n, size=self.n, replace=True, p=self.weights / self.weights.sum())
+
+    def __iter__(self):
+        order = self.epoch_order(self.epoch)
+        used = self.batches_per_epoch * self.batch_size * self.world
+        positions = np.arange(used)[self.rank::self.world]
+        for pos in positions[self.start_batch * self.batch_size:]:
+            yield self.epoch, int(pos), int(order[pos])
+
+    def __len__(self):
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+def quiet_worker(_worker_id: int):
+    """Workers ignore the stop signals: the main process decides when to stop.
+
+    A cluster signals every process of the job; a worker dying on SIGTERM
+    would crash the main process before it could save.
+    """
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def make_loader(dataset: LMSDataset, sampler: ResumableSampler, batch_size: int, num_workers: int,
+                pin_memory: bool):
+    kwargs = dict(batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
+                  pin_memory=pin_memory)
+    if num_workers > 0:
+        kwargs.update(worker_init_fn=quiet_worker, prefetch_factor=4, multiprocessing_context="fork"
+                      if os.name == "posix" else None)
+    return torch.utils.data.DataLoader(dataset, **kwargs)
+
+
+def default_workers(requested: int, world_size: int) -> int:
+    """No more workers than this process's share of the cores."""
+    per_rank = max((os.cpu_count() or 1) // max(world_size, 1) - 1, 0)
+    return min(requested, per_rank) if requested > 0 else 0

@@ -1,0 +1,77 @@
+#!/bin/sh
+# Container entry point: m2das commands go to the m2das CLI, `submit` to the
+# cluster launcher, anything else runs as given (`docker run m2das bash`).
+# Every command is exec'd so that the signals a scheduler sends before a
+# preemption (SIGTERM, SIGUSR1) reach the trainer itself.
+set -eu
+
+audio_dir=${M2DAS_AUDIO_DIR:-/audio}
+data_dir=${M2DAS_DATA_DIR:-/data}
+runs_dir=${M2DAS_RUNS_DIR:-/runs}
+metadata_dir=${M2DAS_METADATA_DIR:-/metadata}
+launch_dir=${M2DAS_LAUNCH_DIR:-/opt/m2das/launch}
+
+usage() {
+    cat <<EOF
+m2das container
+
+  prepare [AUDIO DATA] [options]  audio -> LMS data (default $audio_dir -> $data_dir;
+                                  AudioSet lists from $metadata_dir when present)
+  train [options]                 pre-train (run folders under $runs_dir)
+  demo [options]                  tiny end-to-end run, interrupt and resume
+  submit [options]                SLURM submission (python $launch_dir/submit.py)
+  status [RUN]                    progress of a run folder
+  bench train|prepare [options]   benchmarks
+  help                            this text
+  COMMAND [ARGS]                  any other command runs as given
+
+Each command's options: COMMAND --help.
+EOF
+}
+
+# True when the caller already chose a metadata folder.
+has_metadata_option() {
+    for arg in "$@"; do
+        case $arg in
+            --metadata | --metadata=*) return 0 ;;
+        esac
+    done
+    return 1
+}
+
+if [ $# -eq 0 ]; then
+    set -- help
+fi
+
+command=$1
+shift
+case $command in
+    prepare)
+        # Folders come first; with none given (no arguments, or options only)
+        # the container's folders are used.
+        if [ $# -eq 0 ] || [ "${1#-}" != "$1" ]; then
+            set -- "$audio_dir" "$data_dir" "$@"
+        fi
+        # Mounted AudioSet lists spare the download (which needs internet).
+        if [ -f "$metadata_dir/class_labels_indices.csv" ] && ! has_metadata_option "$@"; then
+            set -- "$@" --metadata "$metadata_dir"
+        fi
+        exec m2das prepare "$@"
+        ;;
+    train | demo | status | bench)
+        exec m2das "$command" "$@"
+        ;;
+    submit)
+        if [ ! -f "$launch_dir/submit.py" ]; then
+            echo "m2das entrypoint: $launch_dir/submit.py not found (set M2DAS_LAUNCH_DIR)" >&2
+            exit 2
+        fi
+        exec python "$launch_dir/submit.py" "$@"
+        ;;
+    help | -h | --help)
+        usage
+        ;;
+    *)
+        exec "$command" "$@"
+        ;;
+esac

@@ -1,0 +1,238 @@
+"""`m2das status RUN_DIR`: where a run stands, from its files alone.
+
+Reads config.json, log.jsonl, restarts.jsonl, launcher.jsonl and the
+checkpoint files' names and times; it never loads a checkpoint or imports
+torch, so it answers in a fraction of a second on a login node, while the run
+is training, waiting in the queue, or finished.
+"""
+
+import argparse
+import datetime
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+RECENT_LOG_ROWS = 20
+CKPT_NAMES = ("last.pth", "last.prev.pth")
+EPOCH_CKPT = re.compile(r"checkpoint-(\d+)\.pth$")
+
+
+def _read_jsonl(path: Path) -> list:
+    """Rows of a JSON-lines file; a torn last line (a kill mid-write) is skipped."""
+    rows = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+    except OSError:
+        pass
+    return rows
+
+
+def _ts(value):
+    """Seconds since the epoch from a float or an ISO-8601 string (None when neither)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            dt = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=datetime.timezone.utc)
+        return dt.timestamp()
+    return None
+
+
+def _when(ts) -> str:
+    if ts is None:
+        return "?"
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(max(seconds, 0))
+    d, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    if d:
+        return f"{d}d {h}h {m}m"
+    if h:
+        return f"{h}h {m}m"
+    if m:
+        return f"{m}m {s}s"
+    return f"{s}s"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def collect(run_dir, now=None) -> dict:
+    """Everything `m2das status` shows, as a dict (also what `--json` prints)."""
+    run = Path(run_dir)
+    now = time.time() if now is None else now
+    try:
+        cfg = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    logs = _read_jsonl(run / "log.jsonl")
+    restarts = _read_jsonl(run / "restarts.jsonl")
+    launcher = _read_jsonl(run / "launcher.jsonl")
+
+    epochs = cfg.get("epochs")
+    world = cfg.get("world_size")
+    last = logs[-1] if logs else {}
+    total_steps = last.get("total_steps") or cfg.get("total_steps")
+    step = last.get("step")
+    out = {"run_dir": str(run), "epochs": epochs, "world_size": world, "model": cfg.get("model"),
+           "epoch": last.get("epoch"), "step": step, "total_steps": total_steps,
+           "loss": last.get("loss"), "last_log_time": _ts(last.get("time"))}
+
+    # Speed: the newest rows of the current start only (a restart's gap is not training time).
+    starts = [r for r in restarts if r.get("event", "start") == "start"]
+    since = _ts(starts[-1].get("time")) if starts else None
+    recent = [r for r in logs[-RECENT_LOG_ROWS:] if since is None or (_ts(r.get("time")) or 0) >= since]
+    rates = [r["samples_per_s"] for r in recent if isinstance(r.get("samples_per_s"), (int, float))]
+    out["samples_per_s_rank0"] = sum(rates) / len(rates) if rates else None
+    out["samples_per_s"] = out["samples_per_s_rank0"] * world if rates and world else None
+    steps_per_s = None
+    if len(recent) >= 2:
+        dt = (_ts(recent[-1].get("time")) or 0) - (_ts(recent[0].get("time")) or 0)
+        ds = (recent[-1].get("step") or 0) - (recent[0].get("step") or 0)
+        if dt > 0 and ds > 0:
+            steps_per_s = ds / dt
+    out["steps_per_s"] = steps_per_s
+
+    # Checkpoints.
+    ckpts = []
+    for p in list(run.glob("checkpoint-*.pth")) + [run / n for n in CKPT_NAMES]:
+        if p.name in CKPT_NAMES or EPOCH_CKPT.search(p.name):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            ckpts.append({"name": p.name, "mtime": st.st_mtime, "age_s": now - st.st_mtime, "bytes": st.st_size})
+    ckpts.sort(key=lambda c: c["mtime"], reverse=True)
+    out["checkpoints"] = ckpts
+    finished_file = epochs is not None and (run / f"checkpoint-{epochs}.pth").exists()
+    finished_event = any(r.get("event") == "finished" for r in restarts)
+    diverged = any(r.get("event") == "diverged" for r in restarts)
+    out["finished"] = bool(finished_file or finished_event)
+
+    # State.
+    if out["finished"]:
+        state = "finished"
+    elif diverged and (not starts or _ts(starts[-1].get("time")) or 0) <= max(
+            (_ts(r.get("time")) or 0) for r in restarts if r.get("event") == "diverged"):
+        state = "diverged (loss non-finite); not requeued"
+    elif restarts and restarts[-1].get("event") == "stopped":
+        state = f"stopped on {restarts[-1].get('signal') or 'a signal'}, waiting to be resumed"
+    elif out["last_log_time"] is not None:
+        state = f"running? last log line {_duration(now - out['last_log_time'])} ago"
+    elif starts:
+        state = "started, no log line yet"
+    else:
+        state = "not started yet (queued?)"
+    caps = [r for r in launcher if r.get("event") == "requeue_cap"]
+    if caps and not out["finished"]:
+        state += "; requeue cap reached: " + str(caps[-1].get("message", ""))
+    out["state"] = state
+
+    remaining = (total_steps - step) if (total_steps and step is not None) else None
+    out["eta_s"] = 0 if out["finished"] else (remaining / steps_per_s if remaining is not None and steps_per_s else None)
+
+    out["starts"] = [{"time": _ts(r.get("time")), "job_id": r.get("job_id"), "restart_count": r.get("restart_count"),
+                      "host": r.get("host"), "resumed_from": r.get("resumed_from"),
+                      "resumed_step": r.get("resumed_step"), "last_stop_reason": r.get("last_stop_reason")}
+                     for r in starts]
+    out["stops"] = [{"time": _ts(r.get("time")), "signal": r.get("signal"), "step": r.get("step")}
+                    for r in restarts if r.get("event") == "stopped"]
+    out["requeues"] = [{"time": _ts(r.get("time")), "job_id": r.get("job_id"), "by": r.get("by"),
+                        "reason": r.get("reason"), "restart_count": r.get("restart_count")}
+                       for r in launcher if r.get("event") == "requeue"]
+    out["job_ids"] = sorted({str(r["job_id"]) for r in launcher + starts if r.get("job_id")})
+    submits = [r for r in launcher if r.get("event") == "submit"]
+    out["submitted"] = [{"time": _ts(r.get("time")), "cluster": r.get("cluster"), "job_id": r.get("job_id"),
+                         "preset": r.get("preset")} for r in submits]
+    return out
+
+
+def render(s: dict, now=None) -> str:
+    now = time.time() if now is None else now
+    lines = [f"run        {s['run_dir']}", f"state      {s['state']}"]
+    if s["step"] is not None:
+        total = f"/{s['total_steps']}" if s["total_steps"] else ""
+        pct = f" ({100.0 * s['step'] / s['total_steps']:.1f}%)" if s["total_steps"] else ""
+        ep = f"epoch {s['epoch'] + 1}" + (f" of {s['epochs']}" if s["epochs"] else "") \
+            if isinstance(s["epoch"], int) else "epoch ?"
+        lines.append(f"progress   {ep}, step {s['step']}{total}{pct}")
+    else:
+        lines.append("progress   no training step logged yet")
+    if s["loss"] is not None:
+        lines.append(f"loss       {s['loss']:.4f} (last log line)")
+    if s["samples_per_s_rank0"] is not None:
+        world = s["world_size"] or 1
+        lines.append(f"speed      {s['samples_per_s_rank0']:.1f} samples/s per rank x {world} ranks"
+                     f" = {s['samples_per_s']:.1f} samples/s"
+                     + (f", {s['steps_per_s']:.3f} steps/s" if s["steps_per_s"] else ""))
+    if s["finished"]:
+        lines.append("ETA        done")
+    elif s["eta_s"] is not None:
+        lines.append(f"ETA        {_duration(s['eta_s'])} of training at the recent speed "
+                     f"(~{_when(now + s['eta_s'])}, queue waits not included)")
+    if s["checkpoints"]:
+        c = s["checkpoints"][0]
+        lines.append(f"checkpoint {c['name']}, written {_duration(c['age_s'])} ago ({_size(c['bytes'])})"
+                     + (f"; {len(s['checkpoints'])} in the folder" if len(s["checkpoints"]) > 1 else ""))
+    else:
+        lines.append("checkpoint none yet")
+    n = len(s["starts"])
+    lines.append(f"starts     {n} ({max(n - 1, 0)} restarts); job ids: {', '.join(s['job_ids']) or '-'}")
+    for st in s["starts"][-10:]:
+        where = (f"resumed from {Path(st['resumed_from']).name} at step {st['resumed_step']}"
+                 if st["resumed_from"] else "fresh start")
+        why = f"; previous stop: {st['last_stop_reason']}" if st["last_stop_reason"] else ""
+        job = f"job {st['job_id']}" + (f" restart {st['restart_count']}" if st["restart_count"] not in (None, "")
+                                       else "") if st["job_id"] else "no SLURM job"
+        lines.append(f"  {_when(st['time'])}  {job} on {st['host'] or '?'}: {where}{why}")
+    if n > 10:
+        lines.append(f"  ... {n - 10} earlier starts in restarts.jsonl")
+    if s["requeues"]:
+        by = {}
+        for r in s["requeues"]:
+            by[r["by"] or "?"] = by.get(r["by"] or "?", 0) + 1
+        lines.append("requeues   " + ", ".join(f"{k}: {v}" for k, v in sorted(by.items())))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="m2das status", description="Progress of a run folder.")
+    p.add_argument("run_dir", help="the run folder (the launcher prints it; --output_dir of m2das train)")
+    p.add_argument("--json", action="store_true", help="print the collected fields as JSON")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        print(f"m2das status: error: {run} is not a folder; pass the run folder the launcher printed",
+              file=sys.stderr)
+        return 2
+    if not any((run / n).exists() for n in ("config.json", "launcher.jsonl", "restarts.jsonl", "log.jsonl")):
+        print(f"m2das status: error: {run} has no config.json, log.jsonl or launcher.jsonl; "
+              "is it a run folder?", file=sys.stderr)
+        return 2
+    s = collect(run)
+    print(json.dumps(s, indent=2, sort_keys=True) if args.json else render(s))
+    return 0

@@ -1,0 +1,264 @@
+"""A real one-node SLURM cluster (munged + slurmctld + slurmd) for the launcher tests.
+
+Everything lives in a temporary folder: its own munge key and socket, its own
+slurm.conf (no cgroups: proctrack/linuxproc, task/none), its own ports and
+state. It needs root and Debian's `slurm-wlm` and `munge`; without them the
+tests that use it are skipped with the reason. Only the daemons started here
+are stopped, by the pids they wrote.
+
+Import it from a test module:  `from slurm_fixture import slurm_cluster  # noqa: F401`.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
+
+
+def slurm_unavailable_reason():
+    """None when a private SLURM can be started here, else why not (and how to fix it)."""
+    if sys.platform != "linux":
+        return "SLURM tests need Linux"
+    if os.geteuid() != 0:
+        return "SLURM tests need root (they start munged, slurmctld and slurmd)"
+    missing = [b for b in BINARIES if shutil.which(b) is None
+               and not Path("/usr/sbin", b).exists()]
+    if missing:
+        return f"SLURM tests need {', '.join(missing)}: apt-get install -y slurm-wlm munge"
+    return None
+
+
+def _which(name):
+    return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read_pid(path):
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); treat it as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+    except OSError:
+        return False
+
+
+class SlurmCluster:
+    """A private cluster; `env` is what a client (sbatch, scontrol, the launcher) needs."""
+
+    def __init__(self, root: Path, cpus: int = 2):
+        self.root = Path(root)
+        self.host = socket.gethostname().split(".")[0]
+        self.cpus = max(2, cpus)
+        self.started_pids = {}
+        self.conf = self.root / "slurm.conf"
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self, timeout=30.0):
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755)
+        (self.root / "state").mkdir(exist_ok=True)
+        (self.root / "spool").mkdir(exist_ok=True)
+        (self.root / "plugstack.conf").write_text("")
+        key = self.root / "munge.key"
+        key.write_bytes(os.urandom(128))
+        os.chmod(key, 0o400)
+        self.munge_socket = self.root / "munge.sock"
+        self._spawn("munged", [_which("munged"), "--force", f"--key-file={key}",
+                               f"--socket={self.munge_socket}",
+                               f"--pid-file={self.root / 'munged.pid'}",
+                               f"--log-file={self.root / 'munged.log'}",
+                               f"--seed-file={self.root / 'munged.seed'}"],
+                    self.root / "munged.pid")
+        self.conf.write_text(self._slurm_conf())
+        self._spawn("slurmctld", [_which("slurmctld"), "-i", "-f", str(self.conf)],
+                    self.root / "slurmctld.pid")
+        self._spawn("slurmd", [_which("slurmd"), "-f", str(self.conf), "-N", self.host],
+                    self.root / "slurmd.pid")
+        deadline = time.time() + timeout
+        state = ""
+        while time.time() < deadline:
+            state = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.strip()
+            if state.startswith("idle"):
+                return self
+            time.sleep(0.3)
+        raise RuntimeError(f"SLURM node not idle after {timeout:.0f}s (state {state!r}); "
+                           f"see {self.root}/slurmctld.log and slurmd.log")
+
+    def _slurm_conf(self):
+        r = self.root
+        return "\n".join([
+            "ClusterName=m2dastest",
+            f"SlurmctldHost={self.host}(127.0.0.1)",
+            f"SlurmctldPort={_free_port()}",
+            f"SlurmdPort={_free_port()}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={self.munge_socket}",
+            f"StateSaveLocation={r / 'state'}",
+            f"SlurmdSpoolDir={r / 'spool'}",
+            f"SlurmctldPidFile={r / 'slurmctld.pid'}",
+            f"SlurmdPidFile={r / 'slurmd.pid'}",
+            f"SlurmctldLogFile={r / 'slurmctld.log'}",
+            f"SlurmdLogFile={r / 'slurmd.log'}",
+            f"PlugStackConfig={r / 'plugstack.conf'}",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU",
+            "SchedulerType=sched/builtin",
+            "SlurmdParameters=config_overrides",
+            "ReturnToService=2",
+            "JobRequeue=1",
+            "KillWait=3",
+            "MinJobAge=3600",
+            "InactiveLimit=0",
+            "MpiDefault=none",
+            "SlurmctldDebug=info",
+            "SlurmdDebug=info",
+            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=4000 State=UNKNOWN",
+            f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
+            "",
+        ])
+
+    def _spawn(self, name, cmd, pidfile, timeout=10.0):
+        log = open(self.root / f"{name}.stdout", "ab")
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, check=True,
+                       timeout=timeout)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            pid = _read_pid(pidfile)
+            if pid and _alive(pid):
+                self.started_pids[name] = pid
+                return pid
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} did not start; see {self.root}/{name}.log")
+
+    def stop(self):
+        """Cancel what is left, then stop our daemons (slurmd, slurmctld, munged), by pid."""
+        if "slurmctld" in self.started_pids:
+            self.run("scancel", "--full", "--user=root", check=False)
+            deadline = time.time() + 20
+            while time.time() < deadline:
+                left = self.run("squeue", "-h", "-t", "R,CG", check=False).stdout.strip()
+                if not left:
+                    break
+                time.sleep(0.5)
+        for name in ("slurmd", "slurmctld", "munged"):
+            pid = self.started_pids.pop(name, None)
+            if pid is None:
+                continue
+            for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+                if not _alive(pid):
+                    break
+                os.kill(pid, sig)
+                deadline = time.time() + wait
+                while time.time() < deadline and _alive(pid):
+                    time.sleep(0.1)
+
+    # -- helpers for tests -------------------------------------------------
+    def run(self, *cmd, check=True, timeout=30):
+        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True,
+                              check=check, timeout=timeout)
+
+    def job(self, job_id) -> dict:
+        """`scontrol show job` as a dict (JobState, Restarts, BeginTime, ...); {} once purged."""
+        out = self.run("scontrol", "-o", "show", "job", str(job_id), check=False).stdout
+        fields = {}
+        for token in out.split():
+            if "=" in token:
+                k, v = token.split("=", 1)
+                fields.setdefault(k, v)
+        return fields
+
+    def release(self, job_id):
+        """A requeued job waits on a BeginTime; start it now."""
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+
+    def logs(self):
+        parts = []
+        for name in ("slurmctld.log", "slurmd.log"):
+            p = self.root / name
+            if p.exists():
+                parts.append(f"--- {name} (tail)\n" + "\n".join(p.read_text().splitlines()[-40:]))
+        return "\n".join(parts)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    reason = slurm_unavailable_reason()
+    if reason:
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=os.cpu_count() or 2)
+    old = os.environ.get("SLURM_CONF")
+    try:
+        cluster.start()
+        os.environ["SLURM_CONF"] = str(cluster.conf)
+        yield cluster
+    finally:
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        cluster.stop()
+
+
+def write_tiny_data(root: Path, files: int = 48, frames: int = 256, seed: int = 0) -> Path:
+    """A data folder the trainer accepts: audioset_lms/*.npy [1,80,T] float32 and the weighted list."""
+    root = Path(root)
+    lms = root / "audioset_lms"
+    lms.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    labels = ["/m/09x0r", "/m/04rlf", "/m/0jbk", "/m/068hy"]
+    rows = ["file_name,label,weight"]
+    for i in range(files):
+        x = rng.standard_normal((1, 80, frames + (i % 7) * 8)).astype(np.float32) * 2.0 - 5.0
+        np.save(lms / f"clip{i:03d}.npy", x)
+        a, b = labels[i % 4], labels[(i + 1) % 4]
+        rows.append(f'audioset_lms/clip{i:03d}.npy,"{a},{b}",1.0')
+    (root / "files_as_weighted.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def read_jsonl(path):
+    rows = []
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows

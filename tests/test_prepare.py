@@ -1,0 +1,354 @@
+"""`m2das prepare` end to end on real audio files, real AudioSet metadata and real processes."""
+
+import csv
+import functools
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from m2das import labels
+from m2das.audio import lms_from_file
+from m2das.prepare import main, run_prepare
+from m2das.stats import compute_norm_stats, read_norm_stats
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "audioset"
+UNBALANCED = """# Segments csv
+# num_ytids=3, num_segs=3, num_unique_labels=3, num_positive_labels=4
+# YTID, start_seconds, end_seconds, positive_labels
+--ZhevVpy1s, 50.000, 60.000, "/m/04rlf"
+---1_cCGK4M, 0.000, 10.000, "/m/01g50p,/m/0284vy3"
+-0-2d2ugvJE, 30.000, 40.000, "/m/09x0r"
+"""
+
+
+@pytest.fixture(scope="module")
+def metadata(tmp_path_factory):
+    """The real release files (linked, not copied) plus a small unbalanced list."""
+    folder = tmp_path_factory.mktemp("metadata")
+    for name in ("class_labels_indices.csv", "balanced_train_segments.csv", "eval_segments.csv"):
+        (folder / name).symlink_to(SHARED / name)
+    (folder / "unbalanced_train_segments.csv").write_text(UNBALANCED)
+    return folder
+
+
+def tone(seconds, rate, channels=1, freq=440.0, seed=0):
+    rng = np.random.default_rng(seed)
+    n = int(seconds * rate)
+    x = 0.3 * np.sin(2 * np.pi * freq * np.arange(n) / rate)[:, None] + 0.05 * rng.standard_normal((n, channels))
+    return x.astype(np.float32)
+
+
+def write(path, data, rate, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), data, rate, **kw)
+    return path
+
+
+def make_corpus(audio: Path) -> None:
+    """The mix users arrive with: both name styles, rates, channels, lengths and broken files."""
+    write(audio / "--PJHxphWEs_30.000.wav", tone(3, 44100, 2, seed=1), 44100, subtype="PCM_16")
+    write(audio / "sub" / "Y--ZhevVpy1s.flac", tone(2, 48000, 1, 880, seed=2), 48000)
+    write(audio / "sub" / "deeper" / "YY-CDakgc2Lc.wav", tone(10, 16000, 1, 300, seed=3), 16000)
+    write(audio / "--4gqARaEJE_0.000.wav", np.zeros((16000, 2), np.float32), 16000)  # silent
+    write(audio / "zzzzzzzzzzz_0.000.wav", tone(1, 16000, seed=4), 16000)  # in no list
+    write(audio / "short" / "--BfvyPmVMo.wav", tone(0.3, 22050, seed=5), 22050)
+    bad = audio / "bad"
+    write(bad / "zerolen.wav", np.zeros((0, 1), np.float32), 16000)
+    (bad / "empty.wav").write_bytes(b"")
+    (bad / "corrupt.wav").write_bytes((audio / "--PJHxphWEs_30.000.wav").read_bytes()[:30])
+    (bad / "text.wav").write_text("<html>404 not found</html>\n")
+    nan = tone(1, 16000, seed=6)
+    nan[100] = np.nan
+    write(bad / "nan.wav", nan, 16000, subtype="FLOAT")
+    (audio / "notes.txt").write_text("downloaded with some tool\n")
+
+
+GOOD = ["--4gqARaEJE_0.000", "--PJHxphWEs_30.000", "short/--BfvyPmVMo", "sub/Y--ZhevVpy1s",
+        "sub/deeper/YY-CDakgc2Lc", "zzzzzzzzzzz_0.000"]
+BAD = {"bad/corrupt.wav": "unreadable", "bad/empty.wav": "empty", "bad/nan.wav": "NaN or inf",
+       "bad/text.wav": "unreadable", "bad/zerolen.wav": "empty"}
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def snapshot(data: Path) -> dict:
+    """Every file of a data folder (but the lock) -> its bytes."""
+    return {p.relative_to(data).as_posix(): p.read_bytes() for p in sorted(data.rglob("*"))
+            if p.is_file() and p.name != ".prepare.lock"}
+
+
+def test_full_run_on_a_mixed_folder(tmp_path, metadata):
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    make_corpus(audio)
+    s = run_prepare(audio, data, metadata_dir=metadata, device="cpu", workers=2,
+                    stats_files=40, progress=False)
+    assert s["ok"], s
+    assert (s["converted"], s["skipped_existing"], s["failed"], s["ignored_non_audio"]) == (6, 0, 5, 1)
+    assert s["silent"] == 1
+    assert s["hours_converted"] == pytest.approx((3 + 2 + 10 + 1 + 1 + 0.3) / 3600)
+
+    # 1. LMS files mirror the input tree and equal the single-file conversion
+    for stem in GOOD:
+        out = data / "audioset_lms" / f"{stem}.npy"
+        lms = np.load(out)
+        assert lms.dtype == np.float32 and lms.shape[:2] == (1, 80)
+        src = next(audio.glob(f"{stem}.*"))
+        np.testing.assert_array_equal(lms, lms_from_file(src)[0])
+    assert np.load(data / "audioset_lms/sub/deeper/YY-CDakgc2Lc.npy").shape == (1, 80, 1001)
+    assert np.load(data / "audioset_lms/short/--BfvyPmVMo.npy").shape == (1, 80, 611)
+    failures = {r["file"]: r["reason"] for r in read_rows(data / "prepare_failures.csv")}
+    assert set(failures) == set(BAD)
+    for name, reason in BAD.items():
+        assert reason in failures[name]
+    assert not (data / "audioset_lms" / "bad").exists()
+
+    # 2. the list holds exactly the outputs, sorted, relative to the data folder
+    listed = [r["file_name"] for r in read_rows(data / "files_audioset.csv")]
+    assert listed == sorted(f"audioset_lms/{stem}.npy" for stem in GOOD)
+    assert s["listed"] == 6 and s["invalid_outputs"] == 0
+
+    # 3. labels: both name styles, unbalanced overrides balanced, the unlisted file left out
+    rows = {r["file_name"]: r for r in read_rows(data / "files_as_weighted.csv")}
+    assert list(read_rows(data / "files_as_weighted.csv")[0]) == ["file_name", "label", "weight"]
+    expect = {
+        "audioset_lms/--PJHxphWEs_30.000.npy": "/m/09x0r,/t/dd00088",
+        "audioset_lms/sub/Y--ZhevVpy1s.npy": "/m/04rlf",
+        "audioset_lms/sub/deeper/YY-CDakgc2Lc.npy": "/m/02qldy,/m/09x0r",
+        "audioset_lms/--4gqARaEJE_0.000.npy": "/m/068hy,/m/07q6cd_,/m/0bt9lr,/m/0jbk",
+        "audioset_lms/short/--BfvyPmVMo.npy": "/m/03l9g",
+    }
+    assert {k: v["label"] for k, v in rows.items()} == expect
+    assert s["labelled"] == 5 and s["without_labels"] == 1
+    assert s["classes"] == 527 and s["classes_without_files"] == 527 - 9
+    # by hand: /m/09x0r is in two files (1000 / 102), every other class in one (1000 / 101)
+    one, two = 1000 / 101, 1000 / 102
+    hand = {
+        "audioset_lms/--PJHxphWEs_30.000.npy": (two + one) ** (2 / 3),
+        "audioset_lms/sub/Y--ZhevVpy1s.npy": one ** (2 / 3),
+        "audioset_lms/sub/deeper/YY-CDakgc2Lc.npy": (one + two) ** (2 / 3),
+        "audioset_lms/--4gqARaEJE_0.000.npy": (4 * one) ** (2 / 3),
+        "audioset_lms/short/--BfvyPmVMo.npy": one ** (2 / 3),
+    }
+    for name, w in hand.items():
+        assert float(rows[name]["weight"]) == pytest.approx(w, rel=1e-12)
+    assert float(rows["audioset_lms/--4gqARaEJE_0.000.npy"]["weight"]) == pytest.approx(11.6187, abs=1e-4)
+
+    # 4. stats: the shared rule on the listed files, readable by the trainer
+    stats = read_norm_stats(data / "norm_stats.json")
+    again = compute_norm_stats([data / n for n in listed], num_files=40)
+    assert stats == json.loads(json.dumps(again))
+    assert stats["list_size"] == 6 and stats["std"] > 0
+
+    # a rerun converts nothing and changes nothing
+    before = snapshot(data)
+    s2 = run_prepare(audio, data, metadata_dir=metadata, device="cpu", workers=1,
+                     stats_files=40, progress=False)
+    assert (s2["converted"], s2["skipped_existing"], s2["failed"]) == (0, 6, 5)
+    assert snapshot(data) == before
+
+
+def test_weights_hand_example():
+    weights = labels.sample_weights([["a", "b"], ["a"], ["b", "c"], ["a"]])
+    # counts: a 3, b 2, c 1 -> 1000/103, 1000/102, 1000/101
+    a, b, c = 9.70873786407767, 9.803921568627452, 9.900990099009901
+    assert weights == pytest.approx([(a + b) ** (1 / 1.5), a ** (1 / 1.5),
+                                     (b + c) ** (1 / 1.5), a ** (1 / 1.5)], rel=1e-12)
+    assert weights[1] == pytest.approx(4.5510, abs=1e-4)
+
+
+def test_list_precedence_eval_balanced_unbalanced(tmp_path):
+    head = "# Segments csv\n# num_ytids=0\n# YTID, start_seconds, end_seconds, positive_labels\n"
+    (tmp_path / "eval_segments.csv").write_text(
+        head + 'AAAAAAAAAAA, 0.000, 10.000, "/m/e1"\nBBBBBBBBBBB, 0.000, 10.000, "/m/e2"\n'
+        'CCCCCCCCCCC, 0.000, 10.000, "/m/e3,/m/e4"\n')
+    (tmp_path / "balanced_train_segments.csv").write_text(
+        head + 'AAAAAAAAAAA, 0.000, 10.000, "/m/b1"\nBBBBBBBBBBB, 0.000, 10.000, "/m/b2"\n')
+    (tmp_path / "unbalanced_train_segments.csv").write_text(
+        head + 'AAAAAAAAAAA, 0.000, 10.000, "/m/u1,/m/u2"\n')
+    m = labels.load_label_map(tmp_path)
+    assert m == {"AAAAAAAAAAA": "/m/u1,/m/u2", "BBBBBBBBBBB": "/m/b2", "CCCCCCCCCCC": "/m/e3,/m/e4"}
+    (tmp_path / "unbalanced_train_segments.csv").unlink()
+    warnings = []
+    m = labels.load_label_map(tmp_path, warn=warnings.append)
+    assert m["AAAAAAAAAAA"] == "/m/b1"
+    assert len(warnings) == 1 and "unbalanced_train_segments.csv not found" in warnings[0]
+    (tmp_path / "eval_segments.csv").unlink()
+    with pytest.raises(labels.MetadataError, match="eval_segments.csv"):
+        labels.load_label_map(tmp_path)
+
+
+def test_spreadsheet_round_trip_reads_the_same(tmp_path):
+    release, _ = labels.read_segments(SHARED / "balanced_train_segments.csv")
+    assert len(release) == 22160
+    assert release["--PJHxphWEs"] == "/m/09x0r,/t/dd00088"
+    # what a spreadsheet saves: header row, "," separators, quotes only where needed, CRLF, BOM
+    with open(tmp_path / "b.csv", "w", newline="", encoding="utf-8-sig") as f:
+        w = csv.writer(f)
+        w.writerow(["YTID", "start_seconds", "end_seconds", "positive_labels"])
+        for ytid, mids in release.items():
+            w.writerow([ytid, "30", "40", mids])
+    text = (tmp_path / "b.csv").read_bytes().decode("utf-8-sig")
+    assert "--ZhevVpy1s,30,40,/m/012xff\r\n" in text  # an unquoted single label
+    again, bad = labels.read_segments(tmp_path / "b.csv")
+    assert again == release and bad == 0
+
+
+def test_ytid_name_styles_against_real_lists():
+    m, _ = labels.read_segments(SHARED / "balanced_train_segments.csv")
+    assert "Y-CDakgc2Lc" in m  # real IDs can start with Y
+    assert labels.ytid_of("--PJHxphWEs_30.000.npy", m) == "--PJHxphWEs"
+    assert labels.ytid_of("Y--PJHxphWEs.npy", m) == "--PJHxphWEs"
+    assert labels.ytid_of("Y--PJHxphWEs_30.000_40.000.npy", m) == "--PJHxphWEs"
+    assert labels.ytid_of("Y-CDakgc2Lc_30.000.npy", m) == "Y-CDakgc2Lc"
+    assert labels.ytid_of("Y-CDakgc2Lc.npy", m) == "Y-CDakgc2Lc"
+    assert labels.ytid_of("YY-CDakgc2Lc.npy", m) == "Y-CDakgc2Lc"
+    assert labels.ytid_of("zzzzzzzzzzz.npy", m) is None
+    assert labels.ytid_of("short.npy", m) is None
+    # both readings are real IDs: the separator after the ID decides
+    both = {"YabcdefghiJ": "x", "abcdefghiJK": "y"}
+    assert labels.ytid_of("YabcdefghiJK.npy", both) == "abcdefghiJK"
+    assert labels.ytid_of("YabcdefghiJK_0.000.npy", both) == "abcdefghiJK"
+    assert labels.ytid_of("YabcdefghiJ_0.000.npy", both) == "YabcdefghiJ"
+
+
+def test_two_inputs_with_one_output_name(tmp_path):
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    write(audio / "a" / "x.wav", tone(1, 16000), 16000)
+    write(audio / "a" / "x.flac", tone(1, 16000, seed=9), 16000)
+    s = run_prepare(audio, data, device="cpu", workers=1, steps="lms,list", progress=False)
+    assert (s["converted"], s["failed"], s["listed"]) == (1, 1, 1)
+    (row,) = read_rows(data / "prepare_failures.csv")
+    assert row["file"] == "a/x.wav" and "rename one of them" in row["reason"]
+
+
+def test_broken_output_is_left_out_of_the_list(tmp_path, capsys):
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    write(audio / "a.wav", tone(1, 16000), 16000)
+    write(audio / "b.wav", tone(1, 16000), 16000)
+    run_prepare(audio, data, device="cpu", workers=1, steps="lms", progress=False)
+    (data / "audioset_lms" / "b.npy").write_bytes(b"\x93NUMPY garbage")
+    np.save(data / "audioset_lms" / "c.npy", np.zeros((80, 10), np.float32))  # wrong shape
+    s = run_prepare(audio, data, steps="list", progress=False)
+    assert s["listed"] == 1 and s["invalid_outputs"] == 2
+    assert [r["file_name"] for r in read_rows(data / "files_audioset.csv")] == ["audioset_lms/a.npy"]
+    assert "delete it and rerun" in capsys.readouterr().err
+
+
+def test_exit_codes(tmp_path, capsys, metadata):
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    write(audio / "only_bad.wav", np.zeros((0, 1), np.float32), 16000)
+    assert main([str(audio), str(data), "--device", "cpu", "--no-progress",
+                 "--steps", "lms,list"]) == 1
+    assert "no usable LMS file" in capsys.readouterr().err
+    assert main([str(tmp_path / "nowhere"), str(data), "--no-progress"]) == 2
+    assert "audio folder" in capsys.readouterr().err
+    assert main([str(audio), str(data), "--steps", "lms,bogus"]) == 2
+    assert main([str(audio), str(tmp_path / "fresh"), "--steps", "labels",
+                 "--metadata", str(metadata)]) == 2
+    assert "run the list step first" in capsys.readouterr().err
+    assert main([str(audio), str(data), "--device", "tpu", "--no-progress"]) == 2
+
+
+def test_offline_without_metadata_exits_2_and_says_what_to_put_where(tmp_path, capsys, monkeypatch):
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    write(audio / "--PJHxphWEs_30.000.wav", tone(1, 16000), 16000)
+    monkeypatch.setenv(labels.URL_ENV, "http://127.0.0.1:9/unreachable")
+    rc = main([str(audio), str(data), "--device", "cpu", "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "cannot download AudioSet metadata" in err
+    for name in ("eval_segments.csv", "balanced_train_segments.csv", "class_labels_indices.csv"):
+        assert name in err
+    assert str(data / "metadata") in err and "--metadata DIR" in err
+    # what was done before the labels step is kept and usable
+    assert (data / "audioset_lms" / "--PJHxphWEs_30.000.npy").is_file()
+    assert read_rows(data / "files_audioset.csv") == [{"file_name": "audioset_lms/--PJHxphWEs_30.000.npy"}]
+    assert not list((data / "metadata").glob("*.csv"))
+    rc = main([str(audio), str(data), "--steps", "labels", "--metadata-url", "http://127.0.0.1:9"])
+    assert rc == 2 and "http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_metadata_is_downloaded_once_into_the_data_folder(tmp_path, capsys):
+    served = tmp_path / "release"
+    served.mkdir()
+    for name in ("class_labels_indices.csv", "balanced_train_segments.csv", "eval_segments.csv"):
+        (served / name).symlink_to(SHARED / name)  # no unbalanced list: a 404 to live with
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    write(audio / "Y--PJHxphWEs.wav", tone(1, 16000), 16000)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        rc = main([str(audio), str(data), "--device", "cpu", "--workers", "1", "--no-progress",
+                   "--steps", "lms,list,labels", "--metadata-url", url])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert rc == 0, capsys.readouterr().err
+    assert "could not download unbalanced_train_segments.csv" in capsys.readouterr().err
+    for name in ("class_labels_indices.csv", "balanced_train_segments.csv", "eval_segments.csv"):
+        assert (data / "metadata" / name).read_bytes() == (SHARED / name).read_bytes()
+    # the server is gone: the cached copies are used, only the optional list is retried
+    rc = main([str(audio), str(data), "--steps", "labels", "--metadata-url", url])
+    assert rc == 0
+    (row,) = read_rows(data / "files_as_weighted.csv")
+    assert row["file_name"] == "audioset_lms/Y--PJHxphWEs.npy"
+    assert row["label"] == "/m/09x0r,/t/dd00088"
+
+
+def _cli(*args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "m2das", "prepare", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_killed_run_then_rerun_equals_one_clean_run(tmp_path, metadata, capsys):
+    audio = tmp_path / "audio"
+    n = 32
+    for i in range(n):
+        write(audio / f"d{i % 3}" / f"{i:03d}xxxxxxxx_0.000.wav", tone(10, 44100, 1, 200 + 20 * i, seed=i),
+              44100, subtype="PCM_16")
+    write(audio / "--PJHxphWEs_30.000.wav", tone(10, 44100, 2), 44100)
+    (audio / "broken.wav").write_text("not audio")
+    args = ["--metadata", metadata, "--device", "cpu", "--workers", "2", "--stats-files", "30"]
+    killed = tmp_path / "killed"
+    proc = _cli(audio, killed, *args, start_new_session=True)
+    lms_dir = killed / "audioset_lms"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(lms_dir.rglob("*.npy"))) < 4:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole run, workers included, like a lost node
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    done = list(lms_dir.rglob("*.npy"))
+    assert 4 <= len(done) < n, "the kill must land in the middle of the run"
+    for path in done:  # nothing half-written under a final name
+        assert np.load(path).shape == (1, 80, 1001)
+    assert not (killed / "files_as_weighted.csv").exists()
+
+    assert main([str(audio), str(killed), *map(str, args), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped (existing) {len(done)}" in out and "failed             1" in out
+
+    clean = tmp_path / "clean"
+    s = run_prepare(audio, clean, metadata_dir=metadata, device="cpu", workers=2,
+                    stats_files=30, progress=False)
+    assert s["converted"] == n + 1 and s["labelled"] == 1
+    assert snapshot(killed) == snapshot(clean)
+    assert not [p for p in killed.rglob("*.tmp")]

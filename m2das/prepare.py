@@ -276,8 +276,12 @@ def write_failures(data_dir, failures) -> Path:
 
 
 def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = None,
-            batch_size: int = 32, progress: bool = True) -> dict:
-    """Convert every audio file that has no output yet; record the ones that fail."""
+            batch_size: int = 32, progress: bool = True, batched: bool | None = None) -> dict:
+    """Convert every audio file that has no output yet; record the ones that fail.
+
+    `batched` (default: on a GPU) decodes in worker processes and runs resampling
+    and STFT in batches on `device`; otherwise each worker converts whole files.
+    """
     audio_dir, data_dir = Path(audio_dir), Path(data_dir)
     if not audio_dir.is_dir():
         raise PrepareError(f"audio folder {audio_dir} does not exist; pass AUDIO_DIR or mount "
@@ -310,7 +314,7 @@ def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = Non
 
     started = time.monotonic()
     try:
-        if device == "cpu":
+        if not (device != "cpu" if batched is None else batched):
             _convert_cpu(todo, workers, on_result)
         else:
             _convert_gpu(todo, workers, device, batch_size, on_result)
@@ -496,6 +500,7 @@ def format_summary(s: dict) -> str:
                      f"{s['silent']} silent) on {s['device']}")
         lines.append(f"  skipped (existing) {s['skipped_existing']}")
         lines.append(f"  failed             {s['failed']}  -> {s['failures_file']}")
+        lines.append(f"  LMS folder         {Path(s['data_dir']) / LMS_DIR}")
         if s["ignored_non_audio"]:
             lines.append(f"  ignored non-audio  {s['ignored_non_audio']} (by extension)")
     if "listed" in s:
@@ -505,7 +510,9 @@ def format_summary(s: dict) -> str:
             lines.append(f"  unusable outputs   {s['invalid_outputs']} (not in the list)")
     if "labelled" in s:
         lines.append(f"  labelled           {s['labelled']} -> {s['weighted_list']}")
-        lines.append(f"  without labels     {s['without_labels']} (YTID in no list; left out)")
+        lines.append(f"  without labels     {s['without_labels']} (YTID in no list; left out)"
+                     + (f", e.g. {', '.join(s['without_labels_examples'][:3])}"
+                        if s["without_labels"] else ""))
         lines.append(f"  classes with no file {s['classes_without_files']} of {s['classes']}")
     if "norm_stats" in s:
         lines.append(f"  norm stats         mean {s['mean']:.4f} std {s['std']:.4f} -> "
@@ -607,12 +614,12 @@ def bench_main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="m2das bench prepare",
                                 description="Time the lms step on clips generated here.")
-    p.add_argument("--files", type=int, default=None, help="clips (default 24 per worker)")
+    p.add_argument("--files", type=int, default=None, help="clips (default 32 per worker)")
     p.add_argument("--workers", type=int, default=None, help="default: all CPU cores")
     p.add_argument("--device", default="auto", help="auto (CPU, then GPU if present)|cpu|cuda")
     args = p.parse_args(argv)
     workers = default_workers() if args.workers is None else args.workers
-    files = args.files or 24 * workers
+    files = args.files or 32 * workers
     devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
         if args.device != "auto":

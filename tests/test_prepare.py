@@ -18,7 +18,7 @@ import soundfile as sf
 
 from m2das import labels
 from m2das.audio import lms_from_file
-from m2das.prepare import main, run_prepare
+from m2das.prepare import main, run_lms, run_prepare
 from m2das.stats import compute_norm_stats, read_norm_stats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -352,3 +352,26 @@ def test_killed_run_then_rerun_equals_one_clean_run(tmp_path, metadata, capsys):
     assert s["converted"] == n + 1 and s["labelled"] == 1
     assert snapshot(killed) == snapshot(clean)
     assert not [p for p in killed.rglob("*.tmp")]
+
+
+def test_batched_path_gives_the_same_files_as_per_file_workers(tmp_path):
+    """The GPU pipeline (decode in workers, resample + STFT in batches), run here on the CPU."""
+    audio = tmp_path / "audio"
+    write(audio / "a.wav", tone(10, 44100, 2, seed=1), 44100, subtype="PCM_16")
+    write(audio / "b.wav", tone(10, 44100, 2, seed=2), 44100, subtype="PCM_16")
+    write(audio / "c.flac", tone(7.5, 48000, 1, seed=3), 48000)
+    write(audio / "d.wav", tone(2, 16000, 1, seed=4), 16000)
+    write(audio / "e.wav", np.zeros((0, 1), np.float32), 16000)
+    per_file = run_lms(audio, tmp_path / "one", device="cpu", workers=2, progress=False)
+    batched = run_lms(audio, tmp_path / "batch", device="cpu", workers=2, progress=False,
+                      batched=True, batch_size=3)
+    for s in (per_file, batched):
+        assert (s["converted"], s["failed"]) == (4, 1)
+        assert s["hours_converted"] == pytest.approx(29.5 / 3600)
+    one, batch = snapshot(tmp_path / "one"), snapshot(tmp_path / "batch")
+    assert one["prepare_failures.csv"] == batch["prepare_failures.csv"]
+    assert sorted(one) == sorted(batch)
+    for name in one:
+        if name.endswith(".npy"):
+            np.testing.assert_allclose(np.load(tmp_path / "batch" / name),
+                                       np.load(tmp_path / "one" / name), atol=1e-4)

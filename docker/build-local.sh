@@ -52,7 +52,8 @@ pip_setting() {
     local env_name=$1 key=$2 value
     value=${!env_name:-}
     if [ -z "$value" ]; then
-        value=$(python3 -m pip config get "$key" 2>/dev/null || true)
+        # `pip config list` merges every configuration file (`get` reads one).
+        value=$(python3 -m pip config list 2>/dev/null | sed -n "s/^$key='\\(.*\\)'\$/\\1/p" | tail -n 1)
     fi
     printf '%s' "$value"
 }
@@ -104,7 +105,8 @@ stage_build() {
 
     echo "build-local: podman build ${build_args[*]} ${volumes[*]}"
     start=$(date +%s)
-    podman_ build --isolation=chroot --network=host \
+    # docker format: OCI images drop SHELL (the Dockerfile's pipefail).
+    podman_ build --isolation=chroot --network=host --format docker \
         --build-arg "BASE_IMAGE=$base_image" "${build_args[@]}" "${volumes[@]}" \
         --tag "$image" --file "$repo/Dockerfile" "$repo"
     elapsed "image build" "$start"

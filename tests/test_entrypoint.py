@@ -1,0 +1,225 @@
+"""docker/entrypoint.sh outside a container: real processes, the real `m2das` CLI.
+
+The container's folders (/audio, /data, /metadata, /opt/m2das/launch) are
+pointed at temporary folders through the same environment variables a user
+can set with `docker run -e`.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
+# The CLI installed next to the interpreter running the tests (.venv/bin).
+BIN = Path(sys.executable).parent
+
+YTIDS = ("abcdefghijk", "ABCDEFGHIJK")
+
+
+def _env(tmp_path, **extra):
+    env = {
+        "PATH": f"{BIN}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "LANG": "C.UTF-8",
+        # Folders that do not exist: a test that forgets to set one fails loudly.
+        "M2DAS_AUDIO_DIR": str(tmp_path / "unset-audio"),
+        "M2DAS_DATA_DIR": str(tmp_path / "unset-data"),
+        "M2DAS_METADATA_DIR": str(tmp_path / "unset-metadata"),
+        "M2DAS_LAUNCH_DIR": str(tmp_path / "unset-launch"),
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run(tmp_path, *args, timeout=300, **env):
+    return subprocess.run([str(ENTRYPOINT), *args], env=_env(tmp_path, **env), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cli_present():
+    if not (BIN / "m2das").is_file():
+        pytest.skip(f"m2das CLI not installed next to {sys.executable}; run `make install`")
+
+
+@pytest.fixture
+def audio(tmp_path):
+    """Two short clips named after YouTube IDs, as AudioSet downloads are."""
+    folder = tmp_path / "audio"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for ytid, sub, sr in zip(YTIDS, ("", "sub"), (16000, 22050)):
+        wave = 0.1 * rng.standard_normal(2 * sr).astype(np.float32)
+        sf.write(str(folder / sub / f"{ytid}_30.000.wav"), wave, sr)
+    return folder
+
+
+@pytest.fixture
+def metadata(tmp_path):
+    """A minimal AudioSet release: two classes, one clip in each list."""
+    folder = tmp_path / "metadata"
+    folder.mkdir()
+    (folder / "class_labels_indices.csv").write_text(
+        'index,mid,display_name\n0,/m/09x0r,"Speech"\n1,/m/04rlf,"Music"\n')
+    header = "# Segments csv\n# num_ytids=1\n# YTID, start_seconds, end_seconds, positive_labels\n"
+    (folder / "balanced_train_segments.csv").write_text(
+        header + f'{YTIDS[0]}, 30.000, 40.000, "/m/09x0r,/m/04rlf"\n')
+    (folder / "eval_segments.csv").write_text(header + f'{YTIDS[1]}, 30.000, 40.000, "/m/04rlf"\n')
+    return folder
+
+
+def test_help_without_arguments(tmp_path):
+    for args in ((), ("help",), ("--help",)):
+        r = run(tmp_path, *args)
+        assert r.returncode == 0, r.stderr
+        for command in ("prepare", "train", "demo", "submit", "status", "bench"):
+            assert f"  {command} " in r.stdout
+        # The defaults shown are the ones in effect.
+        assert str(tmp_path / "unset-audio") in r.stdout
+
+
+def test_prepare_defaults_come_from_the_environment(tmp_path, audio, metadata):
+    data = tmp_path / "data"
+    r = run(tmp_path, "prepare", M2DAS_AUDIO_DIR=audio, M2DAS_DATA_DIR=data,
+            M2DAS_METADATA_DIR=metadata)
+    assert r.returncode == 0, r.stderr
+    npys = sorted(p.relative_to(data / "audioset_lms") for p in (data / "audioset_lms").rglob("*.npy"))
+    assert npys == [Path(f"{YTIDS[0]}_30.000.npy"), Path("sub") / f"{YTIDS[1]}_30.000.npy"]
+    assert (data / "files_audioset.csv").is_file()
+    stats = json.loads((data / "norm_stats.json").read_text())
+    assert stats, "empty norm_stats.json"
+    # Labels came from the mounted metadata: nothing was downloaded into DATA/metadata.
+    weighted = (data / "files_as_weighted.csv").read_text()
+    assert "/m/09x0r" in weighted and "/m/04rlf" in weighted
+    assert not (data / "metadata").exists()
+
+
+def test_prepare_options_only_keeps_the_default_folders(tmp_path, audio):
+    data = tmp_path / "data"
+    r = run(tmp_path, "prepare", "--steps", "lms,list", "--workers", "1", "--no-progress",
+            M2DAS_AUDIO_DIR=audio, M2DAS_DATA_DIR=data)
+    assert r.returncode == 0, r.stderr
+    assert len(list((data / "audioset_lms").rglob("*.npy"))) == 2
+    assert (data / "files_audioset.csv").is_file()
+    assert not (data / "norm_stats.json").exists()  # --steps reached the CLI
+
+
+def test_prepare_explicit_folders_override_the_defaults(tmp_path, audio):
+    data = tmp_path / "elsewhere"
+    r = run(tmp_path, "prepare", str(audio), str(data), "--steps", "lms", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert len(list((data / "audioset_lms").rglob("*.npy"))) == 2
+    assert not (tmp_path / "unset-data").exists()
+
+
+def test_prepare_user_metadata_option_wins(tmp_path, audio, metadata):
+    other = tmp_path / "other-metadata"
+    shutil.copytree(metadata, other)
+    # Only the user's list knows the clips' labels under another class.
+    for name in ("balanced_train_segments.csv", "eval_segments.csv"):
+        path = other / name
+        path.write_text(path.read_text().replace('"/m/09x0r,/m/04rlf"', '"/m/09x0r"')
+                        .replace('"/m/04rlf"', '"/m/09x0r"'))
+    data = tmp_path / "data"
+    r = run(tmp_path, "prepare", "--steps", "lms,list,labels", "--metadata", str(other),
+            M2DAS_AUDIO_DIR=audio, M2DAS_DATA_DIR=data, M2DAS_METADATA_DIR=metadata)
+    assert r.returncode == 0, r.stderr
+    weighted = (data / "files_as_weighted.csv").read_text()
+    assert "/m/09x0r" in weighted and "/m/04rlf" not in weighted
+
+
+def test_prepare_failure_exit_code_is_kept(tmp_path):
+    # No audio mounted: prepare's own usage error, status and message reach the caller.
+    r = run(tmp_path, "prepare", M2DAS_DATA_DIR=tmp_path / "data")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert str(tmp_path / "unset-audio") in r.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "demo", "status", "bench"])
+def test_commands_reach_the_cli(tmp_path, command):
+    if not (REPO / "m2das" / f"{command}.py").is_file():
+        pytest.skip(f"m2das/{command}.py not written yet")
+    r = run(tmp_path, command, "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage:") and command in r.stdout.splitlines()[0]
+
+
+def test_unknown_cli_option_exit_code(tmp_path):
+    r = run(tmp_path, "status", "--no-such-option")
+    assert r.returncode == 2
+    assert "usage: m2das status" in r.stderr
+
+
+def test_submit_runs_the_launcher(tmp_path):
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    (launch / "submit.py").write_text(
+        "import sys\nprint('submit argv', sys.argv[1:], sys.executable)\nsys.exit(3)\n")
+    r = run(tmp_path, "submit", "--preset", "48gb", "a b", M2DAS_LAUNCH_DIR=launch)
+    assert r.returncode == 3
+    # The interpreter on PATH, i.e. the one m2das is installed in.
+    assert r.stdout.split("] ", 1)[0] == "submit argv ['--preset', '48gb', 'a b'"
+    assert Path(r.stdout.split("] ", 1)[1].strip()).parent == BIN
+
+
+def test_submit_with_the_real_launcher(tmp_path):
+    if not (REPO / "launch" / "submit.py").is_file():
+        pytest.skip("launch/submit.py not in this tree")
+    r = run(tmp_path, "submit", "--help", M2DAS_LAUNCH_DIR=REPO / "launch")
+    assert r.returncode == 0, r.stderr
+    assert "usage:" in r.stdout
+
+
+def test_submit_without_launcher(tmp_path):
+    r = run(tmp_path, "submit", "--help")
+    assert r.returncode == 2
+    assert "submit.py not found" in r.stderr
+
+
+def test_other_commands_pass_through(tmp_path):
+    r = run(tmp_path, "printf", "%s|", "a b", "c")
+    assert (r.returncode, r.stdout) == (0, "a b|c|")
+    assert run(tmp_path, "sh", "-c", "exit 7").returncode == 7
+    missing = run(tmp_path, "no-such-command-m2das")
+    assert missing.returncode == 127
+    assert "no-such-command-m2das" in missing.stderr
+
+
+def test_commands_replace_the_entrypoint_process(tmp_path):
+    # exec, not a child shell: the scheduler's SIGTERM/SIGUSR1 reach the command itself.
+    proc = subprocess.Popen([str(ENTRYPOINT), "sh", "-c", "echo $$"], env=_env(tmp_path),
+                            stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=30)
+    assert int(out) == proc.pid
+
+
+def test_sigterm_reaches_prepare(tmp_path):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        sf.write(str(audio / f"clip{i:03d}.wav"), 0.1 * rng.standard_normal(160000), 16000)
+    data = tmp_path / "data"
+    proc = subprocess.Popen([str(ENTRYPOINT), "prepare", "--workers", "1", "--no-progress"],
+                            env=_env(tmp_path, M2DAS_AUDIO_DIR=audio, M2DAS_DATA_DIR=data),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The lock file appears once prepare runs with its SIGTERM handler installed.
+    deadline = time.monotonic() + 120
+    while not (data / ".prepare.lock").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "prepare did not start"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    # Handled by prepare (its "interrupted" exit), not a shell killed by the signal.
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "interrupted" in err

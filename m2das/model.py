@@ -165,7 +165,6 @@ class M2DAS(nn.Module):
         B = lms.shape[0]
         x = self.patch_embed(self.normalize(lms)) + self.pos_embed[:, 1:]
         visible_ids, masked_ids = self.random_masking(B, generator, x.device)
-        D = x.shape[-1]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
 
         # Online encoder on cls + visible patches.
@@ -196,13 +195,17 @@ class M2DAS(nn.Module):
 
         # Offline head over all online tokens: encoder outputs where visible,
         # predictor outputs where masked.
-        tokens = put(torch.cat([h[:, 1:], pred], dim=1), order)
-        frames = tokens.reshape(B, self.grid[0], self.grid[1], D).transpose(1, 2).reshape(B, self.grid[1], -1)
-        logits = self.offline_predictor(frames).mean(dim=1)
+        logits = self.offline_logits(put(torch.cat([h[:, 1:], pred], dim=1), order))
         loss_offline = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
         loss = loss_online + self.loss_off * loss_offline
         return {"loss": loss, "loss_online": loss_online, "loss_offline": loss_offline}
+
+    def offline_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, F*T patches (row-major), D] -> per-frame [B, T, F*D] -> linear -> mean over T."""
+        B, _, D = tokens.shape
+        frames = tokens.reshape(B, self.grid[0], self.grid[1], D).transpose(1, 2).reshape(B, self.grid[1], -1)
+        return self.offline_predictor(frames).mean(dim=1)
 
     def flops_per_sample(self) -> float:
         """Forward FLOPs of one training sample (matmuls only, 2 per multiply-add)."""

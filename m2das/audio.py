@@ -76,11 +76,20 @@ def to_mono_16k(wave, sample_rate: int, device=None) -> torch.Tensor:
     return resample_16k(x, sample_rate)
 
 
+_RESAMPLERS: dict = {}
+
+
 def resample_16k(x: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """[..., samples] at `sample_rate` -> 16 kHz (torchaudio's default windowed-sinc filter)."""
+    """[..., samples] at `sample_rate` -> 16 kHz (torchaudio's default windowed-sinc filter).
+
+    The filter kernel is built once per (rate, device) rather than per clip.
+    """
     if sample_rate == SAMPLE_RATE:
         return x
-    return torchaudio.functional.resample(x, int(sample_rate), SAMPLE_RATE)
+    key = (int(sample_rate), str(x.device))
+    if key not in _RESAMPLERS:
+        _RESAMPLERS[key] = torchaudio.transforms.Resample(int(sample_rate), SAMPLE_RATE).to(x.device)
+    return _RESAMPLERS[key](x)
 
 
 _MEL_CACHE: dict = {}

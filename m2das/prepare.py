@@ -626,7 +626,9 @@ def bench_main(argv=None) -> int:
             _log("m2das bench prepare: no CUDA device visible")
             return 2
         devices.remove("cuda")
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores ({default_workers()} usable)")
+    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores ({default_workers()} usable), "
+          f"load average {load} before the run")
     with tempfile.TemporaryDirectory(prefix="m2das-bench-") as tmp:
         audio = Path(tmp) / "audio"
         audio.mkdir()

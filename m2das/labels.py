@@ -12,6 +12,7 @@ import csv
 import importlib.util
 import os
 import shutil
+import urllib.parse
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -161,14 +162,19 @@ def missing_message(paths, metadata_dir, url_base=None, reason=None) -> str:
 
 
 def _open_url(url: str, timeout: float):
-    """fsspec when it can speak HTTP here (needs aiohttp), the standard library otherwise."""
-    if importlib.util.find_spec("aiohttp") is not None:
+    """fsspec for any URL it can serve (file://, a mounted mirror, gs://, http with aiohttp);
+    the standard library for http(s) when aiohttp is not installed."""
+    import fsspec
+
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme in ("http", "https"):
+        if importlib.util.find_spec("aiohttp") is None:
+            return urllib.request.urlopen(url, timeout=timeout)
         import aiohttp
-        import fsspec
 
         limits = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
         return fsspec.open(url, "rb", client_kwargs={"timeout": limits}).open()
-    return urllib.request.urlopen(url, timeout=timeout)
+    return fsspec.open(url, "rb").open()
 
 
 def fetch_metadata(dest_dir, url_base=None, timeout: float = 30.0, warn=print) -> Path:

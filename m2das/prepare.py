@@ -20,12 +20,13 @@ import csv
 import fcntl
 import multiprocessing
 import os
+import posixpath
 import re
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -70,51 +71,66 @@ def _progress(total: int, desc: str, enabled: bool):
 # ---------------------------------------------------------------- the lms step
 
 
-@dataclass(frozen=True)
-class Job:
-    src: str  # absolute input path
+class Job(NamedTuple):
+    """One input file. The folders are shared string objects, so a million jobs cost little."""
+
+    audio_dir: str
+    data_dir: str
     rel: str  # input path relative to AUDIO_DIR, posix
-    out: str  # absolute output path
+
+    @property
+    def src(self) -> str:
+        return os.path.join(self.audio_dir, self.rel)
+
+    @property
+    def out_rel(self) -> str:
+        return output_name(self.rel)
+
+    @property
+    def out(self) -> str:
+        return os.path.join(self.data_dir, self.out_rel)
 
 
-def output_path(data_dir, rel_audio_path) -> Path:
-    """AUDIO/a/b.wav -> DATA/audioset_lms/a/b.npy (only the last suffix is replaced)."""
-    return Path(data_dir) / LMS_DIR / Path(rel_audio_path).with_suffix(".npy")
+def output_name(rel_audio_path: str) -> str:
+    """a/b.wav -> audioset_lms/a/b.npy, relative to DATA_DIR (only the last suffix is replaced)."""
+    return posixpath.join(LMS_DIR, posixpath.splitext(rel_audio_path)[0] + ".npy")
 
 
 def find_audio(audio_dir, data_dir) -> tuple[list[Job], list[tuple[str, str]], int]:
     """Audio files under `audio_dir` in sorted order, files sharing an output name, ignored count."""
-    audio_dir = Path(audio_dir)
-    jobs, clashes, ignored, seen = [], [], 0, {}
+    audio_dir, data_dir = os.path.abspath(audio_dir), os.path.abspath(data_dir)
+    jobs, clashes, ignored = [], [], 0
     for root, dirs, files in os.walk(audio_dir, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        prefix = Path(os.path.relpath(root, audio_dir)).as_posix()
+        stems: dict = {}  # outputs can only clash inside one folder
         for name in sorted(files):
-            if name.startswith(".") or Path(name).suffix.lower() not in AUDIO_EXTENSIONS:
+            stem, ext = os.path.splitext(name)
+            if name.startswith(".") or ext.lower() not in AUDIO_EXTENSIONS:
                 ignored += 1
                 continue
-            src = Path(root) / name
-            rel = src.relative_to(audio_dir).as_posix()
-            out = output_path(data_dir, rel)
-            if out in seen:
-                clashes.append((rel, f"same output {out.relative_to(data_dir).as_posix()} as "
-                                     f"{seen[out]}; rename one of them"))
+            rel = name if prefix == "." else f"{prefix}/{name}"
+            if stem in stems:
+                clashes.append((rel, f"same output {output_name(rel)} as {stems[stem]}; "
+                                     f"rename one of them"))
                 continue
-            seen[out] = rel
-            jobs.append(Job(str(src), rel, str(out)))
+            stems[stem] = rel
+            jobs.append(Job(audio_dir, data_dir, rel))
     return jobs, clashes, ignored
 
 
-def existing_outputs(lms_dir) -> set[str]:
-    """Outputs already written; removes temporaries a killed run left behind."""
+def existing_outputs(data_dir) -> set[str]:
+    """Outputs already written (relative to DATA_DIR); removes temporaries a killed run left."""
     found = set()
-    for root, _, files in os.walk(lms_dir):
+    data_dir = str(data_dir)
+    for root, _, files in os.walk(os.path.join(data_dir, LMS_DIR)):
+        prefix = Path(os.path.relpath(root, data_dir)).as_posix()
         for name in files:
-            path = os.path.join(root, name)
             if _TMP_NAME.match(name):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                    os.unlink(os.path.join(root, name))
             elif name.endswith(".npy"):
-                found.add(path)
+                found.add(f"{prefix}/{name}")
     return found
 
 
@@ -223,7 +239,8 @@ def _convert_gpu(jobs, workers, device, batch_size, on_result):
             pending.append(writer.submit(write))
 
     def drain(block=False):
-        while pending and (block or pending[0].done()):
+        # bounded: when the disk is slower than the device, wait for it instead of piling up
+        while pending and (block or pending[0].done() or len(pending) > 4 * batch_size):
             on_result(pending.pop(0).result())
 
     try:
@@ -289,8 +306,8 @@ def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = Non
     device = resolve_device(device)
     workers = default_workers() if workers is None else max(1, int(workers))
     jobs, clashes, ignored = find_audio(audio_dir, data_dir)
-    done = existing_outputs(data_dir / LMS_DIR)
-    todo = [j for j in jobs if j.out not in done]
+    done = existing_outputs(data_dir)
+    todo = [j for j in jobs if j.out_rel not in done]
     summary = {"audio_files": len(jobs) + len(clashes), "ignored_non_audio": ignored,
                "skipped_existing": len(jobs) - len(todo), "converted": 0, "failed": 0,
                "silent": 0, "hours_converted": 0.0, "device": device, "workers": workers}
@@ -535,8 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "[unbalanced_train_segments.csv], class_labels_indices.csv; "
                         f"default: DATA_DIR/{METADATA_SUBDIR}, downloading what is missing")
     p.add_argument("--metadata-url", metavar="URL", default=None,
-                   help=f"where to download the lists from (env {'M2DAS_AUDIOSET_URL'}; "
-                        "default Google's AudioSet release)")
+                   help="where to download the lists from: a URL or a mirror folder (env "
+                        "M2DAS_AUDIOSET_URL; default Google's AudioSet release)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: all CPU cores)")

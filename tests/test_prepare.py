@@ -310,6 +310,13 @@ def test_metadata_is_downloaded_once_into_the_data_folder(tmp_path, capsys):
     (row,) = read_rows(data / "files_as_weighted.csv")
     assert row["file_name"] == "audioset_lms/Y--PJHxphWEs.npy"
     assert row["label"] == "/m/09x0r,/t/dd00088"
+    # a mirror on a shared file system works the same way (fsspec)
+    mirror_data = tmp_path / "data2"
+    rc = main([str(audio), str(mirror_data), "--device", "cpu", "--workers", "1", "--no-progress",
+               "--steps", "lms,list,labels", "--metadata-url", served.as_uri()])
+    assert rc == 0
+    assert read_rows(mirror_data / "files_as_weighted.csv") == [row]
+    assert (mirror_data / "metadata" / "eval_segments.csv").read_bytes() == (SHARED / "eval_segments.csv").read_bytes()
 
 
 def _cli(*args, **kw):

@@ -88,7 +88,9 @@ VOLUME ["/audio", "/data", "/runs", "/metadata"]
 USER ${M2DAS_UID}:${M2DAS_UID}
 WORKDIR /runs
 
-# tini reaps zombies and forwards SIGTERM/SIGUSR1 to the trainer, which needs
-# them to checkpoint before a preemption.
-ENTRYPOINT ["/usr/bin/tini", "-g", "--", "/opt/m2das/docker/entrypoint.sh"]
+# tini reaps zombies and forwards SIGTERM/SIGUSR1 to the trainer (only to it:
+# DataLoader workers must keep running while it saves a checkpoint).
+# TINI_SUBREAPER: no warning where tini is not PID 1 (Apptainer, pyxis).
+ENV TINI_SUBREAPER=1
+ENTRYPOINT ["/usr/bin/tini", "--", "/opt/m2das/docker/entrypoint.sh"]
 CMD ["help"]

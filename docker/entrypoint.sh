@@ -17,7 +17,7 @@ m2das container
 
   prepare [AUDIO DATA] [options]  audio -> LMS data (default $audio_dir -> $data_dir;
                                   AudioSet lists from $metadata_dir when present)
-  train [options]                 pre-train (run folders under $runs_dir)
+  train [options]                 pre-train on $data_dir (run folders under $runs_dir)
   demo [options]                  tiny end-to-end run, interrupt and resume
   submit [options]                SLURM submission (python $launch_dir/submit.py)
   status [RUN]                    progress of a run folder
@@ -29,11 +29,13 @@ Each command's options: COMMAND --help.
 EOF
 }
 
-# True when the caller already chose a metadata folder.
-has_metadata_option() {
+# has_option NAME ARGS...: true when ARGS set option NAME (`NAME V` or `NAME=V`).
+has_option() {
+    name=$1
+    shift
     for arg in "$@"; do
         case $arg in
-            --metadata | --metadata=*) return 0 ;;
+            "$name" | "$name"=*) return 0 ;;
         esac
     done
     return 1
@@ -53,18 +55,29 @@ case $command in
             set -- "$audio_dir" "$data_dir" "$@"
         fi
         # Mounted AudioSet lists spare the download (which needs internet).
-        if [ -f "$metadata_dir/class_labels_indices.csv" ] && ! has_metadata_option "$@"; then
+        if [ -f "$metadata_dir/class_labels_indices.csv" ] && ! has_option --metadata "$@"; then
             set -- "$@" --metadata "$metadata_dir"
         fi
         exec m2das prepare "$@"
         ;;
-    train | demo | status | bench)
+    train)
+        # The container's folders go first: the caller's own flags come later
+        # and win (the last value of an option counts).
+        exec m2das train --data_path "$data_dir" --runs_dir "$runs_dir" "$@"
+        ;;
+    demo | status | bench)
         exec m2das "$command" "$@"
         ;;
     submit)
         if [ ! -f "$launch_dir/submit.py" ]; then
             echo "m2das entrypoint: $launch_dir/submit.py not found (set M2DAS_LAUNCH_DIR)" >&2
             exit 2
+        fi
+        # --runs-dir is a launcher flag (first, so the caller's wins); the
+        # trainer's --data_path goes last, where the launcher hands it on.
+        set -- --runs-dir "$runs_dir" "$@"
+        if ! has_option --data_path "$@"; then
+            set -- "$@" --data_path "$data_dir"
         fi
         exec python "$launch_dir/submit.py" "$@"
         ;;

@@ -164,20 +164,40 @@ def test_submit_runs_the_launcher(tmp_path):
     launch = tmp_path / "launch"
     launch.mkdir()
     (launch / "submit.py").write_text(
-        "import sys\nprint('submit argv', sys.argv[1:], sys.executable)\nsys.exit(3)\n")
-    r = run(tmp_path, "submit", "--preset", "48gb", "a b", M2DAS_LAUNCH_DIR=launch)
+        "import json, sys\nprint(json.dumps([sys.argv[1:], sys.executable]))\nsys.exit(3)\n")
+    env = dict(M2DAS_LAUNCH_DIR=launch, M2DAS_DATA_DIR="/d", M2DAS_RUNS_DIR="/r")
+    r = run(tmp_path, "submit", "--preset", "48gb", "a b", **env)
     assert r.returncode == 3
-    # The interpreter on PATH, i.e. the one m2das is installed in.
-    assert r.stdout.split("] ", 1)[0] == "submit argv ['--preset', '48gb', 'a b'"
-    assert Path(r.stdout.split("] ", 1)[1].strip()).parent == BIN
+    argv, python = json.loads(r.stdout)
+    # Container folders: launcher flag first, trainer flag last; the interpreter
+    # is the one on PATH, i.e. the one m2das is installed in.
+    assert argv == ["--runs-dir", "/r", "--preset", "48gb", "a b", "--data_path", "/d"]
+    assert Path(python).parent == BIN
+    r = run(tmp_path, "submit", "--runs-dir", "/mine", "--", "--data_path=/x", **env)
+    assert json.loads(r.stdout)[0] == ["--runs-dir", "/r", "--runs-dir", "/mine", "--", "--data_path=/x"]
 
 
 def test_submit_with_the_real_launcher(tmp_path):
     if not (REPO / "launch" / "submit.py").is_file():
         pytest.skip("launch/submit.py not in this tree")
-    r = run(tmp_path, "submit", "--help", M2DAS_LAUNCH_DIR=REPO / "launch")
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    r = run(tmp_path, "submit", "--dry-run", "--cluster", "local", "--preset", "cpu-test",
+            M2DAS_LAUNCH_DIR=REPO / "launch", M2DAS_DATA_DIR=data, M2DAS_RUNS_DIR=runs)
     assert r.returncode == 0, r.stderr
-    assert "usage:" in r.stdout
+    trainer = next(line for line in r.stdout.splitlines() if line.startswith("trainer: "))
+    assert f"--data_path {data} " in trainer
+    assert f"--output_dir {runs}/" in trainer
+
+
+def test_train_uses_the_container_folders(tmp_path):
+    env = dict(M2DAS_DATA_DIR=tmp_path / "d", M2DAS_RUNS_DIR=tmp_path / "r")
+    r = run(tmp_path, "train", "--print_config", **env)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert (cfg["data_path"], cfg["runs_dir"]) == (str(tmp_path / "d"), str(tmp_path / "r"))
+    # The caller's flags win over the container's.
+    r = run(tmp_path, "train", "--print_config", "--data_path", "/elsewhere", **env)
+    assert json.loads(r.stdout)["data_path"] == "/elsewhere"
 
 
 def test_submit_without_launcher(tmp_path):

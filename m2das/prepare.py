@@ -100,7 +100,10 @@ def find_audio(audio_dir, data_dir) -> tuple[list[Job], list[tuple[str, str]], i
     """Audio files under `audio_dir` in sorted order, files sharing an output name, ignored count."""
     audio_dir, data_dir = os.path.abspath(audio_dir), os.path.abspath(data_dir)
     jobs, clashes, ignored = [], [], 0
-    for root, dirs, files in os.walk(audio_dir, followlinks=True):
+    def unreadable(e: OSError) -> None:
+        _log(f"warning: cannot read {e.filename} ({e.strerror}); its files are not converted")
+
+    for root, dirs, files in os.walk(audio_dir, onerror=unreadable, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         prefix = Path(os.path.relpath(root, audio_dir)).as_posix()
         stems: dict = {}  # outputs can only clash inside one folder
@@ -454,8 +457,13 @@ def run_stats(data_dir, num_files: int | None = None, seed: int | None = None,
 @contextlib.contextmanager
 def _lock(data_dir):
     """One prepare per data folder: two would delete each other's temporary files."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / LOCK_FILE, "a+") as f:
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        f = open(data_dir / LOCK_FILE, "a+")
+    except OSError as e:
+        raise PrepareError(f"cannot write to the data folder {data_dir} ({e.strerror or e}); "
+                           f"pass a writable DATA_DIR (in docker: mount it with -v)", 2) from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -504,7 +512,9 @@ def _usable(s: dict) -> tuple[bool, str]:
         return False, (f"no usable LMS file in {s['data_dir']}/{LMS_DIR} (see "
                        f"{FAILURES} for files that failed)")
     if "labelled" in s and s["labelled"] == 0:
-        return False, "no file has a label in the AudioSet lists: check the file names (YTID)"
+        return False, ("no file has a label in the AudioSet lists (the LMS files and "
+                       f"{FILE_LIST} are fine for plain M2D); check the file names: the YouTube "
+                       "ID must be their first 11 characters, or follow a leading 'Y'")
     if "converted" in s and "listed" not in s and s["converted"] + s["skipped_existing"] == 0:
         return False, "no audio file was converted"
     return True, ""
@@ -584,6 +594,11 @@ def main(argv=None) -> int:
         _log("m2das prepare: interrupted; finished files are kept, rerun the same command to "
              "go on")
         return 130
+    except OSError as e:  # disk full, read-only mount: every later file would fail the same way
+        where = f" {e.filename}" if e.filename else ""
+        _log(f"m2das prepare: cannot write{where}: {e.strerror or e}; fix it and rerun the same "
+             f"command (finished files are kept)")
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(format_summary(summary))

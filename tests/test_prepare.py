@@ -261,6 +261,25 @@ def test_exit_codes(tmp_path, capsys, metadata):
                  "--metadata", str(metadata)]) == 2
     assert "run the list step first" in capsys.readouterr().err
     assert main([str(audio), str(data), "--device", "tpu", "--no-progress"]) == 2
+    capsys.readouterr()
+    (tmp_path / "a_file").write_text("")
+    assert main([str(audio), str(tmp_path / "a_file" / "data"), "--no-progress"]) == 2
+    assert "cannot write to the data folder" in capsys.readouterr().err
+
+
+def test_one_prepare_per_data_folder(tmp_path, capsys):
+    import fcntl
+
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    write(audio / "a.wav", tone(1, 16000), 16000)
+    data.mkdir()
+    with open(data / ".prepare.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running prepare holds it
+        assert main([str(audio), str(data), "--device", "cpu", "--no-progress"]) == 1
+        assert "another `m2das prepare` is running" in capsys.readouterr().err
+        assert not (data / "audioset_lms").exists()
+    assert main([str(audio), str(data), "--device", "cpu", "--no-progress",
+                 "--steps", "lms,list"]) == 0
 
 
 def test_offline_without_metadata_exits_2_and_says_what_to_put_where(tmp_path, capsys, monkeypatch):

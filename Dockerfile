@@ -32,10 +32,8 @@ RUN apt-get update \
 
 # Non-root user, uid = gid = M2DAS_UID. Ubuntu images already own uid and gid
 # 1000 ("ubuntu"): free them first.
-RUN user="$(getent passwd "${M2DAS_UID}" | cut -d: -f1)" \
-    && if [ -n "${user}" ]; then userdel --remove "${user}" 2>/dev/null || userdel "${user}"; fi \
-    && group="$(getent group "${M2DAS_UID}" | cut -d: -f1)" \
-    && if [ -n "${group}" ]; then groupdel "${group}"; fi \
+RUN if user="$(getent passwd "${M2DAS_UID}")"; then userdel --remove "${user%%:*}" || true; fi \
+    && if group="$(getent group "${M2DAS_UID}")"; then groupdel "${group%%:*}"; fi \
     && groupadd --gid "${M2DAS_UID}" m2das \
     && useradd --create-home --uid "${M2DAS_UID}" --gid "${M2DAS_UID}" --shell /bin/bash m2das \
     && mkdir -p /audio /data /runs /metadata \

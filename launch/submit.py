@@ -323,8 +323,8 @@ def kill_requeue_lines(run_dir, max_requeues):
         f'  if [ "$m2das_restart" -lt {int(max_requeues)} ]; then',
         '    echo "m2das: tasks were killed (SIGKILL); requeueing job $SLURM_JOB_ID to resume from the newest checkpoint" >&2',
         '    printf \'{"by": "sbatch-teardown", "event": "requeue", "job_id": "%s", "reason": "SIGKILL", '
-        f'"requeue_id": "%s.%s", "restart_count": %s}}\\n\' "$SLURM_JOB_ID" "$SLURM_JOB_ID" '
-        f'"$m2das_restart" "$m2das_restart" >> {log}',
+        f'"requeue_id": "%s.%s", "restart_count": %s, "time": "%s"}}\\n\' "$SLURM_JOB_ID" "$SLURM_JOB_ID" '
+        f'"$m2das_restart" "$m2das_restart" "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)" >> {log}',
         '    scontrol requeue "$SLURM_JOB_ID"',
         "  else",
         f'    echo "m2das: tasks were killed but {int(max_requeues)} restarts reached --max-requeues; not requeued" >&2',

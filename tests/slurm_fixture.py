@@ -203,8 +203,21 @@ class SlurmCluster:
                 fields.setdefault(k, v)
         return fields
 
-    def release(self, job_id):
-        """A requeued job waits on a BeginTime; start it now."""
+    def release(self, job_id, timeout=60.0):
+        """A requeued job waits on a BeginTime; start it now, once its last start is fully gone.
+
+        Releasing while slurmd still tears the previous start down makes slurmd
+        refuse the new launch ("already killed") and the job fail; on a real
+        cluster the BeginTime delay is what prevents that.
+        """
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            pids = self.run("scontrol", "listpids", str(job_id), check=False).stdout.splitlines()[1:]
+            node = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.strip()
+            if not pids and node == "idle":
+                break
+            time.sleep(0.3)
+        time.sleep(1.0)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
 
     def logs(self):
@@ -262,3 +275,105 @@ def read_jsonl(path):
             except json.JSONDecodeError:
                 pass
     return rows
+
+
+# -- shared by the launcher tests -------------------------------------------------
+# The run the launcher tests interrupt, and its uninterrupted reference: the
+# cpu-test preset on two CPU ranks, 64 files x 6 epochs = 48 optimizer steps.
+TINY_FILES = 64
+TINY_EPOCHS = 6
+
+
+def train_argv_for(run_dir, data_dir):
+    """Exactly the trainer argv `launch/submit.py --preset cpu-test` builds (imported, not copied)."""
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        import submit
+    finally:
+        sys.path.remove(str(REPO / "launch"))
+    args = submit.build_parser().parse_args(["--preset", "cpu-test", "--cluster", "local", "--run-dir", str(run_dir)])
+    return submit.Plan(args, user_trainer_flags(data_dir)).train_argv
+
+
+def user_trainer_flags(data_dir):
+    return ["--data_path", str(data_dir), "--epochs", str(TINY_EPOCHS)]
+
+
+def make_env():
+    """One intra-op thread per rank everywhere, so every path computes bit-identical sums."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "tiny_data"
+    if not (root / "files_as_weighted.csv").exists():
+        write_tiny_data(root, files=TINY_FILES)
+    return root
+
+
+@pytest.fixture(scope="session")
+def reference_weights(tmp_path_factory, tiny_data):
+    """Model tensors of an uninterrupted two-rank run (plain processes, no launcher)."""
+    run = tmp_path_factory.getbasetemp() / "reference_run"
+    final = run / f"checkpoint-{TINY_EPOCHS}.pth"
+    if not final.exists():
+        argv = train_argv_for(run, tiny_data)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        run.mkdir(parents=True, exist_ok=True)
+        procs = []
+        for rank in range(2):
+            env = dict(make_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            log = open(run / f"rank{rank}.log", "wb")
+            procs.append(subprocess.Popen([sys.executable, "-m", "m2das", "train", *argv], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+        codes = [p.wait(timeout=600) for p in procs]
+        assert codes == [0, 0], f"reference run failed {codes}: " + (run / "rank0.log").read_text()[-3000:]
+    return load_model_tensors(final)
+
+
+def load_model_tensors(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def assert_same_weights(got, want):
+    import torch
+
+    assert sorted(got) == sorted(want), "different state_dict keys"
+    different = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:5]}"
+
+
+def last_step(run_dir):
+    rows = read_jsonl(Path(run_dir) / "log.jsonl")
+    return rows[-1].get("step", 0) if rows else 0
+
+
+def starts(run_dir):
+    return [r for r in read_jsonl(Path(run_dir) / "restarts.jsonl") if r.get("event", "start") == "start"]
+
+
+def wait_for(predicate, timeout, what, on_timeout=lambda: ""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{on_timeout()}")
+
+
+def wait_for_progress(run_dir, n_starts, steps, timeout, on_timeout=lambda: ""):
+    """Start number n_starts is running and has made `steps` optimizer steps past its resume point."""
+    def ok():
+        s = starts(run_dir)
+        if len(s) < n_starts:
+            return False
+        return last_step(run_dir) >= (s[n_starts - 1].get("resumed_step") or 0) + steps and \
+            (read_jsonl(Path(run_dir) / "log.jsonl")[-1].get("time", 0) >= s[n_starts - 1].get("time", 0))
+    return wait_for(ok, timeout, f"start {n_starts} to make {steps} steps in {run_dir}", on_timeout)

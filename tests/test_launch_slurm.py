@@ -1,0 +1,111 @@
+"""`launch/submit.py --cluster slurm` on a real SLURM: preempted twice, SIGKILLed once, it
+comes back by itself each time and ends with the weights of an uninterrupted run.
+
+The cluster (munged, slurmctld, slurmd) is started by the fixture in a temp
+folder; without root or Debian's slurm-wlm and munge the test is skipped.
+"""
+
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from slurm_fixture import (REPO, TINY_EPOCHS, assert_same_weights, load_model_tensors, read_jsonl,  # noqa: F401
+                           reference_weights, slurm_cluster, starts, make_env, tiny_data, user_trainer_flags,
+                           wait_for, wait_for_progress)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def submit(cluster, run, data, *extra):
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test",
+                          "--cluster", "slurm", "--run-dir", str(run), "--time", "10", *extra,
+                          "--", *user_trainer_flags(data)],
+                         env=dict(make_env(), SLURM_CONF=str(cluster.conf)), capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+    m = re.search(r"job id:\s+(\d+)", out.stdout)
+    assert m, out.stdout
+    assert f"m2das status {run}" in out.stdout
+    return m.group(1)
+
+
+def diagnostics(cluster, run, job):
+    def text():
+        parts = [f"job: {cluster.job(job)}"]
+        for p in sorted((run / "slurm").glob(f"{job}_*_log.*")):
+            parts.append(f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-25:]))
+        parts.append(cluster.logs())
+        return "\n".join(parts)
+    return text
+
+
+def wait_requeued(cluster, job, restarts, timeout, diag):
+    """The job is back in the queue (PENDING, waiting on its BeginTime) with `restarts` restarts."""
+    def ok():
+        j = cluster.job(job)
+        return j.get("JobState") == "PENDING" and int(j.get("Restarts", -1)) == restarts
+    wait_for(ok, timeout, f"job {job} to be requeued (restart {restarts})", diag)
+    cluster.release(job)
+
+
+def task_pids(cluster, job):
+    """Pids of the trainer tasks (step 0 of the job), from SLURM itself."""
+    out = cluster.run("scontrol", "listpids", str(job), check=False).stdout.splitlines()[1:]
+    pids = []
+    for line in out:
+        cols = line.split()
+        if len(cols) >= 5 and cols[2] == "0" and cols[3].isdigit():
+            pids.append(int(cols[0]))
+    return pids
+
+
+def test_preempted_twice_and_killed_once_then_finishes_exactly(slurm_cluster, tiny_data, reference_weights,
+                                                               tmp_path):
+    cluster, run = slurm_cluster, tmp_path / "run"
+    t0 = time.time()
+    job = submit(cluster, run, tiny_data)
+    diag = diagnostics(cluster, run, job)
+
+    # 1. submitit's preemption signal (USR2 to every task): the trainer saves, submitit requeues.
+    wait_for_progress(run, 1, 3, 240, diag)
+    cluster.run("scancel", "--signal=USR2", job)
+    wait_requeued(cluster, job, 1, 90, diag)
+
+    # 2. SLURM requeues it itself (as on preemption with PreemptMode=REQUEUE): SIGTERM, then kill.
+    wait_for_progress(run, 2, 3, 240, diag)
+    cluster.run("scontrol", "requeue", job)
+    wait_requeued(cluster, job, 2, 90, diag)
+
+    # 3. Killed without warning: SIGKILL to every trainer task; the batch script requeues.
+    wait_for_progress(run, 3, 3, 240, diag)
+    pids = task_pids(cluster, job)
+    assert len(pids) == 2, f"expected 2 trainer tasks, got {pids}"
+    subprocess.run(["kill", "-9", *map(str, pids)], check=True)
+    wait_requeued(cluster, job, 3, 90, diag)
+
+    wait_for(lambda: cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 300,
+             f"job {job} to finish", diag)
+    state = cluster.job(job)
+    assert state["JobState"] == "COMPLETED", diag()
+    elapsed = time.time() - t0
+    print(f"SLURM run with 3 interruptions finished in {elapsed:.0f}s")
+
+    # Four starts of the same job in the same folder, each resuming where the last stopped.
+    s = starts(run)
+    assert [r.get("job_id") for r in s] == [job] * 4
+    assert [r.get("restart_count") for r in s] == [None, "1", "2", "3"]
+    assert all(r.get("resumed_step", 0) > 0 for r in s[1:]), s
+    assert "SIGUSR2" in s[1]["last_stop_reason"] and "SIGTERM" in s[2]["last_stop_reason"]
+    assert "killed without warning" in s[3]["last_stop_reason"]
+    requeues = [r for r in read_jsonl(run / "launcher.jsonl") if r.get("event") == "requeue"]
+    assert [r["by"] for r in requeues] == ["submitit", "sbatch-teardown"]
+
+    assert_same_weights(load_model_tensors(run / f"checkpoint-{TINY_EPOCHS}.pth"), reference_weights)
+
+    status = subprocess.run([sys.executable, "-m", "m2das", "status", str(run)], capture_output=True, text=True,
+                            cwd=REPO, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert "state      finished" in status.stdout and "4 (3 restarts)" in status.stdout, status.stdout

@@ -553,9 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="m2das prepare",
         description="Audio folder -> LMS .npy files, files_audioset.csv, files_as_weighted.csv, "
                     "norm_stats.json. Rerun to finish an interrupted run; done files are kept.")
-    p.add_argument("audio_dir", nargs="?", default=DEFAULT_AUDIO_DIR,
+    p.add_argument("audio_dir", nargs="?", default=DEFAULT_AUDIO_DIR, metavar="AUDIO_DIR",
                    help=f"folder of AudioSet clips, any depth (default {DEFAULT_AUDIO_DIR})")
-    p.add_argument("data_dir", nargs="?", default=DEFAULT_DATA_DIR,
+    p.add_argument("data_dir", nargs="?", default=DEFAULT_DATA_DIR, metavar="DATA_DIR",
                    help=f"output data folder (default {DEFAULT_DATA_DIR})")
     p.add_argument("--metadata", metavar="DIR", default=None,
                    help="folder with eval_segments.csv, balanced_train_segments.csv, "

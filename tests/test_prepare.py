@@ -354,16 +354,25 @@ def test_killed_run_then_rerun_equals_one_clean_run(tmp_path, metadata, capsys):
     (audio / "broken.wav").write_text("not audio")
     args = ["--metadata", metadata, "--device", "cpu", "--workers", "2", "--stats-files", "30"]
     killed = tmp_path / "killed"
-    proc = _cli(audio, killed, *args, start_new_session=True)
     lms_dir = killed / "audioset_lms"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(list(lms_dir.rglob("*.npy"))) < 4:
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole run, workers included, like a lost node
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
-    done = list(lms_dir.rglob("*.npy"))
-    assert 4 <= len(done) < n, "the kill must land in the middle of the run"
+
+    def run_until(outputs, sig, group):
+        proc = _cli(audio, killed, *args, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list(lms_dir.rglob("*.npy"))) < outputs:
+            time.sleep(0.005)
+        (os.killpg if group else os.kill)(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)
+        done = list(lms_dir.rglob("*.npy"))
+        assert outputs <= len(done) < n, "the signal must land in the middle of the run"
+        return proc.returncode, err, done
+
+    # SIGTERM (docker stop, scancel): a clean stop with a hint, the workers go with it
+    rc, err, done = run_until(2, signal.SIGTERM, group=False)
+    assert rc == 130 and "rerun the same command" in err
+    # SIGKILL of the whole run, workers included, like a lost node
+    rc, err, done = run_until(len(done) + 3, signal.SIGKILL, group=True)
+    assert rc == -signal.SIGKILL
     for path in done:  # nothing half-written under a final name
         assert np.load(path).shape == (1, 80, 1001)
     assert not (killed / "files_as_weighted.csv").exists()

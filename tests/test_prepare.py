@@ -242,8 +242,11 @@ def test_broken_output_is_left_out_of_the_list(tmp_path, capsys):
     run_prepare(audio, data, device="cpu", workers=1, steps="lms", progress=False)
     (data / "audioset_lms" / "b.npy").write_bytes(b"\x93NUMPY garbage")
     np.save(data / "audioset_lms" / "c.npy", np.zeros((80, 10), np.float32))  # wrong shape
+    whole = (data / "audioset_lms" / "a.npy").read_bytes()
+    (data / "audioset_lms" / "d.npy").write_bytes(whole[:-100])  # truncated by a copy tool
+    np.save(data / "audioset_lms" / "e.npy", np.zeros((1, 80, 7), np.float64))  # wrong dtype
     s = run_prepare(audio, data, steps="list", progress=False)
-    assert s["listed"] == 1 and s["invalid_outputs"] == 2
+    assert s["listed"] == 1 and s["invalid_outputs"] == 4
     assert [r["file_name"] for r in read_rows(data / "files_audioset.csv")] == ["audioset_lms/a.npy"]
     assert "delete it and rerun" in capsys.readouterr().err
 

@@ -1,0 +1,133 @@
+"""`launch/submit.py --cluster local`: the detached supervisor reruns the ranks after a
+preemption signal, a stop signal to the trainer, and a SIGKILL, and the run ends with
+the weights of an uninterrupted run."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_fixture import (REPO, TINY_EPOCHS, assert_same_weights, load_model_tensors, make_env,  # noqa: F401
+                           read_jsonl, reference_weights, starts, tiny_data, user_trainer_flags, wait_for,
+                           wait_for_progress)
+
+pytestmark = [pytest.mark.slow]
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def children(pid):
+    """Live child pids of `pid` (the supervisor's rank processes)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(") ", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(d.name))
+    return sorted(out)
+
+
+def submit_local(run, data, *extra):
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test",
+                          "--cluster", "local", "--run-dir", str(run), *extra, "--", *user_trainer_flags(data)],
+                         env=make_env(), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+    m = re.search(r"job id:\s+local-(\d+)", out.stdout)
+    assert m, out.stdout
+    return int(m.group(1))
+
+
+def logs(run):
+    def text():
+        parts = []
+        for p in sorted((run / "logs").glob("*.log")):
+            parts.append(f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-25:]))
+        return "\n".join(parts)
+    return text
+
+
+@pytest.fixture
+def supervisors():
+    """Supervisors started by a test; any still running at the end are stopped (by pid)."""
+    pids = []
+    yield pids
+    for pid in pids:
+        for child in children(pid):
+            os.kill(child, signal.SIGKILL)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_local_supervisor_resumes_after_signals_and_kill(tiny_data, reference_weights, tmp_path, supervisors):
+    run = tmp_path / "run"
+    t0 = time.time()
+    sup = submit_local(run, tiny_data)
+    supervisors.append(sup)
+    diag = logs(run)
+
+    # 1. Preemption signal to the supervisor: forwarded, ranks save and exit 75, rerun.
+    wait_for_progress(run, 1, 3, 240, diag)
+    os.kill(sup, signal.SIGUSR2)
+    # 2. SIGTERM straight to the trainer processes (an outside agent): same.
+    wait_for_progress(run, 2, 3, 240, diag)
+    ranks = children(sup)
+    assert len(ranks) == 2, ranks
+    for pid in ranks:
+        os.kill(pid, signal.SIGTERM)
+    # 3. SIGKILL to both ranks: nothing saved, rerun from the newest checkpoint.
+    wait_for_progress(run, 3, 3, 240, diag)
+    ranks = children(sup)
+    assert len(ranks) == 2, ranks
+    for pid in ranks:
+        os.kill(pid, signal.SIGKILL)
+
+    wait_for(lambda: not _alive(sup), 300, "the supervisor to finish", diag)
+    print(f"local run with 3 interruptions finished in {time.time() - t0:.0f}s")
+    events = read_jsonl(run / "launcher.jsonl")
+    assert events[-1]["event"] == "finished", diag()
+    assert [e.get("by") for e in events if e.get("event") == "requeue"] == ["supervisor"] * 3
+    s = starts(run)
+    assert len(s) == 4 and all(r.get("resumed_step", 0) > 0 for r in s[1:]), s
+    assert "SIGUSR2" in s[1]["last_stop_reason"] and "SIGTERM" in s[2]["last_stop_reason"]
+    assert "killed without warning" in s[3]["last_stop_reason"]
+    assert_same_weights(load_model_tensors(run / f"checkpoint-{TINY_EPOCHS}.pth"), reference_weights)
+
+
+def test_local_stop_request_and_restart_cap(tiny_data, tmp_path, supervisors):
+    """SIGTERM to the supervisor stops without a rerun; a kill past --max-requeues is not rerun."""
+    run = tmp_path / "run"
+    sup = submit_local(run, tiny_data, "--max-requeues", "0")
+    supervisors.append(sup)
+    diag = logs(run)
+    wait_for_progress(run, 1, 9, 240, diag)  # past the first epoch checkpoint (8 steps per epoch)
+    ranks = children(sup)
+    for pid in ranks:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not _alive(sup), 60, "the supervisor to give up", diag)
+    events = read_jsonl(run / "launcher.jsonl")
+    assert events[-1]["event"] == "requeue_cap" and "--max-requeues 0" in events[-1]["message"], events[-1]
+    assert len(starts(run)) == 1
+
+    sup = submit_local(run, tiny_data)  # same folder: resumes
+    supervisors.append(sup)
+    wait_for_progress(run, 2, 2, 240, diag)
+    os.kill(sup, signal.SIGTERM)
+    wait_for(lambda: not _alive(sup), 90, "the supervisor to stop", diag)
+    events = read_jsonl(run / "launcher.jsonl")
+    assert events[-1]["event"] == "stopped", events[-1]
+    assert read_jsonl(run / "restarts.jsonl")[-1]["event"] == "stopped"
+    assert len(starts(run)) == 2 and starts(run)[1]["resumed_step"] >= 8

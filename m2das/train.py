@@ -142,6 +142,9 @@ def resolve_norm_stats(cfg: dict, samples, run_dir: Path) -> dict:
         log(f"computing normalisation statistics from {cfg['stats_files']} random crops (seed 0) ...")
         paths = [samples.root / f for f in samples.files]
         stats = {**compute_norm_stats(paths, cfg["stats_files"], cfg["input_size"][1]), "source": "computed"}
+        if not (math.isfinite(stats["mean"]) and math.isfinite(stats["std"]) and stats["std"] > 0):
+            raise TrainError(f"{cfg['csv_main']}: normalisation statistics came out as {stats['mean']}/"
+                             f"{stats['std']}: some LMS files hold NaN/inf; rerun `m2das prepare` on them")
     if not (run_dir / NORM_STATS_FILE).exists():
         write_norm_stats(run_dir / NORM_STATS_FILE, stats)
     return stats

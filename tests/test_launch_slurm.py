@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,41 @@ def test_preempted_twice_and_killed_once_then_finishes_exactly(slurm_cluster, ti
                             cwd=REPO, timeout=60)
     assert status.returncode == 0, status.stderr
     assert "state      finished" in status.stdout and "4 (3 restarts)" in status.stdout, status.stdout
+
+
+def test_sbatch_template_forwards_signal_and_requeues(slurm_cluster, tiny_data, reference_weights, tmp_path):
+    """slurm/m2das-venv.sbatch without submitit: USR1 to the batch shell (what --signal=B:USR1
+    delivers) is forwarded to the trainer, which saves and exits 75; the script requeues itself."""
+    from slurm_fixture import train_argv_for
+
+    cluster, run = slurm_cluster, tmp_path / "run"
+    venv = Path(sys.executable).parent.parent
+    env = dict(make_env(), SLURM_CONF=str(cluster.conf), M2DAS_RUN=str(run), M2DAS_DATA=str(tiny_data),
+               M2DAS_VENV=str(venv))
+    # The template's GPU request replaced on the command line by the CPU layout of cpu-test.
+    out = cluster_run_env(["sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
+                           "--time=10", f"--output={tmp_path}/job-%j.out", str(REPO / "slurm" / "m2das-venv.sbatch"),
+                           *train_argv_for(run, tiny_data)], env)
+    job = out.strip().split(";")[0]
+    log = tmp_path / f"job-{job}.out"
+
+    def diag():
+        return (log.read_text()[-4000:] if log.exists() else "no job output") + "\n" + cluster.logs()
+
+    wait_for_progress(run, 1, 3, 240, diag)
+    cluster.run("scancel", "--batch", "--signal=USR1", job)
+    wait_requeued(cluster, job, 1, 90, diag)
+    wait_for(lambda: cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 300,
+             f"job {job} to finish", diag)
+    assert cluster.job(job)["JobState"] == "COMPLETED", diag()
+    text = log.read_text()
+    assert "received SIGUSR1" in text and "requeueing job" in text and "training finished" in text, text
+    s = starts(run)
+    assert len(s) == 2 and "SIGUSR1" in s[1]["last_stop_reason"] and s[1]["resumed_step"] > 0, s
+    assert_same_weights(load_model_tensors(run / f"checkpoint-{TINY_EPOCHS}.pth"), reference_weights)
+
+
+def cluster_run_env(cmd, env):
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout

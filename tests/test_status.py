@@ -1,0 +1,95 @@
+"""`m2das status RUN`: progress, checkpoint age, speed, restarts and ETA from a run folder's files."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from m2das import status
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def make_run(tmp_path, now, finished=False):
+    """A run folder as the trainer and the launcher leave it after one requeue."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"epochs": 10, "world_size": 4, "model": "m2d_as_vit_base"}))
+    # 100 steps per epoch, one log line every 10 steps, 2 steps/s, 50 samples/s on rank 0.
+    t_start2 = now - 100
+    logs = [{"time": now - 500 + 5 * i, "epoch": i // 10, "step": 10 * (i + 1), "total_steps": 1000,
+             "loss": 2.0, "samples_per_s": 40.0} for i in range(40)]          # first start, up to step 400
+    logs += [{"time": t_start2 + 5 * (i + 1), "epoch": 3 + i // 10, "step": 310 + 10 * (i + 1),
+              "total_steps": 1000, "loss": 1.5, "samples_per_s": 50.0} for i in range(19)]  # to step 500
+    write_jsonl(run / "log.jsonl", logs)
+    rows = [{"event": "start", "time": now - 510, "host": "n1", "job_id": "77", "restart_count": None,
+             "resumed_from": None, "resumed_step": 0, "last_stop_reason": None},
+            {"event": "start", "time": t_start2, "host": "n2", "job_id": "77", "restart_count": "1",
+             "resumed_from": str(run / "last.pth"), "resumed_step": 310,
+             "last_stop_reason": "killed without warning (no clean stop recorded)"}]
+    if finished:
+        rows.append({"event": "finished", "time": now, "step": 1000})
+    write_jsonl(run / "restarts.jsonl", rows)
+    write_jsonl(run / "launcher.jsonl", [
+        {"event": "submit", "time": "2026-01-01T00:00:00+00:00", "cluster": "slurm", "job_id": "77", "preset": "48gb"},
+        {"event": "requeue", "by": "sbatch-teardown", "job_id": "77", "restart_count": 0, "reason": "SIGKILL"}])
+    for name, age in (("last.pth", 120), ("checkpoint-3.pth", 300)):
+        p = run / name
+        p.write_bytes(b"x" * 2048)
+        os.utime(p, (now - age, now - age))
+    (run / "log.jsonl").open("a").write('{"time": 1, "step"')  # a torn last line (killed mid-write)
+    return run
+
+
+def test_collect_progress_speed_eta_and_restarts(tmp_path):
+    now = time.time()
+    s = status.collect(make_run(tmp_path, now), now=now)
+    assert (s["epoch"], s["step"], s["total_steps"]) == (4, 500, 1000)
+    # Speed from the current start only (the first start ran at 40/s).
+    assert s["samples_per_s_rank0"] == 50.0 and s["samples_per_s"] == 200.0
+    assert abs(s["steps_per_s"] - 2.0) < 1e-6
+    assert abs(s["eta_s"] - 250.0) < 1e-3
+    assert s["checkpoints"][0]["name"] == "last.pth" and abs(s["checkpoints"][0]["age_s"] - 120) < 1
+    assert [st["restart_count"] for st in s["starts"]] == [None, "1"]
+    assert s["job_ids"] == ["77"] and s["requeues"][0]["by"] == "sbatch-teardown"
+    assert not s["finished"]
+
+
+def test_render_says_what_a_user_asks(tmp_path):
+    now = time.time()
+    text = status.render(status.collect(make_run(tmp_path, now), now=now), now=now)
+    assert "epoch 5 of 10, step 500/1000 (50.0%)" in text
+    assert "200.0 samples/s" in text
+    assert "checkpoint last.pth, written 2m 0s ago" in text
+    assert "2 (1 restarts)" in text and "resumed from last.pth at step 310" in text
+    assert "ETA        4m 10s" in text
+
+
+def test_finished_run(tmp_path):
+    now = time.time()
+    s = status.collect(make_run(tmp_path, now, finished=True), now=now)
+    assert s["finished"] and s["state"] == "finished" and s["eta_s"] == 0
+
+
+def test_cli_without_torch_and_errors(tmp_path):
+    run = make_run(tmp_path, time.time())
+    code = ("import sys; from m2das import cli; rc = cli.main(['status', sys.argv[1]]); "
+            "assert 'torch' not in sys.modules, 'status imported torch'; sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "progress   epoch 5 of 10" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "m2das", "status", str(tmp_path / "missing")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "is not a folder" in out.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert status.main([str(empty)]) == 2
+    out = subprocess.run([sys.executable, "-m", "m2das", "status", "--json", str(run)], capture_output=True,
+                         text=True, cwd=REPO)
+    assert json.loads(out.stdout)["step"] == 500

@@ -16,7 +16,10 @@ from slurm_fixture import (REPO, TINY_EPOCHS, assert_same_weights, load_model_te
                            read_jsonl, reference_weights, starts, tiny_data, user_trainer_flags, wait_for,
                            wait_for_progress)
 
-pytestmark = [pytest.mark.slow]
+sys.path.insert(0, str(REPO / "launch"))
+import submit  # noqa: E402  (launch/submit.py is a script, not a package)
+
+sys.path.remove(str(REPO / "launch"))
 
 
 def _alive(pid):
@@ -72,6 +75,7 @@ def supervisors():
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_local_supervisor_resumes_after_signals_and_kill(tiny_data, reference_weights, tmp_path, supervisors):
     run = tmp_path / "run"
     t0 = time.time()
@@ -107,6 +111,7 @@ def test_local_supervisor_resumes_after_signals_and_kill(tiny_data, reference_we
     assert_same_weights(load_model_tensors(run / f"checkpoint-{TINY_EPOCHS}.pth"), reference_weights)
 
 
+@pytest.mark.slow
 def test_local_stop_request_and_restart_cap(tiny_data, tmp_path, supervisors):
     """SIGTERM to the supervisor stops without a rerun; a kill past --max-requeues is not rerun."""
     run = tmp_path / "run"
@@ -131,3 +136,54 @@ def test_local_stop_request_and_restart_cap(tiny_data, tmp_path, supervisors):
     assert events[-1]["event"] == "stopped", events[-1]
     assert read_jsonl(run / "restarts.jsonl")[-1]["event"] == "stopped"
     assert len(starts(run)) == 2 and starts(run)[1]["resumed_step"] >= 8
+
+
+def test_argument_rule_and_batch_split():
+    """Launcher flags first; `--` or the first unknown flag starts the trainer's, which win."""
+    assert submit.split_argv(["--preset", "24gb", "--", "--epochs", "100"]) == (["--preset", "24gb"],
+                                                                              ["--epochs", "100"])
+    assert submit.split_argv(["--preset", "24gb", "--nodes", "2", "--epochs", "100", "--bf16"]) == (
+        ["--preset", "24gb", "--nodes", "2"], ["--epochs", "100", "--bf16"])
+    # --nodes keeps the effective batch 2048: 24gb on 8 GPUs drops accumulation, 48gb halves the per-GPU batch.
+    assert submit.scale_batch(256, 2, 4, 8)[:2] == (256, 1)
+    assert submit.scale_batch(512, 1, 4, 8)[:2] == (256, 1)
+    assert submit.scale_batch(512, 1, 4, 2)[:2] == (512, 2)  # fewer GPUs: accumulate instead
+    with pytest.raises(submit.UsageError, match="cannot be split evenly over 12"):
+        submit.scale_batch(512, 1, 4, 12)
+    args = submit.build_parser().parse_args(["--preset", "48gb", "--nodes", "2", "--run-dir", "/tmp/r"])
+    plan = submit.Plan(args, ["--epochs", "100", "--output_dir", "/tmp/r"])
+    assert plan.world_size == 8 and plan.train_argv[-2:] == ["--output_dir", "/tmp/r"]
+    assert plan.train_argv[plan.train_argv.index("--batch_size") + 1] == "256"
+    assert plan.train_argv.index("--epochs") > plan.train_argv.index("--batch_size")  # user flags come last
+    assert [submit.parse_time_minutes(t) for t in ("90", "2:00:00", "1-00:00:00", "00:30")] == [90, 120, 1440, 1]
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "48gb", "--nodes", "3",
+                          "--dry-run", "--run-dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--nodes" in out.stderr, out.stderr
+
+
+def test_sbatch_templates_are_shellcheck_clean():
+    import shutil
+
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed: apt-get install -y shellcheck")
+    scripts = sorted(str(p.relative_to(REPO)) for p in (REPO / "slurm").iterdir() if p.suffix in (".sh", ".sbatch"))
+    assert len(scripts) >= 4, scripts
+    out = subprocess.run([shellcheck, "--external-sources", "--shell=bash", *scripts], capture_output=True,
+                         text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout
+
+
+@pytest.mark.slow
+def test_debug_cluster_trains_in_process(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test", "--cluster",
+                          "debug", "--run-dir", str(run), "--", "--data_path", str(tiny_data), "--epochs", "1"],
+                         env=make_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # One rank instead of two: the per-rank batch is kept and accumulation doubles it back to 8.
+    assert "accum_iter 1 -> 2" in out.stdout
+    assert (run / "checkpoint-1.pth").exists()

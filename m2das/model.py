@@ -207,8 +207,9 @@ class M2DAS(nn.Module):
         frames = tokens.reshape(B, self.grid[0], self.grid[1], D).transpose(1, 2).reshape(B, self.grid[1], -1)
         return self.offline_predictor(frames).mean(dim=1)
 
-    def flops_per_sample(self) -> float:
-        """Forward FLOPs of one training sample (matmuls only, 2 per multiply-add)."""
+    def flops_per_sample(self) -> dict:
+        """Forward FLOPs of one training sample (matmuls, 2 per multiply-add), split into the
+        parts trained by gradients and the target encoder, which only runs forward."""
         D = self.cls_token.shape[-1]
         Dd = self.mask_token.shape[-1]
         keep = int(self.num_patches * (1 - self.mask_ratio))
@@ -219,13 +220,18 @@ class M2DAS(nn.Module):
             return depth * per_block
 
         pf, pt = self.patch_size
-        return (2 * self.num_patches * D * pf * pt
-                + vit(1 + keep, D, len(self.blocks))
-                + 2 * (1 + keep) * D * Dd
-                + vit(1 + self.num_patches, Dd, len(self.decoder_blocks))
-                + 2 * self.num_patches * Dd * D
-                + vit(1 + masked, D, len(self.target_blocks))
-                + 2 * self.grid[1] * D * self.grid[0] * self.num_classes)
+        online = (2 * self.num_patches * D * pf * pt
+                  + vit(1 + keep, D, len(self.blocks))
+                  + 2 * (1 + keep) * D * Dd
+                  + vit(1 + self.num_patches, Dd, len(self.decoder_blocks))
+                  + 2 * self.num_patches * Dd * D
+                  + 2 * self.grid[1] * D * self.grid[0] * self.num_classes)
+        return {"online": online, "target": vit(1 + masked, D, len(self.target_blocks))}
+
+    def train_flops_per_sample(self) -> float:
+        """Forward + backward (about 2x forward) of the online parts, forward of the target."""
+        f = self.flops_per_sample()
+        return 3 * f["online"] + f["target"]
 
 
 def take(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

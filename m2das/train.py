@@ -160,6 +160,21 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model, lr: float, weight_decay: float, device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95),
+                             fused=device.type == "cuda")
+
+
+def optimizer_step(model, optimizer, scaler, clip_grad: float, tau: float) -> None:
+    """Unscale, clip, step, then let the target follow the online encoder (no host sync with bf16/fp32)."""
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad, foreach=True)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    model.update_target(tau)
+
+
 def init_from(model, path) -> None:
     """Copy matching weights from a published checkpoint; a fresh schedule starts from them."""
     state = checkpoint.load(path) if Path(path).suffix == ".pth" else torch.load(path, map_location="cpu")
@@ -255,8 +270,7 @@ def _train(cfg, env, device, flag_group, stop) -> int:
                          num_classes=len(samples.classes), mask_ratio=cfg["mask_ratio"], loss_off=cfg["loss_off"])
     model.norm_stats.copy_(torch.tensor([stats["mean"], stats["std"]]))
     model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=derived["abs_lr"],
-                                  betas=(0.9, 0.95), fused=device.type == "cuda")
+    optimizer = build_optimizer(model, derived["abs_lr"], cfg["weight_decay"], device)
     use_amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if cfg["bf16"] else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and not cfg["bf16"])
@@ -335,14 +349,8 @@ def _train(cfg, env, device, flag_group, stop) -> int:
             if not last_micro:
                 continue
 
-            # Optimizer step, then the target follows the online encoder.
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"], foreach=True)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
             tau = ema_decay(s, total_batches, cfg["ema_decay_init"], cfg["ema_decay"])
-            model.update_target(tau)
+            optimizer_step(model, optimizer, scaler, cfg["clip_grad"], tau)
             step += 1
 
             # Step boundary: the only place the loop stops or saves.

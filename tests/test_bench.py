@@ -1,0 +1,26 @@
+from conftest import run_m2das
+from m2das.model import create_model
+
+
+def test_bench_train_reports_throughput_and_flops():
+    r = run_m2das("bench", "train", "--model", "m2d_as_vit_tiny", "--input_size", "80x208", "--batch_size", "2",
+                  "--steps", "2", "--warmup", "1")
+    assert r.returncode == 0, r.stderr
+    assert "machine:" in r.stdout and "samples/s" in r.stdout and "TFLOP/s" in r.stdout
+    assert "EMA update: python loop" in r.stdout
+
+
+def test_flop_count_of_base_matches_a_hand_count():
+    with __import__("torch").device("meta"):
+        m = create_model("m2d_as_vit_base")
+    f = m.flops_per_sample()
+    # One ViT-B block on n tokens: 2 * n * 768^2 * 12 (qkv 3, proj 1, mlp 8) + 4 * n^2 * 768 (attention).
+    block = lambda n, d=768: 2 * n * d * d * 12 + 4 * n * n * d  # noqa: E731
+    assert f["target"] == 12 * block(1 + 133)
+    assert f["online"] > 12 * block(1 + 57) + 8 * block(1 + 190, 512)
+    assert m.train_flops_per_sample() == 3 * f["online"] + f["target"]
+
+
+def test_unknown_benchmark_is_an_error():
+    r = run_m2das("bench", "nope")
+    assert r.returncode == 2 and "unknown benchmark" in r.stderr

@@ -110,6 +110,8 @@ stage_build() {
         --build-arg "BASE_IMAGE=$base_image" "${build_args[@]}" "${volumes[@]}" \
         --tag "$image" --file "$repo/Dockerfile" "$repo"
     elapsed "image build" "$start"
+    # Layers of earlier builds of the tag: several GB each.
+    podman_ image prune --force > /dev/null
     podman_ image ls "$image"
     podman_ history --format '{{.Size}}\t{{.CreatedBy}}' "$image" | cut -c1-140
 }
@@ -117,12 +119,14 @@ stage_build() {
 # Everything below runs in a private mount namespace (see stage_test).
 chroot_test() {
     local root=$1 test_dir=$2 user env_file start
-    for dir in audio data metadata tmp; do
+    for dir in audio data runs metadata tmp; do
         mount --bind "$test_dir/$dir" "$root/$dir"
     done
     mount -t proc proc "$root/proc"
     mount --rbind /dev "$root/dev"
     user=$(podman_ image inspect --format '{{.Config.User}}' "$image")
+    local -a entrypoint=()
+    mapfile -t entrypoint < <(podman_ image inspect --format '{{range .Config.Entrypoint}}{{println .}}{{end}}' "$image" | grep .)
     env_file=$test_dir/image.env
     podman_ image inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$image" \
         | grep . > "$env_file"
@@ -132,7 +136,7 @@ chroot_test() {
         local -a env_args=()
         mapfile -t env_args < "$env_file"
         chroot --userspec="$user" "$root" /usr/bin/env -i "${env_args[@]}" HOME=/tmp \
-            /opt/m2das/docker/entrypoint.sh "$@"
+            "${entrypoint[@]}" "$@"
     }
 
     echo "build-local: clips named after AudioSet YTIDs so the labels step finds them"
@@ -166,7 +170,19 @@ EOF
         [ -s "$data/$file" ] || die "missing $data/$file"
     done
     [ "$(stat -c %u "$data/norm_stats.json")" = "${user%%:*}" ] || die "outputs not owned by the image user"
-    echo "build-local: prepare outputs OK: $npy LMS files, lists, norm_stats.json ($(cat "$data/norm_stats.json"))"
+    echo "build-local: prepare outputs OK: $npy LMS files, lists, norm_stats.json"
+
+    # A few steps of a tiny model on CPU: the trainer, its data loader (one
+    # worker) and its checkpoints work in the image, on the prepared data.
+    start=$(date +%s)
+    in_image train --model m2d_as_vit_tiny --device cpu --input_size 80x208 --epochs 1 \
+        --batch_size 2 --num_workers 1 --warmup_epochs 1 --log_every 1 --save_freq 1 \
+        --stats_files 6 --output_dir /runs/tiny
+    elapsed "m2das train (tiny model, CPU, 1 epoch) in the image" "$start"
+    [ -s "$test_dir/runs/tiny/checkpoint-1.pth" ] || die "no checkpoint-1.pth in $test_dir/runs/tiny"
+    [ -s "$test_dir/runs/tiny/log.jsonl" ] || die "no log.jsonl in $test_dir/runs/tiny"
+    in_image status /runs/tiny
+    echo "build-local: train outputs OK: $(find "$test_dir/runs/tiny" -mindepth 1 -maxdepth 1 -printf "%f ")"
 }
 
 stage_test() {
@@ -174,11 +190,11 @@ stage_test() {
     [ -f "$metadata/balanced_train_segments.csv" ] || die "AudioSet lists not found in $metadata (set M2DAS_METADATA)"
     local test_dir=$work/test root uid
     rm -rf "$test_dir"
-    mkdir -p "$test_dir"/{audio,data,metadata,tmp}
+    mkdir -p "$test_dir"/{audio,data,runs,metadata,tmp}
     cp "$metadata"/*.csv "$test_dir/metadata/"
     uid=$(podman_ image inspect --format '{{.Config.User}}' "$image")
     uid=${uid%%:*}
-    chown "$uid:$uid" "$test_dir"/{audio,data,tmp}
+    chown "$uid:$uid" "$test_dir"/{audio,data,runs,tmp}
     chmod 1777 "$test_dir/tmp"
     root=$(podman_ image mount "$image")
     local status=0

@@ -148,3 +148,20 @@ def cluster_run_env(cmd, env):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
+
+
+def test_requeue_cap_ends_the_job_with_a_message(slurm_cluster, tiny_data, tmp_path):
+    """With --max-requeues 0 the preemption still saves, but the job is not requeued and says why."""
+    cluster, run = slurm_cluster, tmp_path / "run"
+    job = submit(cluster, run, tiny_data, "--max-requeues", "0")
+    diag = diagnostics(cluster, run, job)
+    wait_for_progress(run, 1, 1, 240, diag)
+    cluster.run("scancel", "--signal=USR2", job)
+    wait_for(lambda: cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 120,
+             f"job {job} to end", diag)
+    assert cluster.job(job)["Restarts"] == "0", diag()
+    cap = [r for r in read_jsonl(run / "launcher.jsonl") if r.get("event") == "requeue_cap"]
+    assert len(cap) == 1 and "--max-requeues 0" in cap[0]["message"], diag()
+    assert "not requeued" in (run / "slurm" / f"{job}_0_log.err").read_text()
+    assert read_jsonl(run / "restarts.jsonl")[-1]["event"] == "stopped"  # the checkpoint was still written
+    assert (run / "last.pth").exists()

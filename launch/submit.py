@@ -281,6 +281,11 @@ class TrainJob:
             raise RuntimeError(f"loss diverged (exit {EXIT_DIVERGED}); not requeued. See {self.run_dir}/log.jsonl")
         if rc not in (0, EXIT_RESUMABLE):
             raise RuntimeError(f"trainer exited with code {rc}; see the task logs in {self.run_dir}/slurm")
+        if rc == EXIT_RESUMABLE and env.global_rank == 0:
+            # SIGTERM (scancel, SLURM's own requeue or preemption): submitit does not requeue on it.
+            print(f"m2das: saved and stopped (exit {EXIT_RESUMABLE}); a preempted job is requeued by SLURM, "
+                  f"a cancelled one continues with `python launch/submit.py --run-dir {self.run_dir} ...`",
+                  file=sys.stderr, flush=True)
         return rc
 
     def checkpoint(self, *args, **kwargs):

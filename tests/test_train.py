@@ -164,3 +164,20 @@ def test_init_from_loads_matching_weights_and_starts_a_fresh_schedule(lms_data, 
     assert "loaded" in r.stdout and "resumed" not in r.stdout
     rows = [json.loads(line) for line in (tmp_path / "second" / "log.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 1
+
+
+def test_sigkill_without_warning_resumes_from_the_interval_checkpoint(lms_data, tmp_path):
+    reference = tmp_path / "reference"
+    assert run_m2das(*train_args(lms_data, reference, "--epochs", "1")).returncode == 0
+    run = tmp_path / "killed"
+    # An interval of 0 minutes saves at every step (in a background thread): the node-failure path.
+    args = train_args(lms_data, run, "--epochs", "1", "--ckpt_interval_min", "0")
+    proc = subprocess.Popen(m2das_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(run, 8, proc)
+    proc.kill()
+    proc.wait()
+    r = run_m2das(*args)
+    assert r.returncode == 0, r.stderr
+    resumed = [json.loads(line) for line in (run / "restarts.jsonl").read_text().splitlines()][-2]
+    assert resumed["resumed_step"] >= 1 and resumed["last_stop_reason"].startswith("killed without warning")
+    assert_same_weights(final_model(reference, 1), final_model(run, 1))

@@ -53,7 +53,12 @@ def pick_device(cfg: dict, local_rank: int) -> torch.device:
         if not torch.cuda.is_available():
             raise TrainError("--device cuda but no CUDA device is visible; use --device cpu")
         torch.cuda.set_device(local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
         return torch.device("cuda", local_rank)
+    # CPU ranks share the cores instead of each spawning one thread per core.
+    world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     return torch.device("cpu")
 
 

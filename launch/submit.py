@@ -33,21 +33,24 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-EXIT_RESUMABLE = 75  # m2das.EXIT_RESUMABLE: stopped on a signal after saving; rerun to resume
-EXIT_DIVERGED = 3    # m2das.EXIT_DIVERGED: non-finite loss; rerunning fails the same way
+from m2das import EXIT_DIVERGED, EXIT_RESUMABLE  # noqa: E402  (75: saved on a signal; 3: loss diverged)
+
 DEFAULT_MAX_REQUEUES = 100
 
+# GPU presets insist on CUDA: a job landing on a node without a visible GPU fails
+# at once instead of training on the CPU for weeks.
+GPU = ["--device", "cuda"]
 # Per-GPU batch x accumulation x GPUs = 2048 in every GPU preset (the paper's
 # effective batch, LR 2.4e-3 with blr 3e-4). `ranks` is ranks per node.
 PRESETS = {
     # The paper's run: 4 GPUs x 512 per GPU, no accumulation.
-    "48gb": dict(ranks=4, gpu=True, batch_size=512, accum_iter=1, trainer=[]),
+    "48gb": dict(ranks=4, gpu=True, batch_size=512, accum_iter=1, trainer=GPU),
     # Half the per-GPU batch fits 24 GB; two accumulation steps keep 2048.
-    "24gb": dict(ranks=4, gpu=True, batch_size=256, accum_iter=2, trainer=[]),
+    "24gb": dict(ranks=4, gpu=True, batch_size=256, accum_iter=2, trainer=GPU),
     # 80 GB cards: bounded by the 48gb fit (512 per GPU, accum 1) until a
     # benchmark (`m2das bench train`) shows a larger per-GPU batch fits; with
     # accum already 1 there is nothing to trade for fewer steps on 4 GPUs.
-    "80gb": dict(ranks=4, gpu=True, batch_size=512, accum_iter=1, trainer=[]),
+    "80gb": dict(ranks=4, gpu=True, batch_size=512, accum_iter=1, trainer=GPU),
     # Tests: the tiny model on two CPU ranks over gloo, fits a 2-CPU node without GPUs.
     "cpu-test": dict(ranks=2, gpu=False, batch_size=4, accum_iter=1,
                      trainer=["--model", "m2d_as_vit_tiny", "--device", "cpu", "--input_size", "80x208",

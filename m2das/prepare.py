@@ -478,7 +478,8 @@ def run_stats(data_dir, num_files: int | None = None, seed: int | None = None,
     num_files = stats.DEFAULT_STATS_FILES if num_files is None else num_files
     seed = stats.DEFAULT_STATS_SEED if seed is None else seed
     with _progress(num_files, "stats", progress) as bar:
-        result = stats.compute_norm_stats([data_dir / n for n in names], num_files=num_files,
+        result = stats.compute_norm_stats([os.path.join(data_dir, n) for n in names],
+                                          num_files=num_files,
                                           seed=seed, progress=lambda n, total: bar.update(1))
     out = data_dir / NORM_STATS
     stats.write_norm_stats(out, result)
@@ -532,9 +533,10 @@ def run_prepare(audio_dir=DEFAULT_AUDIO_DIR, data_dir=DEFAULT_DATA_DIR, metadata
             summary.update(run_lms(audio_dir, data_dir, device, workers, batch_size, progress))
         if "list" in steps:
             summary.update(write_file_list(data_dir, progress))
-        if "labels" in steps:
+        nothing_listed = summary.get("listed") == 0  # labels and stats would have no input
+        if "labels" in steps and not nothing_listed:
             summary.update(run_labels(data_dir, metadata_dir, url_base))
-        if "stats" in steps:
+        if "stats" in steps and not nothing_listed:
             summary.update(run_stats(data_dir, stats_files, progress=progress))
     summary["seconds"] = time.monotonic() - started
     summary["ok"], summary["reason"] = _usable(summary)

@@ -255,8 +255,9 @@ def test_exit_codes(tmp_path, capsys, metadata):
     audio, data = tmp_path / "audio", tmp_path / "data"
     write(audio / "only_bad.wav", np.zeros((0, 1), np.float32), 16000)
     assert main([str(audio), str(data), "--device", "cpu", "--no-progress",
-                 "--steps", "lms,list"]) == 1
+                 "--metadata", str(metadata)]) == 1
     assert "no usable LMS file" in capsys.readouterr().err
+    assert not (data / "files_as_weighted.csv").exists() and not (data / "norm_stats.json").exists()
     assert main([str(tmp_path / "nowhere"), str(data), "--no-progress"]) == 2
     assert "audio folder" in capsys.readouterr().err
     assert main([str(audio), str(data), "--steps", "lms,bogus"]) == 2

@@ -6,7 +6,8 @@
 #   sudo docker/build-local.sh           # everything
 #   sudo docker/build-local.sh base      # only the Debian base image
 #   sudo docker/build-local.sh build     # (re)build the image
-#   sudo docker/build-local.sh test      # prepare run in the built image
+#   sudo docker/build-local.sh test      # prepare, a tiny training run, status in the image
+#   sudo docker/build-local.sh demo      # `m2das demo` in the image
 #
 # The CUDA base cannot be pulled here, so a Debian bookworm minbase made with
 # debootstrap stands in for it through the BASE_IMAGE build argument (its
@@ -118,7 +119,7 @@ stage_build() {
 
 # Everything below runs in a private mount namespace (see stage_test).
 chroot_test() {
-    local root=$1 test_dir=$2 user env_file start
+    local root=$1 test_dir=$2 what=$3 user env_file start
     for dir in audio data runs metadata tmp; do
         mount --bind "$test_dir/$dir" "$root/$dir"
     done
@@ -138,6 +139,14 @@ chroot_test() {
         chroot --userspec="$user" "$root" /usr/bin/env -i "${env_args[@]}" HOME=/tmp \
             "${entrypoint[@]}" "$@"
     }
+
+    if [ "$what" = demo ]; then
+        # The whole job on its own synthetic corpus, SIGTERM and resume included.
+        start=$(date +%s)
+        in_image demo --out /runs/demo
+        elapsed "m2das demo in the image" "$start"
+        return
+    fi
 
     echo "build-local: clips named after AudioSet YTIDs so the labels step finds them"
     in_image python - "$clips" <<'EOF'
@@ -186,6 +195,7 @@ EOF
 }
 
 stage_test() {
+    local what=${1:-test}
     podman_ image exists "$image" || die "no image $image; run: $0 build"
     [ -f "$metadata/balanced_train_segments.csv" ] || die "AudioSet lists not found in $metadata (set M2DAS_METADATA)"
     local test_dir=$work/test root uid
@@ -199,10 +209,10 @@ stage_test() {
     root=$(podman_ image mount "$image")
     local status=0
     # A private mount namespace: every bind mount disappears with it.
-    unshare --mount --propagation private "$0" __chroot "$root" "$test_dir" || status=$?
+    unshare --mount --propagation private "$0" __chroot "$root" "$test_dir" "$what" || status=$?
     podman_ image unmount "$image" > /dev/null
-    [ "$status" -eq 0 ] || die "chroot test failed (exit $status)"
-    echo "build-local: chroot test passed"
+    [ "$status" -eq 0 ] || die "chroot $what failed (exit $status)"
+    echo "build-local: chroot $what passed"
 }
 
 [ "$(id -u)" -eq 0 ] || die "needs root (debootstrap, podman image mount, chroot)"
@@ -215,11 +225,13 @@ case ${1:-all} in
     base) stage_base ;;
     build) stage_build ;;
     test) stage_test ;;
+    demo) stage_test demo ;;
     all)
         stage_base
         stage_build
         stage_test
+        stage_test demo
         ;;
-    __chroot) chroot_test "$2" "$3" ;;
-    *) die "usage: $0 [base|build|test|all]" ;;
+    __chroot) chroot_test "$2" "$3" "$4" ;;
+    *) die "usage: $0 [base|build|test|demo|all]" ;;
 esac

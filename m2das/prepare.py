@@ -192,9 +192,16 @@ def _load_for_gpu(job: Job):
 
 
 def _pool(workers: int):
-    # fork: workers start in milliseconds; they run with one torch thread and
-    # never touch CUDA, which is what makes forking after torch import safe.
-    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    """Workers forked from a clean server process that has imported torch but run nothing.
+
+    Plain fork is not safe here: a caller that already ran torch ops (the demo,
+    a test session, the GPU path) has OpenMP/CUDA state that can deadlock a
+    forked child. spawn would be safe too but imports torch once per worker.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["m2das.audio", "m2das.prepare"])
     return ctx.Pool(workers, initializer=_worker_init)
 
 
@@ -701,7 +708,14 @@ def bench_main(argv=None) -> int:
         audio = Path(tmp) / "audio"
         audio.mkdir()
         make_bench_clips(audio, files)
+        warm = Path(tmp) / "warm"
+        warm.mkdir()
+        for clip in sorted(audio.iterdir())[:workers * 2]:
+            (warm / clip.name).symlink_to(clip)
         for device in devices:
+            # warm-up on a few clips: worker server start, CUDA context, filter kernels
+            run_lms(warm, Path(tmp) / f"warm-{device}", device=device, workers=workers,
+                    progress=False)
             data = Path(tmp) / f"data-{device}"
             s = run_lms(audio, data, device=device, workers=workers, progress=False)
             rate = s["converted"] / s["lms_seconds"]

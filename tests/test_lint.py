@@ -6,7 +6,9 @@ without linting. hadolint is looked up on PATH, then in M2DAS_LINT_TOOLS and
 the tool folder .ci/run installs it into.
 """
 
+import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -78,3 +80,74 @@ def test_hadolint_reports_problems(tmp_path):
     bad.write_text("FROM debian\nRUN apt-get install curl\n")
     r = subprocess.run([_tool("hadolint"), "--no-color", str(bad)], capture_output=True, text=True)
     assert r.returncode != 0 and "DL3006" in r.stdout, r.stdout + r.stderr
+
+
+# ---- Dockerfile and .dockerignore agree with each other and with the entry point
+
+
+def _dockerfile_instructions():
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _ignored(rel, patterns):
+    """Docker's rule: the last pattern matching the path or one of its parents decides."""
+    parts = rel.split("/")
+    candidates = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        body = pattern[1:] if negate else pattern
+        body = body.strip("/")
+        regex = "".join(".*" if tok == "**" else "[^/]*" if tok == "*" else "[^/]" if tok == "?"
+                        else re.escape(tok) for tok in re.split(r"(\*\*|\*|\?)", body) if tok)
+        if any(re.fullmatch(regex, c) for c in candidates):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_keeps_what_the_dockerfile_copies():
+    patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.strip().startswith("#")]
+    copies = [rest.split()[:-1] for word, rest in _dockerfile_instructions() if word == "COPY"]
+    sources = [s for srcs in copies for s in srcs if not s.startswith("--")]
+    assert sources, "no COPY found"
+    for src in sources:
+        path = REPO / src
+        assert path.exists(), f"COPY {src}: not in the repository"
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()
+                                               and "__pycache__" not in p.parts]
+        assert files, f"COPY {src}: empty"
+        for f in files:
+            rel = f.relative_to(REPO).as_posix()
+            assert not _ignored(rel, patterns), f".dockerignore drops {rel}, which COPY {src} needs"
+    # Large or private things stay out of the build context.
+    for rel in (".venv/bin/python", ".git/HEAD", "tests/test_lint.py", "runs/x/last.pth",
+                "m2das/__pycache__/cli.cpython-311.pyc"):
+        assert _ignored(rel, patterns), f".dockerignore lets {rel} into the build context"
+
+
+def test_dockerfile_matches_the_entrypoint():
+    ins = _dockerfile_instructions()
+    env = {}
+    for word, rest in ins:
+        if word == "ENV":
+            env.update(re.findall(r"(\w+)=(\S+)", rest))
+    volumes = json.loads(next(rest for word, rest in ins if word == "VOLUME"))
+    dirs = [env[f"M2DAS_{name}_DIR"] for name in ("AUDIO", "DATA", "RUNS", "METADATA")]
+    assert sorted(volumes) == sorted(dirs)
+    entrypoint = json.loads(next(rest for word, rest in ins if word == "ENTRYPOINT"))
+    copied = {rest.split()[-1] for word, rest in ins if word == "COPY"}
+    assert entrypoint[-1] in copied, "ENTRYPOINT script is not the copied docker/entrypoint.sh"
+    assert f"{env['M2DAS_LAUNCH_DIR']}" in copied, "M2DAS_LAUNCH_DIR is not where launch/ is copied"
+    # The same defaults in the entry point itself, for runs without the image's ENV (pyxis, tests).
+    script = (REPO / "docker" / "entrypoint.sh").read_text()
+    for name, value in env.items():
+        if name.startswith("M2DAS_"):
+            assert f"${{{name}:-{value}}}" in script, f"{name} default differs from the Dockerfile's"

@@ -151,3 +151,16 @@ def test_dockerfile_matches_the_entrypoint():
     for name, value in env.items():
         if name.startswith("M2DAS_"):
             assert f"${{{name}:-{value}}}" in script, f"{name} default differs from the Dockerfile's"
+
+
+def test_apptainer_definition_runs_the_image_entrypoint():
+    text = (REPO / "docker" / "m2das.def").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    header = dict(line.split(":", 1) for line in lines[:2])
+    assert {k.strip(): v.strip() for k, v in header.items()} == {"Bootstrap": "docker-daemon",
+                                                                  "From": "m2das:latest"}
+    sections = re.findall(r"^%(\w+)", text, re.M)
+    assert set(sections) <= {"labels", "help", "runscript", "test", "environment", "post", "files"}
+    runscript = text.split("%runscript", 1)[1].split("\n%", 1)[0]
+    entrypoint = json.loads(next(rest for word, rest in _dockerfile_instructions() if word == "ENTRYPOINT"))
+    assert f'exec {entrypoint[-1]} "$@"' in runscript

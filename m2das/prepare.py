@@ -692,6 +692,9 @@ def bench_main(argv=None) -> int:
     p.add_argument("--files", type=int, default=None, help="clips (default 32 per worker)")
     p.add_argument("--workers", type=int, default=None, help="default: all CPU cores")
     p.add_argument("--device", default="auto", help="auto (CPU, then GPU if present)|cpu|cuda")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["prepare"]:  # called with the sub-command still in front
+        argv = argv[1:]
     args = p.parse_args(argv)
     workers = default_workers() if args.workers is None else args.workers
     files = args.files or 32 * workers

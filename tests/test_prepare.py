@@ -414,3 +414,12 @@ def test_batched_path_gives_the_same_files_as_per_file_workers(tmp_path):
         if name.endswith(".npy"):
             np.testing.assert_allclose(np.load(tmp_path / "batch" / name),
                                        np.load(tmp_path / "one" / name), atol=1e-4)
+
+
+def test_bench_prepare_reports_files_per_core(capsys):
+    from m2das.prepare import bench_main, cpu_model
+
+    assert bench_main(["--files", "3", "--workers", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert cpu_model() in out and f"{os.cpu_count()} cores" in out
+    assert "cpu: 3 clips (10 s, 44.1 kHz, stereo, 16-bit wav)" in out and "files/s per core" in out

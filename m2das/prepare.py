@@ -49,6 +49,7 @@ AUDIO_EXTENSIONS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", "
 _NPY_HEADER = re.compile(rb"\x93NUMPY\x01\x00v\x00\{'descr': '<f4', 'fortran_order': False, "
                          rb"'shape': \(1, 80, ([0-9]+)\), \} *\n$")
 _TMP_NAME = re.compile(r"^\..+\.npy\..+\.tmp$")  # what fileio.atomic_write leaves when killed
+_TMP_ANY = re.compile(r"^\..+\.(csv|json)\..+\.tmp$")
 
 
 class PrepareError(RuntimeError):
@@ -295,6 +296,14 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def read_failures(data_dir) -> list[tuple[str, str]]:
+    path = Path(data_dir) / FAILURES
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [(r["file"], r["reason"]) for r in csv.DictReader(f) if r.get("file")]
+
+
 def write_failures(data_dir, failures) -> Path:
     path = Path(data_dir) / FAILURES
     with atomic_write(path, "w") as f:
@@ -326,12 +335,14 @@ def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = Non
     _log(f"lms: {len(jobs)} audio files in {audio_dir}, {summary['skipped_existing']} already "
          f"converted, {len(todo)} to do on {device} ({workers} workers)")
     failures = list(clashes)
+    attempted: set = set()
     seconds = 0.0
     bar = _progress(len(todo), "lms", progress)
 
     def on_result(result):
         nonlocal seconds
         rel, status, reason, secs, silent = result
+        attempted.add(rel)
         if status == "ok":
             summary["converted"] += 1
             summary["silent"] += int(silent)
@@ -352,6 +363,9 @@ def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = Non
         summary["failed"] = len(failures)
         summary["hours_converted"] = seconds / 3600.0
         summary["lms_seconds"] = time.monotonic() - started
+        # an interrupted run keeps what earlier runs found about the files it did not reach
+        unreached = {j.rel for j in todo} - attempted
+        failures += [row for row in read_failures(data_dir) if row[0] in unreached]
         summary["failures_file"] = str(write_failures(data_dir, failures))
     for rel, reason in sorted(failures)[:5]:
         _log(f"  failed: {audio_dir / rel}: {reason}")
@@ -511,10 +525,21 @@ def _lock(data_dir):
         except OSError:
             raise PrepareError(f"another `m2das prepare` is running on {data_dir}; wait for it "
                                f"or stop it", 1) from None
+        _remove_stale_temps(data_dir)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_stale_temps(data_dir: Path) -> None:
+    """Temporaries of lists, stats and downloads that a killed run left (LMS ones: existing_outputs)."""
+    for folder in (data_dir, data_dir / METADATA_SUBDIR):
+        if folder.is_dir():
+            for path in folder.glob(".*.tmp"):
+                if _TMP_ANY.match(path.name):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
 
 
 def parse_steps(steps) -> list[str]:

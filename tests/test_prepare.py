@@ -355,9 +355,13 @@ def test_killed_run_then_rerun_equals_one_clean_run(tmp_path, metadata, capsys):
         write(audio / f"d{i % 3}" / f"{i:03d}xxxxxxxx_0.000.wav", tone(10, 44100, 1, 200 + 20 * i, seed=i),
               44100, subtype="PCM_16")
     write(audio / "--PJHxphWEs_30.000.wav", tone(10, 44100, 2), 44100)
-    (audio / "broken.wav").write_text("not audio")
+    (audio / "zz").mkdir()
+    (audio / "zz" / "broken.wav").write_text("not audio")  # the last file of the run
     args = ["--metadata", metadata, "--device", "cpu", "--workers", "2", "--stats-files", "30"]
     killed = tmp_path / "killed"
+    killed.mkdir()
+    # as left by an earlier complete run: must survive a run stopped before reaching the file
+    (killed / "prepare_failures.csv").write_text("file,reason\nzz/broken.wav,seen earlier\n")
     lms_dir = killed / "audioset_lms"
 
     def run_until(outputs, sig, group):
@@ -374,6 +378,9 @@ def test_killed_run_then_rerun_equals_one_clean_run(tmp_path, metadata, capsys):
     # SIGTERM (docker stop, scancel): a clean stop with a hint, the workers go with it
     rc, err, done = run_until(2, signal.SIGTERM, group=False)
     assert rc == 130 and "rerun the same command" in err
+    assert len(done) < n - 8, "stopped too late to tell"
+    assert read_rows(killed / "prepare_failures.csv") == [{"file": "zz/broken.wav",
+                                                          "reason": "seen earlier"}]
     # SIGKILL of the whole run, workers included, like a lost node
     rc, err, done = run_until(len(done) + 3, signal.SIGKILL, group=True)
     assert rc == -signal.SIGKILL
@@ -381,6 +388,7 @@ def test_killed_run_then_rerun_equals_one_clean_run(tmp_path, metadata, capsys):
         assert np.load(path).shape == (1, 80, 1001)
     assert not (killed / "files_as_weighted.csv").exists()
 
+    (killed / ".files_audioset.csv.k1ll3d.tmp").write_text("file_name\naudioset_lms/")  # as a kill leaves
     assert main([str(audio), str(killed), *map(str, args), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert f"skipped (existing) {len(done)}" in out and "failed             1" in out

@@ -8,7 +8,7 @@
 # with `scontrol requeue`, and the next start resumes (--resume auto) in the
 # same run folder. A step killed by SIGKILL (OOM killer, kill -9) exits 137 and
 # is requeued as well; node failures are requeued by SLURM itself (--requeue).
-# Exit 3 (loss diverged) and other errors are never requeued.
+# A finished run, exit 3 (loss diverged) and other errors are never requeued.
 #
 # Variables a template sets before calling m2das_run:
 #   M2DAS_RUN           run folder (fixed for the life of the run; required)
@@ -21,6 +21,7 @@ m2das_log() {
 m2das_forward() {
     # $1: signal name. Forward to every task of the running step, once.
     m2das_log "received SIG$1; asking the trainer to save and stop"
+    m2das_signalled=1
     if [ -n "${m2das_srun_pid:-}" ]; then
         # srun passes SIGUSR1/SIGUSR2/SIGTERM on to all tasks of the step.
         kill -s "$1" "$m2das_srun_pid" 2>/dev/null || true
@@ -54,27 +55,29 @@ m2das_run() {
         fi
     done
     trap - USR1 USR2 TERM
-    case "$rc" in
-        0)
-            m2das_log "training finished"
-            ;;
-        75 | 137)
-            if [ "$restart" -ge "$max" ]; then
-                m2das_log "exit $rc but $restart restarts reached M2DAS_MAX_REQUEUES=$max; not requeued." \
-                    "Resubmit this script to continue in $M2DAS_RUN"
-                m2das_record requeue_cap "exit $rc after $restart restarts"
-            else
-                m2das_log "exit $rc (75: saved on a signal, 137: killed); requeueing job $SLURM_JOB_ID"
-                m2das_record requeue "exit $rc"
-                scontrol requeue "$SLURM_JOB_ID"
-            fi
-            ;;
-        3)
-            m2das_log "loss diverged (exit 3); not requeued. See $M2DAS_RUN/log.jsonl"
-            ;;
-        *)
-            m2das_log "trainer failed with exit $rc; not requeued. See the job's output"
-            ;;
-    esac
+    # The trainer's own record says how this start ended ("stopped" on a signal after
+    # saving, "finished", "diverged"). Once one task exits 75, srun --kill-on-bad-exit
+    # may terminate a slower one (exit 143), so srun's code alone is not enough.
+    local event
+    event="$(tail -n 1 "$M2DAS_RUN/restarts.jsonl" 2>/dev/null | sed -n 's/.*"event": *"\([a-z_]*\)".*/\1/p')"
+    if [ "$rc" -eq 3 ] || [ "$event" = diverged ]; then
+        m2das_log "loss diverged (exit 3); not requeued. See $M2DAS_RUN/log.jsonl"
+    elif [ "$event" = finished ]; then
+        m2das_log "training finished"
+    elif [ -n "${m2das_signalled:-}" ] || [ "$rc" -eq 75 ] || [ "$rc" -eq 137 ]; then
+        if [ "$restart" -ge "$max" ]; then
+            m2das_log "exit $rc but $restart restarts reached M2DAS_MAX_REQUEUES=$max; not requeued." \
+                "Resubmit this script to continue in $M2DAS_RUN"
+            m2das_record requeue_cap "exit $rc after $restart restarts"
+        else
+            m2das_log "stopped (exit $rc, last trainer event: ${event:-none}); requeueing job $SLURM_JOB_ID"
+            m2das_record requeue "exit $rc"
+            scontrol requeue "$SLURM_JOB_ID"
+        fi
+    elif [ "$rc" -eq 0 ]; then
+        m2das_log "trainer exited 0"
+    else
+        m2das_log "trainer failed with exit $rc; not requeued. See the job's output"
+    fi
     return "$rc"
 }

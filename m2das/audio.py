@@ -10,6 +10,7 @@ batch without the zero padding of a short clip leaking into its last frames.
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import soundfile as sf
@@ -47,6 +48,7 @@ def load_audio(path) -> tuple[np.ndarray, int]:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile reports corrupt and unknown formats alike
         msg = " ".join(str(e).split()) or type(e).__name__
+        msg = re.sub(r"^Error opening .*?: ", "", msg)  # the path is already in the failure row
         raise AudioError(f"unreadable by soundfile ({msg}); re-download it or convert it to "
                          f"wav/flac") from None
     if data.shape[0] == 0 or data.shape[1] == 0:

@@ -164,3 +164,15 @@ def test_load_audio_rejects_bad_files_with_a_reason(tmp_path):
             load_audio(tmp_path / name)
     with pytest.raises(AudioError, match="cannot open"):
         load_audio(tmp_path / "missing.wav")
+
+
+def test_equals_torchaudio_melspectrogram_with_center_reflect():
+    """Padding per clip before a center=False STFT is the centred, reflect-padded transform."""
+    import torchaudio
+
+    x = torch.from_numpy(0.1 * np.random.default_rng(5).standard_normal(16000 * 8).astype(np.float32))
+    mel = torchaudio.transforms.MelSpectrogram(
+        sample_rate=16000, n_fft=400, win_length=400, hop_length=160, f_min=50, f_max=8000,
+        n_mels=80, power=2.0, norm="slaney", mel_scale="slaney", center=True, pad_mode="reflect")
+    expected = torch.log(mel(x) + EPS).numpy()[None]
+    np.testing.assert_allclose(lms_from_waveform(x, 16000), expected, atol=1e-5)

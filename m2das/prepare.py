@@ -14,6 +14,7 @@ the run, so a run killed at any moment is finished by running it again.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import csv
@@ -192,7 +193,7 @@ def _load_for_gpu(job: Job):
     return job, wave.mean(axis=0, dtype=np.float32), sr, ""
 
 
-def _pool(workers: int):
+def _mp_context():
     """Workers forked from a clean server process that has imported torch but run nothing.
 
     Plain fork is not safe here: a caller that already ran torch ops (the demo,
@@ -200,10 +201,53 @@ def _pool(workers: int):
     forked child. spawn would be safe too but imports torch once per worker.
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
+        return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["m2das.audio", "m2das.prepare"])
-    return ctx.Pool(workers, initializer=_worker_init)
+    return ctx
+
+
+CRASHED = "worker process died while converting it (out of memory?); convert or remove the file"
+
+
+def robust_map(fn, jobs, workers: int):
+    """Yield (job, fn(job)) in completion order over `workers` processes.
+
+    A worker that dies (the kernel's OOM killer, a crash in a decoder) would
+    hang a multiprocessing.Pool for ever. Here the jobs it may have been
+    running are retried one at a time in a fresh process, so the file that
+    kills a worker on its own is the only one reported, as (job, CRASHED).
+    Exceptions raised by `fn` propagate.
+    """
+    from concurrent.futures.process import BrokenProcessPool
+
+    todo, suspects = collections.deque(jobs), collections.deque()
+    while todo or suspects:
+        alone = bool(suspects)
+        source = suspects if alone else todo
+        limit = 1 if alone else 4 * workers
+        with concurrent.futures.ProcessPoolExecutor(1 if alone else workers, _mp_context(),
+                                                    initializer=_worker_init) as pool:
+            in_flight: dict = {}
+            broken = False
+            while (source or in_flight) and not broken:
+                while source and len(in_flight) < limit:
+                    job = source.popleft()
+                    in_flight[pool.submit(fn, job)] = job
+                done, _ = concurrent.futures.wait(in_flight, return_when="FIRST_COMPLETED")
+                for future in done:
+                    job = in_flight.pop(future)
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        if alone:
+                            yield job, CRASHED
+                        else:
+                            suspects.append(job)
+                        continue
+                    yield job, result
+            suspects.extend(in_flight.values())  # lost with the broken pool: retry alone
 
 
 def _convert_cpu(jobs, workers, on_result):
@@ -218,9 +262,8 @@ def _convert_cpu(jobs, workers, on_result):
         finally:
             torch.set_num_threads(previous)
         return
-    with _pool(workers) as pool:
-        for result in pool.imap_unordered(convert_one, jobs, chunksize=4):
-            on_result(result)
+    for job, result in robust_map(convert_one, jobs, workers):
+        on_result((job.rel, "failed", CRASHED, 0.0, False) if result is CRASHED else result)
 
 
 def _convert_gpu(jobs, workers, device, batch_size, on_result):
@@ -257,19 +300,19 @@ def _convert_gpu(jobs, workers, device, batch_size, on_result):
             on_result(pending.pop(0).result())
 
     try:
-        with _pool(max(1, workers)) as pool:
-            batch = []
-            for job, wave, sr, reason in pool.imap(_load_for_gpu, jobs, chunksize=2):
-                if wave is None:
-                    on_result((job.rel, "failed", reason, 0.0, False))
-                    continue
-                batch.append((job, wave, sr, reason))
-                if len(batch) >= batch_size:
-                    flush(batch)
-                    batch = []
-                    drain()
-            flush(batch)
-            drain(block=True)
+        batch = []
+        for job, loaded in robust_map(_load_for_gpu, jobs, max(1, workers)):
+            _, wave, sr, reason = (job, None, 0, CRASHED) if loaded is CRASHED else loaded
+            if wave is None:
+                on_result((job.rel, "failed", reason, 0.0, False))
+                continue
+            batch.append((job, wave, sr, reason))
+            if len(batch) >= batch_size:
+                flush(batch)
+                batch = []
+                drain()
+        flush(batch)
+        drain(block=True)
     finally:
         writer.shutdown(wait=True, cancel_futures=True)
         with contextlib.suppress(Exception):

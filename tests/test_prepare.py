@@ -431,3 +431,59 @@ def test_bench_prepare_reports_files_per_core(capsys):
     out = capsys.readouterr().out
     assert cpu_model() in out and f"{os.cpu_count()} cores" in out
     assert "cpu: 3 clips (10 s, 44.1 kHz, stereo, 16-bit wav)" in out and "files/s per core" in out
+
+
+def _upper_or_die(name: str) -> str:
+    """Runs in a worker process: a name starting with "crash" kills that process for real."""
+    if name.startswith("crash"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return name.upper()
+
+
+def test_robust_map_isolates_the_input_that_kills_its_worker():
+    from m2das.prepare import CRASHED, robust_map
+
+    names = [f"f{i}" for i in range(10)] + ["crash-me"] + [f"g{i}" for i in range(10)]
+    got = dict(robust_map(_upper_or_die, names, workers=2))
+    assert got == {**{n: n.upper() for n in names if n != "crash-me"}, "crash-me": CRASHED}
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_a_worker_killed_mid_run_costs_no_file(tmp_path):
+    """The OOM killer takes a worker: the run neither hangs nor loses or fails a file."""
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    n = 20
+    for i in range(n):
+        write(audio / f"{i:03d}.wav", tone(10, 44100, 1, 300 + 10 * i, seed=i), 44100, subtype="PCM_16")
+    victims = []
+
+    def kill_one_worker():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not victims:
+            if len(list((data / "audioset_lms").glob("*.npy"))) >= 2:
+                # workers are children of the worker server, itself a child of this process
+                workers = [w for server in _children(os.getpid()) for w in _children(server)]
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    victims.append(workers[0])
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_one_worker)
+    killer.start()
+    s = run_lms(audio, data, device="cpu", workers=2, progress=False)
+    killer.join()
+    assert victims, "no worker was killed"
+    assert (s["converted"], s["failed"]) == (n, 0)
+    for i in range(n):
+        assert np.load(data / "audioset_lms" / f"{i:03d}.npy").shape == (1, 80, 1001)

@@ -226,8 +226,9 @@ def robust_map(fn, jobs, workers: int):
         alone = bool(suspects)
         source = suspects if alone else todo
         limit = 1 if alone else 4 * workers
-        with concurrent.futures.ProcessPoolExecutor(1 if alone else workers, _mp_context(),
-                                                    initializer=_worker_init) as pool:
+        pool = concurrent.futures.ProcessPoolExecutor(1 if alone else workers, _mp_context(),
+                                                      initializer=_worker_init)
+        try:
             in_flight: dict = {}
             broken = False
             while (source or in_flight) and not broken:
@@ -248,6 +249,8 @@ def robust_map(fn, jobs, workers: int):
                         continue
                     yield job, result
             suspects.extend(in_flight.values())  # lost with the broken pool: retry alone
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on a stop: no new file is started
 
 
 def _convert_cpu(jobs, workers, on_result):

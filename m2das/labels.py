@@ -186,9 +186,14 @@ def fetch_metadata(dest_dir, url_base=None, timeout: float = 30.0, warn=print) -
     dest_dir = Path(dest_dir)
     url_base = (url_base or os.environ.get(URL_ENV) or DEFAULT_URL_BASE).rstrip("/")
     missing_required, first_error = [], None
-    for name in METADATA_FILES:
+    # required files first: when they cannot be had, the optional one is not tried
+    for name in sorted(METADATA_FILES, key=lambda n: n in OPTIONAL_FILES):
         path = dest_dir / name
         if path.is_file():
+            continue
+        if missing_required:
+            if name not in OPTIONAL_FILES:
+                missing_required.append(path)
             continue
         url = f"{url_base}/{name}"
         warn(f"downloading {url} -> {path}")

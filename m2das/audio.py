@@ -45,7 +45,11 @@ def load_audio(path) -> tuple[np.ndarray, int]:
     except OSError as e:
         raise AudioError(f"cannot open: {e.strerror or e}") from None
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        if _utf8_name(path):
+            data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        else:  # a name soundfile cannot pass to libsndfile: hand it the open file instead
+            with open(path, "rb") as f:
+                data, sr = sf.read(f, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile reports corrupt and unknown formats alike
         msg = " ".join(str(e).split()) or type(e).__name__
         msg = re.sub(r"^Error opening .*?: ", "", msg)  # the path is already in the failure row
@@ -58,6 +62,14 @@ def load_audio(path) -> tuple[np.ndarray, int]:
     if sr <= 0:
         raise AudioError(f"invalid sample rate {sr}")
     return np.ascontiguousarray(data.T), int(sr)
+
+
+def _utf8_name(path) -> bool:
+    try:
+        str(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # bytes that were not UTF-8 on disk (surrogate escapes)
+        return False
 
 
 def num_frames(num_samples: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import os
 import shutil
 import urllib.parse
@@ -131,11 +132,8 @@ def write_weighted_list(path, file_names, label_map, class_mids=None) -> dict:
         else:
             rows.append((name, label_map[ytid]))
     weights = sample_weights([label.split(",") for _, label in rows])
-    with atomic_write(path, "w") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["file_name", "label", "weight"])
-        for (name, label), w in zip(rows, weights):
-            writer.writerow([name, label, repr(w)])
+    write_csv(path, ["file_name", "label", "weight"],
+              ([name, label, repr(w)] for (name, label), w in zip(rows, weights)))
     used = {c for _, label in rows for c in label.split(",")}
     known = set(class_mids or [])
     return {
@@ -146,6 +144,22 @@ def write_weighted_list(path, file_names, label_map, class_mids=None) -> dict:
         "classes_without_files": len(known - used) if known else None,
         "unknown_mids": sorted(used - known) if known else [],
     }
+
+
+def write_csv(path, header, rows) -> None:
+    """Atomic, UTF-8 whatever the locale, undecodable file-name bytes kept, "\n" line ends."""
+    with atomic_write(path, "wb") as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        text.flush()
+        text.detach()  # atomic_write syncs and closes the file itself
+
+
+def read_csv_rows(path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return list(csv.DictReader(f))
 
 
 def missing_message(paths, metadata_dir, url_base=None, reason=None) -> str:

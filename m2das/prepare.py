@@ -32,6 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from m2das.fileio import atomic_write
+from m2das.labels import read_csv_rows, write_csv
 
 STEPS = ("lms", "list", "labels", "stats")
 LMS_DIR = "audioset_lms"
@@ -117,6 +118,11 @@ def find_audio(audio_dir, data_dir) -> tuple[list[Job], list[tuple[str, str]], i
                 ignored += 1
                 continue
             rel = name if prefix == "." else f"{prefix}/{name}"
+            printable = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            if printable != rel:  # its name could not be written to the UTF-8 lists
+                clashes.append((printable, "file name is not valid UTF-8; rename it "
+                                           "(e.g. with convmv)"))
+                continue
             if stem in stems:
                 clashes.append((rel, f"same output {output_name(rel)} as {stems[stem]}; "
                                      f"rename one of them"))
@@ -346,16 +352,12 @@ def read_failures(data_dir) -> list[tuple[str, str]]:
     path = Path(data_dir) / FAILURES
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        return [(r["file"], r["reason"]) for r in csv.DictReader(f) if r.get("file")]
+    return [(r["file"], r["reason"]) for r in read_csv_rows(path) if r.get("file")]
 
 
 def write_failures(data_dir, failures) -> Path:
     path = Path(data_dir) / FAILURES
-    with atomic_write(path, "w") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["file", "reason"])
-        writer.writerows(sorted(failures))
+    write_csv(path, ["file", "reason"], sorted(failures))
     return path
 
 
@@ -486,10 +488,7 @@ def write_file_list(data_dir, progress: bool = True) -> dict:
             bar.update(1)
     good.sort()
     out = data_dir / FILE_LIST
-    with atomic_write(out, "w") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["file_name"])
-        writer.writerows([n] for n in good)
+    write_csv(out, ["file_name"], ([n] for n in good))
     for path, reason in bad[:5]:
         _log(f"  unusable output {path}: {reason}; delete it and rerun to convert it again")
     return {"listed": len(good), "invalid_outputs": len(bad), "hours_listed": seconds / 3600.0,
@@ -500,7 +499,7 @@ def read_file_list(data_dir) -> list[str]:
     path = Path(data_dir) / FILE_LIST
     if not path.is_file():
         raise PrepareError(f"{path} not found; run the list step first (--steps list)", 2)
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if not header or header[0].strip() != "file_name":

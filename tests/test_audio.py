@@ -176,3 +176,11 @@ def test_equals_torchaudio_melspectrogram_with_center_reflect():
         n_mels=80, power=2.0, norm="slaney", mel_scale="slaney", center=True, pad_mode="reflect")
     expected = torch.log(mel(x) + EPS).numpy()[None]
     np.testing.assert_allclose(lms_from_waveform(x, 16000), expected, atol=1e-5)
+
+
+def test_load_audio_with_a_name_that_is_not_utf8(tmp_path):
+    sf.write(tmp_path / "x.wav", np.full(800, 0.25, np.float32), 8000)
+    odd = tmp_path.as_posix().encode() + b"/caf\xe9.wav"
+    (tmp_path / "x.wav").rename(odd.decode("utf-8", "surrogateescape"))
+    wave, sr = load_audio(odd.decode("utf-8", "surrogateescape"))
+    assert sr == 8000 and wave.shape == (1, 800) and np.allclose(wave, 0.25, atol=1e-4)

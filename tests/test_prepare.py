@@ -487,3 +487,18 @@ def test_a_worker_killed_mid_run_costs_no_file(tmp_path):
     assert (s["converted"], s["failed"]) == (n, 0)
     for i in range(n):
         assert np.load(data / "audioset_lms" / f"{i:03d}.npy").shape == (1, 80, 1001)
+
+
+def test_file_names_beyond_ascii(tmp_path):
+    """UTF-8 names go through; a name that is not UTF-8 is a failure the lists can still hold."""
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    write(audio / "Ünïcødé_ß" / "--PJHxphWEs_30.000.wav", tone(1, 16000), 16000)
+    write(audio / "tmp.wav", tone(1, 16000), 16000)
+    os.rename(audio / "tmp.wav", os.fsencode(audio) + b"/caf\xe9.wav")  # latin-1 bytes on disk
+    s = run_prepare(audio, data, device="cpu", workers=1, steps="lms,list", progress=False)
+    assert (s["converted"], s["failed"], s["listed"]) == (1, 1, 1)
+    listed = (data / "files_audioset.csv").read_bytes().decode("utf-8")
+    assert listed == "file_name\naudioset_lms/Ünïcødé_ß/--PJHxphWEs_30.000.npy\n"
+    (row,) = read_rows(data / "prepare_failures.csv")
+    assert row == {"file": "caf\\xe9.wav", "reason": "file name is not valid UTF-8; rename it (e.g. with convmv)"}
+    (data / "prepare_failures.csv").read_bytes().decode("utf-8")

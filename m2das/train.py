@@ -56,9 +56,12 @@ def pick_device(cfg: dict, local_rank: int) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         return torch.device("cuda", local_rank)
-    # CPU ranks share the cores instead of each spawning one thread per core.
-    world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    # CPU ranks share the cores they were given instead of each taking all of them.
+    if "OMP_NUM_THREADS" not in os.environ:
+        world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        share = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or cores // world  # SLURM: this task's share
+        torch.set_num_threads(max(1, min(share, cores)))
     return torch.device("cpu")
 
 
@@ -265,6 +268,9 @@ def _train(cfg, env, device, flag_group, stop) -> int:
         raise TrainError(f"{cfg['csv_main']}: {len(samples)} files give no full step of "
                          f"{cfg['batch_size']} x {cfg['accum_iter']} x {world}; lower --batch_size")
     total_batches = batches_per_epoch * cfg["epochs"]
+    if rank == 0:  # the derived numbers, for `m2das status` and humans
+        saved = json.loads((run_dir / "config.json").read_text())
+        write_json(run_dir / "config.json", {**saved, **derived, "global_batch": derived["effective_batch_size"]})
     log(f"run folder {run_dir}; {len(samples)} files, {len(samples.classes)} classes, "
         f"{derived['steps_per_epoch']} steps/epoch, effective batch {derived['effective_batch_size']}, "
         f"lr {derived['abs_lr']:.3g}, norm stats {stats['mean']:.4f}/{stats['std']:.4f} ({stats['source']})", rank)
@@ -301,7 +307,8 @@ def _train(cfg, env, device, flag_group, stop) -> int:
     del state
 
     ddp = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
+        gradient_as_bucket_view=True)
     sampler = ResumableSampler(len(samples), cfg["batch_size"], rank, world, cfg["seed"],
                                samples.weights if cfg["weighted"] else None)
     loader = make_loader(LMSDataset(samples, cfg["input_size"][1], cfg["seed"]), sampler, cfg["batch_size"],
@@ -470,8 +477,9 @@ def start_record(run_dir: Path, resumed_from, step: int) -> dict:
     if last_stop is not None:
         reason = f"signal {last_stop.get('signal')}" if last_stop.get("event") == "stopped" else \
             "killed without warning (no clean stop recorded)"
+    count = os.environ.get("SLURM_RESTART_COUNT", os.environ.get("M2DAS_LAUNCHER_ATTEMPT"))
     return {"time": time.time(), "event": "start", "host": socket.gethostname(),
-            "job_id": os.environ.get("SLURM_JOB_ID"), "restart_count": os.environ.get("SLURM_RESTART_COUNT"),
+            "job_id": os.environ.get("SLURM_JOB_ID"), "restart_count": int(count) if count else 0,
             "resumed_from": resumed_from, "resumed_step": step, "last_stop_reason": reason,
             "pid": os.getpid()}
 

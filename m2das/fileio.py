@@ -52,11 +52,12 @@ def append_jsonl(path, obj) -> None:
 
 
 def read_jsonl(path) -> list:
+    """Rows (dicts) of a JSON-lines file; a torn last line from a kill mid-write is skipped."""
     rows = []
-    if not Path(path).exists():
-        return rows
-    with open(path) as f:
+    with contextlib.suppress(OSError), open(path) as f:
         for line in f:
             with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
+                row = json.loads(line)
+                if isinstance(row, dict):
+                    rows.append(row)
     return rows

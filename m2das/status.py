@@ -14,26 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+from m2das.fileio import read_jsonl
+
 RECENT_LOG_ROWS = 20
 CKPT_NAMES = ("last.pth", "last.prev.pth")
 EPOCH_CKPT = re.compile(r"checkpoint-(\d+)\.pth$")
-
-
-def _read_jsonl(path: Path) -> list:
-    """Rows of a JSON-lines file; a torn last line (a kill mid-write) is skipped."""
-    rows = []
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(row, dict):
-                    rows.append(row)
-    except OSError:
-        pass
-    return rows
 
 
 def _ts(value):
@@ -89,9 +74,9 @@ def collect(run_dir, now=None) -> dict:
         cfg = json.loads((run / "config.json").read_text())
     except (OSError, ValueError):
         cfg = {}
-    logs = _read_jsonl(run / "log.jsonl")
-    restarts = _read_jsonl(run / "restarts.jsonl")
-    launcher = _read_jsonl(run / "launcher.jsonl")
+    logs = read_jsonl(run / "log.jsonl")
+    restarts = read_jsonl(run / "restarts.jsonl")
+    launcher = read_jsonl(run / "launcher.jsonl")
 
     epochs = cfg.get("epochs")
     world = cfg.get("world_size")

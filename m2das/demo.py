@@ -74,7 +74,7 @@ def make_corpus(folder: Path, clips: int, seed: int = 0) -> tuple[Path, Path]:
         lists = list(rows)
         rows[lists[i % 3]].append(f'{ytid}, 0.000, {seconds:.3f}, "{",".join(kinds)}"')
     for name, lines in rows.items():
-        header = [f"# Segments csv (m2das demo)", f"# num_ytids={len(lines)}, num_segs={len(lines)}",
+        header = ["# Segments csv (m2das demo)", f"# num_ytids={len(lines)}, num_segs={len(lines)}",
                   "# YTID, start_seconds, end_seconds, positive_labels"]
         (meta / name).write_text("\n".join(header + lines) + "\n")
     return audio, meta

@@ -244,7 +244,6 @@ class Metrics:
 
 
 def train(cfg: dict, env: dict) -> int:
-    rank, world = env["rank"], env["world_size"]
     device = pick_device(cfg, env["local_rank"])
     flag_group = init_distributed(env, device)
     stop = StopRequest().install()

@@ -611,10 +611,16 @@ def run_prepare(audio_dir=DEFAULT_AUDIO_DIR, data_dir=DEFAULT_DATA_DIR, metadata
         if "list" in steps:
             summary.update(write_file_list(data_dir, progress))
         nothing_listed = summary.get("listed") == 0  # labels and stats would have no input
+        labels_error = None
         if "labels" in steps and not nothing_listed:
-            summary.update(run_labels(data_dir, metadata_dir, url_base))
+            try:
+                summary.update(run_labels(data_dir, metadata_dir, url_base))
+            except PrepareError as e:  # missing metadata: still finish the stats, then report
+                labels_error = e
         if "stats" in steps and not nothing_listed:
             summary.update(run_stats(data_dir, stats_files, progress=progress))
+        if labels_error is not None:
+            raise labels_error
     summary["seconds"] = time.monotonic() - started
     summary["ok"], summary["reason"] = _usable(summary)
     return summary

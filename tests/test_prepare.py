@@ -290,14 +290,16 @@ def test_offline_without_metadata_exits_2_and_says_what_to_put_where(tmp_path, c
     audio, data = tmp_path / "audio", tmp_path / "data"
     write(audio / "--PJHxphWEs_30.000.wav", tone(1, 16000), 16000)
     monkeypatch.setenv(labels.URL_ENV, "http://127.0.0.1:9/unreachable")
-    rc = main([str(audio), str(data), "--device", "cpu", "--workers", "1", "--no-progress"])
+    rc = main([str(audio), str(data), "--device", "cpu", "--workers", "1", "--no-progress",
+               "--stats-files", "20"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "cannot download AudioSet metadata" in err
     for name in ("eval_segments.csv", "balanced_train_segments.csv", "class_labels_indices.csv"):
         assert name in err
     assert str(data / "metadata") in err and "--metadata DIR" in err
-    # what was done before the labels step is kept and usable
+    # everything but the labels is done, kept and usable
+    assert read_norm_stats(data / "norm_stats.json")["list_size"] == 1
     assert (data / "audioset_lms" / "--PJHxphWEs_30.000.npy").is_file()
     assert read_rows(data / "files_audioset.csv") == [{"file_name": "audioset_lms/--PJHxphWEs_30.000.npy"}]
     assert not list((data / "metadata").glob("*.csv"))

@@ -19,7 +19,8 @@ m2das container
                                   AudioSet lists from $metadata_dir when present)
   train [options]                 pre-train on $data_dir (run folders under $runs_dir)
   demo [options]                  tiny end-to-end run, interrupt and resume
-  submit [options]                SLURM submission (python $launch_dir/submit.py)
+  submit [options]                SLURM submission (python $launch_dir/submit.py);
+                                  --cluster local runs in the foreground
   status [RUN]                    progress of a run folder
   bench train|prepare [options]   benchmarks
   help                            this text
@@ -39,6 +40,23 @@ has_option() {
         esac
     done
     return 1
+}
+
+# local_cluster ARGS...: the launcher flags (before `--`) choose `--cluster local`.
+local_cluster() {
+    cluster=
+    previous=
+    for arg in "$@"; do
+        [ "$arg" = -- ] && break
+        case $arg in
+            --cluster=*) cluster=${arg#--cluster=} ;;
+        esac
+        if [ "$previous" = --cluster ]; then
+            cluster=$arg
+        fi
+        previous=$arg
+    done
+    [ "$cluster" = local ]
 }
 
 if [ $# -eq 0 ]; then
@@ -76,6 +94,11 @@ case $command in
         # --runs-dir is a launcher flag (first, so the caller's wins); the
         # trainer's --data_path goes last, where the launcher hands it on.
         set -- --runs-dir "$runs_dir" "$@"
+        # A detached supervisor would end with the entry point, and the
+        # container with it: the launcher itself supervises the ranks.
+        if local_cluster "$@" && ! has_option --foreground "$@"; then
+            set -- --foreground "$@"
+        fi
         if ! has_option --data_path "$@"; then
             set -- "$@" --data_path "$data_dir"
         fi

@@ -76,6 +76,9 @@ def build_parser():
       help="48gb: 4x512 accum 1 (paper); 24gb: 4x256 accum 2; 80gb: 4x512 accum 1; cpu-test: tiny, 2 CPU ranks")
     a("--cluster", choices=("slurm", "local", "debug"), default="slurm",
       help="slurm: sbatch via submitit; local: detached supervisor on this machine; debug: in-process")
+    a("--foreground", action="store_true",
+      help="local: run the supervisor in this process until training ends (a container's entry point); "
+           "exits 0 finished, 75 stopped, 3 diverged")
     a("--nodes", type=int, default=1, help="nodes; the effective batch stays the preset's")
     a("--gpus-per-node", type=int, default=None, help="ranks per node (default: the preset's)")
     a("--run-dir", default=None,
@@ -103,6 +106,9 @@ def build_parser():
                    help="shell line run in the batch script before srun (repeatable), e.g. 'module load cuda'")
     s.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
                    help="extra sbatch option (repeatable), e.g. --sbatch reservation=foo --sbatch exclusive")
+    s.add_argument("--srun-args", action="append", default=[], metavar="ARGS",
+                   help="extra srun options, shell-split (repeatable; write --srun-args=...), e.g. pyxis: "
+                        "--srun-args='--container-image=/path/m2das.sqsh --container-mounts=/data:/data'")
     return p
 
 
@@ -199,6 +205,10 @@ class Plan:
         preset = PRESETS[args.preset]
         if args.nodes < 1:
             raise UsageError("--nodes must be at least 1")
+        if args.foreground and args.cluster != "local":
+            raise UsageError(f"--foreground applies to --cluster local only, not --cluster {args.cluster}")
+        if args.srun_args and args.cluster != "slurm":
+            raise UsageError(f"--srun-args applies to --cluster slurm only, not --cluster {args.cluster}")
         self.args = args
         self.preset = preset
         self.gpu = preset["gpu"]
@@ -350,6 +360,12 @@ def submit_slurm(plan):
     folder = plan.run_dir / "slurm"
     cpus = a.cpus_per_gpu or (10 if plan.gpu else 1)
     extra = {"requeue": True}
+    srun_args = []
+    for item in a.srun_args:
+        try:
+            srun_args += shlex.split(item)
+        except ValueError as e:
+            raise UsageError(f"--srun-args {item!r}: {e}") from None
     for item in a.sbatch:
         key, eq, value = item.partition("=")
         if not key:
@@ -363,7 +379,7 @@ def submit_slurm(plan):
         cpus_per_task=cpus,
         signal_delay_s=a.signal_delay,
         setup=list(a.setup),
-        srun_args=["--kill-on-bad-exit=1"],
+        srun_args=["--kill-on-bad-exit=1", *srun_args],
         additional_parameters=extra,
         teardown=kill_requeue_lines(plan.run_dir, a.max_requeues),
     )
@@ -392,18 +408,24 @@ def submit_slurm(plan):
 
 
 def submit_local(plan):
-    """Detached supervisor: survives the terminal, reruns the ranks after a stop or a kill."""
+    """Detached supervisor: survives the terminal, reruns the ranks after a stop or a kill.
+
+    With --foreground only the spec is written; `main` runs the supervisor in
+    this process once the submission is logged.
+    """
     a = plan.args
     logs = plan.run_dir / "logs"
     spec = {"train_argv": plan.train_argv, "run_dir": str(plan.run_dir), "ranks": plan.ranks_per_node,
             "gpu": plan.gpu, "max_restarts": a.max_requeues, "cwd": os.getcwd(),
-            "python": a.python or sys.executable}
+            "python": a.python or sys.executable, "foreground": a.foreground}
     if a.dry_run:
         print(json.dumps(spec, indent=2))
         return None
     logs.mkdir(parents=True, exist_ok=True)
     spec_path = logs / "local-spec.json"
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    if a.foreground:
+        return f"local-{os.getpid()}"
     with open(logs / "supervisor.log", "ab") as out:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_supervise", str(spec_path)],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -431,18 +453,22 @@ class Supervisor:
 
     Rerun when any rank exits 75 (saved on a signal) or dies from a signal
     (SIGKILL, OOM killer); stop on success, divergence (3), another error, a
-    SIGTERM/SIGINT to the supervisor itself (graceful stop: forwarded, ranks
-    save, no rerun), or after `max_restarts` restarts.
+    SIGTERM/SIGINT/SIGHUP to the supervisor itself (graceful stop: SIGTERM
+    forwarded, ranks save, no rerun), or after `max_restarts` restarts.
+    Detached, it runs in its own session; in the foreground (`--foreground`)
+    it is the launcher process itself and also appends its lines to
+    logs/supervisor.log.
     """
 
     def __init__(self, spec):
         self.spec = spec
         self.run_dir = Path(spec["run_dir"])
+        self.foreground = bool(spec.get("foreground"))
         self.procs = []
         self.stopping = False
 
     def _forward(self, signum, _frame):
-        if signum in (signal.SIGTERM, signal.SIGINT):
+        if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.stopping = True
             signum = signal.SIGTERM
         for p in self.procs:
@@ -453,7 +479,11 @@ class Supervisor:
                     pass
 
     def _log(self, msg, **row):
-        print(f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] m2das supervisor: {msg}", flush=True)
+        line = f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] m2das supervisor: {msg}"
+        print(line, flush=True)
+        if self.foreground:  # detached, stdout already is this file
+            with open(self.run_dir / "logs" / "supervisor.log", "a") as f:
+                f.write(line + "\n")
         _append_jsonl(self.run_dir / "launcher.jsonl", {"job_id": f"local-{os.getpid()}", "message": msg, **row})
 
     def _start(self, attempt):
@@ -469,7 +499,10 @@ class Supervisor:
             log = open(self.run_dir / "logs" / f"rank{rank}.log", "ab")
             self.procs.append(subprocess.Popen(
                 [self.spec["python"], "-u", "-m", "m2das", "train", *self.spec["train_argv"]],
-                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.spec["cwd"]))
+                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.spec["cwd"],
+                # Foreground: a terminal's Ctrl-C reaches the ranks only as the forwarded SIGTERM
+                # (the trainer saves on SIGTERM, not on SIGINT).
+                process_group=0 if self.foreground else None))
             log.close()
 
     def _wait(self, grace_s=20.0):
@@ -496,7 +529,7 @@ class Supervisor:
             time.sleep(0.2)
 
     def run(self):
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, self._forward)
         cap = int(self.spec["max_restarts"])
         attempt = 0
@@ -519,7 +552,8 @@ class Supervisor:
                           event="failed", exit_codes=codes)
                 return 1
             if self.stopping:
-                self._log("stopped on request; rerun `python launch/submit.py --cluster local --run-dir "
+                fg = " --foreground" if self.foreground else ""
+                self._log(f"stopped on request; rerun `python launch/submit.py --cluster local{fg} --run-dir "
                           f"{self.run_dir} ...` to resume", event="stopped", exit_codes=codes)
                 return EXIT_RESUMABLE
             if attempt >= cap:
@@ -543,7 +577,9 @@ def follow_text(plan, job_id):
     else:
         pid = job_id.split("-", 1)[1]
         lines += [f"rank 0 log: tail -f {run}/logs/rank0.log   (supervisor: {run}/logs/supervisor.log)",
-                  f"stop:       kill -TERM {pid}   (ranks save, no restart; resubmit with --run-dir to resume)"]
+                  f"stop:       kill -TERM {pid}"
+                  + ("   (or Ctrl-C / docker stop; " if plan.args.foreground else "   (")
+                  + "ranks save, no restart; resubmit with --run-dir to resume)"]
     return "\n".join(lines)
 
 
@@ -585,6 +621,9 @@ def main(argv=None):
         "nodes": plan.nodes, "ranks_per_node": plan.ranks_per_node, "train_argv": plan.train_argv,
         "launcher_argv": launcher_argv, "host": socket.gethostname()})
     print(follow_text(plan, str(job_id)), flush=True)
+    if args.cluster == "local" and args.foreground:
+        spec = json.loads((plan.run_dir / "logs" / "local-spec.json").read_text())
+        return Supervisor(spec).run()
     return 0
 
 

@@ -177,6 +177,27 @@ def test_submit_runs_the_launcher(tmp_path):
     assert json.loads(r.stdout)[0] == ["--runs-dir", "/r", "--runs-dir", "/mine", "--", "--data_path=/x"]
 
 
+def test_submit_local_runs_in_the_foreground(tmp_path):
+    # The container lives as long as its entry point: a local run must not detach.
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    (launch / "submit.py").write_text("import json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    env = dict(M2DAS_LAUNCH_DIR=launch, M2DAS_DATA_DIR="/d", M2DAS_RUNS_DIR="/r")
+
+    def argv(*args):
+        r = run(tmp_path, "submit", *args, **env)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    assert argv("--cluster", "local", "--preset", "cpu-test") == [
+        "--foreground", "--runs-dir", "/r", "--cluster", "local", "--preset", "cpu-test", "--data_path", "/d"]
+    assert argv("--cluster=local")[0] == "--foreground"
+    assert argv("--cluster", "local", "--foreground").count("--foreground") == 1
+    assert argv("--cluster", "local", "--cluster", "slurm")[0] == "--runs-dir"  # the last one counts
+    assert argv("--cluster", "slurm")[0] == "--runs-dir"
+    assert argv("--preset", "48gb", "--", "--cluster", "local")[0] == "--runs-dir"  # a trainer flag
+
+
 def test_submit_with_the_real_launcher(tmp_path):
     if not (REPO / "launch" / "submit.py").is_file():
         pytest.skip("launch/submit.py not in this tree")
@@ -187,6 +208,7 @@ def test_submit_with_the_real_launcher(tmp_path):
     trainer = next(line for line in r.stdout.splitlines() if line.startswith("trainer: "))
     assert f"--data_path {data} " in trainer
     assert f"--output_dir {runs}/" in trainer
+    assert '"foreground": true' in r.stdout  # the local spec the launcher would run in this process
 
 
 def test_train_uses_the_container_folders(tmp_path):

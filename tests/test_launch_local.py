@@ -138,6 +138,48 @@ def test_local_stop_request_and_restart_cap(tiny_data, tmp_path, supervisors):
     assert len(starts(run)) == 2 and starts(run)[1]["resumed_step"] >= 8
 
 
+@pytest.mark.slow
+def test_foreground_stop_then_rerun_finishes_exactly(tiny_data, reference_weights, tmp_path, supervisors):
+    """--foreground (a container's entry point): the launcher is the supervisor; SIGTERM to it
+    (docker stop) saves and exits 75 without a rerun, and the same command again finishes."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test", "--cluster", "local",
+           "--foreground", "--run-dir", str(run), "--", *user_trainer_flags(tiny_data)]
+    diag = logs(run)
+    t0 = time.time()
+    with open(tmp_path / "launcher.out", "wb") as out:
+        proc = subprocess.Popen(cmd, env=make_env(), stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    supervisors.append(proc.pid)
+    wait_for_progress(run, 1, 3, 240, diag)
+    ranks = children(proc.pid)
+    assert len(ranks) == 2, ranks
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=90) == submit.EXIT_RESUMABLE, diag()
+    assert not [p for p in ranks if _alive(p)], "ranks outlived the foreground launcher"
+    assert (run / "last.pth").exists()
+    events = read_jsonl(run / "launcher.jsonl")
+    assert events[-1]["event"] == "stopped" and events[-1]["job_id"] == f"local-{proc.pid}", events[-1]
+    assert "stopped on request" in (run / "logs" / "supervisor.log").read_text()  # same log file as detached
+    assert "stopped on request" in (tmp_path / "launcher.out").read_text()  # and on stdout (docker logs)
+
+    again = subprocess.run(cmd, env=make_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert again.returncode == 0, again.stdout[-3000:] + diag()
+    print(f"foreground stop and rerun finished in {time.time() - t0:.0f}s")
+    s = starts(run)
+    assert len(s) == 2 and s[1]["resumed_step"] >= 3 and "SIGTERM" in s[1]["last_stop_reason"], s
+    assert read_jsonl(run / "launcher.jsonl")[-1]["event"] == "finished"
+    assert_same_weights(load_model_tensors(run / f"checkpoint-{TINY_EPOCHS}.pth"), reference_weights)
+
+
+def test_foreground_and_srun_args_belong_to_their_cluster(tmp_path):
+    for flags in (["--cluster", "slurm", "--foreground"], ["--cluster", "local", "--srun-args=--label"]):
+        out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test", *flags,
+                              "--run-dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and flags[-1].split("=")[0] in out.stderr, \
+            out.stderr
+    assert not (tmp_path / "logs").exists()  # refused before anything was written
+
+
 def test_argument_rule_and_batch_split():
     """Launcher flags first; `--` or the first unknown flag starts the trainer's, which win."""
     assert submit.split_argv(["--preset", "24gb", "--", "--epochs", "100"]) == (["--preset", "24gb"],

@@ -165,3 +165,22 @@ def test_requeue_cap_ends_the_job_with_a_message(slurm_cluster, tiny_data, tmp_p
     assert "not requeued" in (run / "slurm" / f"{job}_0_log.err").read_text()
     assert read_jsonl(run / "restarts.jsonl")[-1]["event"] == "stopped"  # the checkpoint was still written
     assert (run / "last.pth").exists()
+
+
+def test_srun_args_reach_the_job_step(slurm_cluster, tiny_data, tmp_path):
+    """--srun-args is handed to srun (pyxis' --container-image goes the same way): with
+    srun's --label every line a task writes carries its task id."""
+    cluster, run = slurm_cluster, tmp_path / "run"
+    job = submit(cluster, run, tiny_data, "--srun-args=--label --kill-on-bad-exit=1")
+    diag = diagnostics(cluster, run, job)
+    wait_for_progress(run, 1, 1, 240, diag)
+    cluster.run("scancel", job)
+    wait_for(lambda: cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 120,
+             f"job {job} to end", diag)
+    for task in (0, 1):
+        # stdout holds only what the task printed (srun's own messages go to stderr).
+        lines = (run / "slurm" / f"{job}_{task}_log.out").read_text().splitlines()
+        assert any("Starting with JobEnvironment" in ln for ln in lines), lines[:5]
+        assert all(ln.startswith(f"{task}: ") for ln in lines), [ln for ln in lines if ln[:3] != f"{task}: "][:5]
+    script = (run / "slurm" / f"{job}_submission.sh").read_text()
+    assert "--kill-on-bad-exit=1 --label --kill-on-bad-exit=1" in script, script

@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
+from m2das.fileio import append_jsonl  # noqa: E402
 from m2das import EXIT_DIVERGED, EXIT_RESUMABLE  # noqa: E402  (75: saved on a signal; 3: loss diverged)
 
 DEFAULT_MAX_REQUEUES = 100
@@ -251,11 +252,7 @@ class Plan:
 
 # ---------------------------------------------------------------- job side
 def _append_jsonl(path, row):
-    row = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **row}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
+    append_jsonl(path, {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **row})
 
 
 def _master_port(job_id, restart):

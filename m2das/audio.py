@@ -17,11 +17,12 @@ import soundfile as sf
 import torch
 import torchaudio
 
+from m2das.lmsfile import N_MELS
+
 SAMPLE_RATE = 16000
 N_FFT = 400
 WIN_LENGTH = 400
 HOP_LENGTH = 160
-N_MELS = 80
 F_MIN = 50.0
 F_MAX = 8000.0
 EPS = float(np.finfo(np.float32).eps)  # 1.1920929e-07

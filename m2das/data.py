@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from m2das.lmsfile import WrongShape, check_lms_file
 from m2das.stats import crop_or_pad, crop_start
 
 
@@ -85,13 +86,11 @@ def check_file(path: Path, freq_bins: int) -> str | None:
     if not path.exists():
         return "missing"
     try:
-        arr = np.load(path, mmap_mode="r")
-    except Exception as e:  # truncated or not an .npy: numpy raises ValueError/OSError/EOFError
-        return f"unreadable ({type(e).__name__}: {e})"
-    if arr.ndim != 3 or arr.shape[0] != 1 or arr.shape[1] != freq_bins or arr.shape[2] == 0:
-        return f"shape {list(arr.shape)}, expected [1, {freq_bins}, T]"
-    if arr.dtype != np.float32:
-        return f"dtype {arr.dtype}, expected float32"
+        check_lms_file(path, freq_bins)
+    except WrongShape as e:
+        return str(e)
+    except (OSError, ValueError, EOFError) as e:
+        return f"unreadable ({e})"
     return None
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from m2das.fileio import read_jsonl
+
 SAMPLE_RATE = 16000
 
 # Demo classes: (mid, display name, generator). Each is easy to tell apart on a mel spectrogram.
@@ -81,11 +83,9 @@ def make_corpus(folder: Path, clips: int, seed: int = 0) -> tuple[Path, Path]:
 
 
 def last_step(run_dir: Path) -> int:
-    log = run_dir / "log.jsonl"
-    if not log.exists():
-        return 0
-    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if line.strip()]
-    return steps[-1] if steps else 0
+    """Polled while the trainer appends, so a half-written last line must not break it."""
+    rows = read_jsonl(run_dir / "log.jsonl")
+    return rows[-1]["step"] if rows else 0
 
 
 def train_command(data: Path, run_dir: Path, epochs: int) -> list:
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         print(f"[demo] resumed run failed with exit {code}", file=sys.stderr)
         return 1
 
-    starts = [json.loads(line) for line in (run_dir / "restarts.jsonl").read_text().splitlines()]
+    starts = read_jsonl(run_dir / "restarts.jsonl")
     resumed = next(r for r in starts if r.get("event") == "start" and r.get("resumed_from"))
     final = run_dir / f"checkpoint-{args.epochs}.pth"
     identical = None
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
             return 1
         identical = same_weights(final, reference / final.name)
 
-    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run_dir / "log.jsonl")
     print("\n" + "=" * 72)
     print("m2das demo summary")
     print(f"  corpus          {args.clips} clips, {len(CLASSES)} classes ({audio})")

@@ -46,6 +46,7 @@ def write_json(path, obj) -> None:
 
 def append_jsonl(path, obj) -> None:
     """One self-contained line per call; a torn last line is skipped by readers."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(obj, sort_keys=True) + "\n")
         f.flush()

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from m2das.fileio import atomic_write
+from m2das.lmsfile import check_lms_file
 from m2das.labels import read_csv_rows, write_csv
 
 STEPS = ("lms", "list", "labels", "stats")
@@ -48,8 +49,6 @@ DEFAULT_DATA_DIR = "/data"
 # still attempted so that they show up in the failure list instead of vanishing.
 AUDIO_EXTENSIONS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff",
                     ".aifc", ".au", ".snd", ".caf", ".w64", ".rf64", ".m4a", ".mp4", ".webm"}
-_NPY_HEADER = re.compile(rb"\x93NUMPY\x01\x00v\x00\{'descr': '<f4', 'fortran_order': False, "
-                         rb"'shape': \(1, 80, ([0-9]+)\), \} *\n$")
 _TMP_NAME = re.compile(r"^\..+\.npy\..+\.tmp$")  # what fileio.atomic_write leaves when killed
 _TMP_ANY = re.compile(r"^\..+\.(csv|json)\..+\.tmp$")
 
@@ -423,46 +422,6 @@ def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = Non
 
 
 # ---------------------------------------------------------------- list, labels, stats
-
-
-def check_lms_file(path) -> int:
-    """Frames of a valid LMS file; ValueError when it is not a complete float32 [1, 80, T].
-
-    Reads the .npy header and compares the file size with it, which is much
-    faster than loading or mapping a million files.
-    """
-    readers = {(1, 0): np.lib.format.read_array_header_1_0,
-               (2, 0): np.lib.format.read_array_header_2_0}
-    with open(path, "rb") as f:
-        head = f.read(128)
-        fast = _NPY_HEADER.match(head)
-        if fast:  # what np.save writes for a float32 [1, 80, T]: no parsing needed
-            frames = int(fast.group(1))
-            size = os.fstat(f.fileno()).st_size
-            if size != 128 + 80 * 4 * frames:
-                raise ValueError(f"{size} bytes do not match its header [1, 80, {frames}] "
-                                 f"(truncated?)")
-            return frames
-        f.seek(0)
-        version = np.lib.format.read_magic(f)
-        if version not in readers:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            return _check_shape(arr.shape, arr.dtype)
-        shape, _, dtype = readers[version](f)
-        data_start = f.tell()
-        size = os.fstat(f.fileno()).st_size
-    frames = _check_shape(shape, dtype)
-    if size != data_start + int(np.prod(shape)) * dtype.itemsize:
-        raise ValueError(f"{size} bytes do not match its header {list(shape)} (truncated?)")
-    return frames
-
-
-def _check_shape(shape, dtype) -> int:
-    from m2das.audio import N_MELS
-
-    if dtype != np.float32 or len(shape) != 3 or shape[:2] != (1, N_MELS) or shape[2] < 1:
-        raise ValueError(f"expected float32 [1, {N_MELS}, T], got {dtype} {list(shape)}")
-    return int(shape[2])
 
 
 def write_file_list(data_dir, progress: bool = True) -> dict:

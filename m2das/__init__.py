@@ -1,10 +1,5 @@
 """m2das: M2D-AS pre-training that survives preemption."""
 
-__version__ = "0.1.0"
+from m2das.runfolder import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE  # noqa: F401  (the exit codes)
 
-# Exit code of a run that stopped on a signal after saving a resumable
-# checkpoint (EX_TEMPFAIL: "interrupted, rerun the same command to resume").
-EXIT_RESUMABLE = 75
-# Exit code of a run stopped because the loss became non-finite: rerunning
-# would fail the same way, so launchers must not requeue it.
-EXIT_DIVERGED = 3
+__version__ = "0.1.0"

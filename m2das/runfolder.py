@@ -1,0 +1,245 @@
+"""The run-folder contract: file names, event names, exit codes and the one-trainer lock.
+
+Everything that reads or writes a run folder (the trainer, the checkpointer,
+`m2das status`, the launchers, the sbatch templates through
+`python -m m2das.runfolder`) takes these facts from here, so a name changes in
+one place. Torch-free on purpose: status and the launchers import it on login
+nodes.
+"""
+
+import contextlib
+import json
+import os
+import re
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+# -- exit codes of `m2das train` (and of the launchers that wrap it) ---------------
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2  # bad input, configuration or run folder: rerunning cannot help, never requeued
+EXIT_DIVERGED = 3  # weights or loss became non-finite: rerunning fails the same way, never requeued
+EXIT_RESUMABLE = 75  # EX_TEMPFAIL: saved (or nothing lost) and stopped; rerun the same command to resume
+EXIT_CODES = {EXIT_OK: "finished", EXIT_BAD_INPUT: "bad input or run folder (not requeued)",
+              EXIT_DIVERGED: "diverged (not requeued)", EXIT_RESUMABLE: "stopped, resumable (requeued)"}
+
+# -- file names inside RUN/ ---------------------------------------------------------
+CONFIG = "config.json"
+CLASSES = "classes.json"
+NORM_STATS = "norm_stats.json"
+VALIDATED = "validated.json"
+LAST = "last.pth"
+PREVIOUS = "last.prev.pth"
+LOG = "log.jsonl"
+RESTARTS = "restarts.jsonl"
+LAUNCHER = "launcher.jsonl"
+EVENTS_DIR = "events"
+LOGS_DIR = "logs"
+LOCK = "trainer.lock"
+EPOCH_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.pth$")
+# Temporaries of fileio.atomic_write (".NAME.RANDOM.tmp") and the hard link made
+# before last.pth is replaced; a kill mid-write leaves them behind.
+TEMPORARY_RE = re.compile(r"^\..+\.tmp$|^\.last\.prev\.pth\.link$")
+MARKER_FILES = (CONFIG, LAUNCHER, RESTARTS, LOG)  # any of them makes a folder a run folder
+
+# -- events in restarts.jsonl ------------------------------------------------------
+EVENT_START = "start"
+EVENT_STOPPED = "stopped"
+EVENT_DIVERGED = "diverged"
+EVENT_FINISHED = "finished"
+EVENT_SAVE_FAILED = "save_failed"
+EVENT_CONFIG_CHANGED = "config_changed"
+
+
+def epoch_checkpoint_name(epoch: int) -> str:
+    return f"checkpoint-{epoch}.pth"
+
+
+def checkpoint_files(run_dir) -> list:
+    """Every checkpoint file of a run folder (rolling and per-epoch), in no particular order."""
+    run_dir = Path(run_dir)
+    found = [run_dir / n for n in (LAST, PREVIOUS) if (run_dir / n).exists()]
+    with contextlib.suppress(OSError):
+        found += [p for p in run_dir.iterdir() if EPOCH_CHECKPOINT_RE.match(p.name)]
+    return found
+
+
+def final_weights(run_dir, epochs: int) -> Path:
+    return Path(run_dir) / epoch_checkpoint_name(epochs)
+
+
+# -- the lock: one trainer per run folder -------------------------------------------
+# flock/fcntl locks are unreliable on NFS and Lustre, so the lock is a file made by
+# a hard link (atomic on every POSIX file system, NFS included) and kept fresh by a
+# heartbeat (its modification time). A holder that died without cleaning up is
+# recognised three ways: the same SLURM job id (a requeued job takes over at once),
+# the same host with the pid gone, or a heartbeat older than STALE_AFTER_S.
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = float(os.environ.get("M2DAS_LOCK_STALE_S", 600))
+
+
+class RunLocked(Exception):
+    """Another live trainer holds the run folder."""
+
+
+def _me() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": os.environ.get("SLURM_JOB_ID"),
+            "started": time.time(), "token": uuid.uuid4().hex}
+
+
+def read_lock(run_dir):
+    """(holder dict, heartbeat age in seconds) or (None, None) when nobody holds the folder."""
+    path = Path(run_dir) / LOCK
+    try:
+        age = time.time() - path.stat().st_mtime
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError):  # torn or unreadable: a holder we know nothing of, judged by its age
+        holder = {}
+    return (holder if isinstance(holder, dict) else {}), age
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    return True
+
+
+def stale_reason(holder: dict, age: float, job_id=None, host=None) -> str | None:
+    """Why a recorded holder no longer counts (None: it is alive as far as we can tell)."""
+    host = host or socket.gethostname()
+    if job_id and holder.get("job_id") and str(holder["job_id"]) == str(job_id):
+        return f"same SLURM job {job_id} (requeued)"
+    if holder.get("host") == host and holder.get("pid") and not _pid_alive(holder["pid"]):
+        return f"pid {holder['pid']} is gone"
+    if age is not None and age > STALE_AFTER_S:
+        return f"no heartbeat for {age:.0f} s (> {STALE_AFTER_S:.0f} s, M2DAS_LOCK_STALE_S)"
+    return None
+
+
+def describe(holder: dict, age: float | None = None) -> str:
+    job = f", SLURM job {holder['job_id']}" if holder.get("job_id") else ""
+    beat = f", heartbeat {age:.0f} s ago" if age is not None else ""
+    return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}{job}{beat}"
+
+
+def live_holder(run_dir, job_id=None):
+    """A description of the live trainer holding `run_dir`, or None (free or stale). For launchers."""
+    holder, age = read_lock(run_dir)
+    if holder is None or stale_reason(holder, age, job_id=job_id) is not None:
+        return None
+    return describe(holder, age)
+
+
+class RunLock:
+    """Held by rank 0 for a trainer's whole life; a second trainer gets RunLocked at once."""
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
+        self.me = _me()
+        self.took_over = None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def acquire(self) -> "RunLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            if self._try_link():
+                self._start_heartbeat()
+                return self
+            holder, age = read_lock(self.run_dir)
+            if holder is None:
+                continue  # released between our link and our read: try again
+            why = stale_reason(holder, age, job_id=self.me["job_id"], host=self.me["host"])
+            if why is None:
+                raise RunLocked(f"{self.run_dir} is in use by another trainer ({describe(holder, age)}); "
+                                f"wait for it, cancel it, or use another --output_dir. A holder that died "
+                                f"without cleaning up is ignored after {STALE_AFTER_S:.0f} s without "
+                                f"heartbeat ({LOCK}, M2DAS_LOCK_STALE_S)")
+            self._break(holder, why)
+        raise RunLocked(f"{self.path}: could not take the lock after repeated races with another trainer")
+
+    def _try_link(self) -> bool:
+        tmp = self.run_dir / f".{LOCK}.{self.me['token']}.tmp"
+        tmp.write_text(json.dumps(self.me))
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            # A file system without hard links: exclusive create is the next best thing.
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.me))
+            return True
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _break(self, holder: dict, why: str) -> None:
+        """Move a stale lock aside; if a live one slipped in meanwhile, put it back."""
+        aside = self.run_dir / f".{LOCK}.stale.{self.me['token']}.tmp"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            moved = json.loads(aside.read_text())
+            if moved.get("token") != holder.get("token"):
+                with contextlib.suppress(OSError):
+                    os.link(aside, self.path)
+                aside.unlink()
+                return
+        self.took_over = f"{describe(holder)}: {why}"
+        with contextlib.suppress(OSError):
+            aside.unlink()
+
+    def _start_heartbeat(self) -> None:
+        def beat():
+            while not self._stop.wait(HEARTBEAT_S):
+                with contextlib.suppress(OSError):
+                    os.utime(self.path)
+
+        self._thread = threading.Thread(target=beat, name="m2das-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        holder, _ = read_lock(self.run_dir)
+        if holder is not None and holder.get("token") == self.me["token"]:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def main(argv=None) -> int:
+    """`python -m m2das.runfolder NAME`: print a contract fact for shell scripts (e.g. LAUNCHER, EXIT_RESUMABLE)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not re.fullmatch(r"[A-Z_]+", argv[0]) or argv[0] not in globals():
+        print("usage: python -m m2das.runfolder NAME   (a constant of m2das/runfolder.py, e.g. LAUNCHER)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(globals()[argv[0]])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from m2das import runfolder
+
 # Flags that change what is trained; a restart with any of them different is
 # a different run. The rest (workers, logging, resume, ...) may change freely.
 IDENTITY_KEYS = (
@@ -16,6 +18,9 @@ IDENTITY_KEYS = (
     "clip_grad", "weight_decay", "weighted", "bf16", "init_from",
     "stats_files",
 )
+# Identity flags that may change when a run is resumed on purpose (--output_dir
+# names the folder): the usual cures for a diverged run. They still name the run.
+RESUME_SAFE_KEYS = ("blr", "lr", "min_lr", "bf16", "clip_grad")
 
 
 def size_pair(text: str):
@@ -135,7 +140,7 @@ def default_output_dir(cfg: dict, world_size: int) -> Path:
     (f, t), (pf, pt) = cfg["input_size"], cfg["patch_size"]
     pattern = f"{cfg['model']}-{f}x{t}p{pf}x{pt}p16k-*-{short_config(cfg, world_size)}"
     unfinished = [d for d in sorted(runs.glob(pattern))
-                  if not (d / f"checkpoint-{cfg['epochs']}.pth").exists()]
+                  if not runfolder.final_weights(d, cfg["epochs"]).exists()]
     return unfinished[-1] if unfinished else runs / run_name(cfg, world_size)
 
 
@@ -143,6 +148,10 @@ def identity(cfg: dict) -> dict:
     return {k: cfg.get(k) for k in IDENTITY_KEYS}
 
 
-def config_differences(saved: dict, cfg: dict) -> list[str]:
+def config_differences(saved: dict, cfg: dict):
+    """(changes that make it another run, resume-safe changes), each as "key: old -> new" lines."""
     old, new = identity(saved), identity(cfg)
-    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in IDENTITY_KEYS if old[k] != new[k]]
+    changed = [k for k in IDENTITY_KEYS if old[k] != new[k]]
+    text = {k: f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed}
+    return ([text[k] for k in changed if k not in RESUME_SAFE_KEYS],
+            [text[k] for k in changed if k in RESUME_SAFE_KEYS])

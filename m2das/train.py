@@ -14,6 +14,7 @@ import datetime
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -23,15 +24,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from m2das import EXIT_DIVERGED, EXIT_RESUMABLE, checkpoint, config
+from m2das import config, runfolder
+from m2das.checkpoint import Checkpointer, CheckpointError, Progress, RNGState, load_weights
 from m2das.data import DataListError, LMSDataset, ResumableSampler, default_workers, make_loader, read_list, validate
-from m2das.fileio import append_jsonl, read_jsonl, write_json
+from m2das.fileio import append_jsonl, atomic_write, read_jsonl, write_json
 from m2das.model import create_model
+from m2das.runfolder import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_RESUMABLE, RunLock, RunLocked
 from m2das.schedule import ema_decay, learning_rate
 from m2das.signals import StopRequest
 from m2das.stats import NORM_STATS_FILE, compute_norm_stats, read_norm_stats, write_norm_stats
-
-EXIT_BAD_INPUT = 2
 
 
 class TrainError(Exception):
@@ -98,26 +99,59 @@ def on_rank0(fn, rank: int):
     return result
 
 
-def prepare_run_dir(cfg: dict, world_size: int) -> Path:
-    """Fix the run folder and its config.json; refuse to continue a different configuration."""
+def read_json_file(path: Path, role: str):
+    """A small JSON file of the run folder, or a TrainError naming it and what to do."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TrainError(f"{path}: cannot be read ({type(e).__name__}: {e}); {role}") from None
+
+
+def open_run_dir(cfg: dict, world_size: int):
+    """Fix the run folder, take its lock, check config.json; returns (run_dir, lock).
+
+    A restart may change only resume-safe flags (config.RESUME_SAFE_KEYS) and
+    only when the folder is named with --output_dir; anything else needs
+    --force_config.
+    """
     run_dir = Path(cfg["output_dir"]) if cfg["output_dir"] else config.default_output_dir(cfg, world_size)
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved_path = run_dir / "config.json"
-    if saved_path.exists():
-        saved = json.loads(saved_path.read_text())
-        diffs = config.config_differences(saved, cfg)
-        if diffs and not cfg["force_config"]:
-            raise TrainError(f"{saved_path}: this run folder was started with another configuration "
-                             f"({'; '.join(diffs)}); use another --output_dir or pass --force_config")
-    if not saved_path.exists() or cfg["force_config"]:
-        write_json(saved_path, {**cfg, "output_dir": str(run_dir), "world_size": world_size})
-    return run_dir
+    try:
+        lock = RunLock(run_dir).acquire()
+    except RunLocked as e:
+        raise TrainError(str(e)) from None
+    try:
+        if lock.took_over:
+            log(f"took over the run folder from a dead holder ({lock.took_over})")
+        saved_path = run_dir / runfolder.CONFIG
+        record = {**cfg, "output_dir": str(run_dir), "world_size": world_size}
+        if saved_path.exists():
+            saved = read_json_file(saved_path, "restore it, or pass --force_config to rewrite it from these flags")
+            hard, safe = config.config_differences(saved, cfg)
+            if hard and not cfg["force_config"]:
+                raise TrainError(f"{saved_path}: this run folder was started with another configuration "
+                                 f"({'; '.join(hard)}); use another --output_dir or pass --force_config")
+            if safe and not cfg["output_dir"] and not cfg["force_config"]:
+                raise TrainError(f"{saved_path}: {'; '.join(safe)}: name the folder with --output_dir {run_dir} "
+                                 f"to change these on resume")
+            if hard or safe:
+                log(f"configuration changed on resume: {'; '.join(hard + safe)}")
+                append_jsonl(run_dir / runfolder.RESTARTS, {"time": time.time(),
+                             "event": runfolder.EVENT_CONFIG_CHANGED, "changes": hard + safe})
+                write_json(saved_path, {**saved, **record})
+        else:
+            write_json(saved_path, record)
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir, lock
 
 
 def load_samples(cfg: dict, run_dir: Path):
     """Read the list, pin the class vocabulary in the run folder, validate once per list version."""
-    classes_path = run_dir / "classes.json"
-    classes = json.loads(classes_path.read_text()) if classes_path.exists() else None
+    classes_path = run_dir / runfolder.CLASSES
+    classes = read_json_file(classes_path, "it pins the label vocabulary: restore it, or delete it to take the "
+                             "list's classes again") if classes_path.exists() else None
     samples = read_list(cfg["csv_main"], cfg["data_path"], classes)
     if classes is None:
         write_json(classes_path, samples.classes)
@@ -131,9 +165,12 @@ def validate_once(samples, cfg: dict, run_dir: Path) -> None:
     st = os.stat(cfg["csv_main"])
     stamp = {"csv": str(Path(cfg["csv_main"]).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
              "root": str(Path(cfg["data_path"]).resolve()), "rows": len(samples)}
-    stamp_path = run_dir / "validated.json"
-    if cfg["skip_validation"] or (stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp):
+    stamp_path = run_dir / runfolder.VALIDATED
+    if cfg["skip_validation"]:
         return
+    with contextlib.suppress(OSError, ValueError):  # only a cache: unreadable means "check again"
+        if json.loads(stamp_path.read_text()) == stamp:
+            return
     log(f"checking {len(samples)} listed files under {cfg['data_path']} ...")
     validate(samples, cfg["csv_main"], cfg["input_size"][0],
              progress=lambda n, total: log(f"  checked {n}/{total}") if total >= 20000 else None)
@@ -144,7 +181,11 @@ def resolve_norm_stats(cfg: dict, samples, run_dir: Path) -> dict:
     """Run folder first (a resumed run keeps its numbers), then the data folder, else compute once."""
     for path in (run_dir / NORM_STATS_FILE, Path(cfg["data_path"]) / NORM_STATS_FILE):
         if path.exists():
-            stats = {**read_norm_stats(path), "source": str(path)}
+            try:
+                stats = {**read_norm_stats(path), "source": str(path)}
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise TrainError(f"{path}: cannot be read ({type(e).__name__}: {e}); restore it, or delete it "
+                                 f"to take the statistics again") from None
             break
     else:
         log(f"computing normalisation statistics from {cfg['stats_files']} random crops (seed 0) ...")
@@ -185,8 +226,10 @@ def optimizer_step(model, optimizer, scaler, clip_grad: float, tau: float) -> No
 
 def init_from(model, path) -> None:
     """Copy matching weights from a published checkpoint; a fresh schedule starts from them."""
-    state = checkpoint.load(path) if Path(path).suffix == ".pth" else torch.load(path, map_location="cpu")
-    source = state.get("model", state)
+    try:
+        source = load_weights(path)
+    except CheckpointError as e:
+        raise TrainError(f"--init_from {e}") from None
     own = model.state_dict()
     matched = {k: v for k, v in source.items()
                if k in own and k != "norm_stats" and tuple(v.shape) == tuple(own[k].shape)}
@@ -199,13 +242,6 @@ def init_from(model, path) -> None:
     model.load_state_dict({**own, **matched})
     log(f"--init_from {path}: loaded {len(matched)} tensors, kept our init for {len(skipped)}"
         + (f" (e.g. {', '.join(skipped[:4])})" if skipped else ""))
-
-
-def rng_state(device) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
 
 
 def mask_generator(device, seed: int, rank: int, batch_index: int) -> torch.Generator:
@@ -236,6 +272,9 @@ class Metrics:
         self.batches += 1
         self.samples += batch
 
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.sums).all())
+
     def read(self) -> dict:
         loss, online, offline = (self.sums / max(self.batches, 1)).tolist()
         elapsed = time.perf_counter() - self.t0
@@ -247,17 +286,27 @@ def train(cfg: dict, env: dict) -> int:
     device = pick_device(cfg, env["local_rank"])
     flag_group = init_distributed(env, device)
     stop = StopRequest().install()
+    lock = None
     try:
-        return _train(cfg, env, device, flag_group, stop)
+        rank, world = env["rank"], env["world_size"]
+
+        def open_and_keep_lock():
+            nonlocal lock
+            run_dir, lock = open_run_dir(cfg, world)
+            return str(run_dir)
+
+        run_dir = Path(on_rank0(open_and_keep_lock, rank))
+        return _train(cfg, env, device, flag_group, stop, run_dir)
     finally:
         stop.restore()
+        if lock is not None:
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg, env, device, flag_group, stop) -> int:
+def _train(cfg, env, device, flag_group, stop, run_dir: Path) -> int:
     rank, world = env["rank"], env["world_size"]
-    run_dir = Path(on_rank0(lambda: str(prepare_run_dir(cfg, world)), rank))
     samples = on_rank0(lambda: load_samples(cfg, run_dir), rank)
     on_rank0(lambda: validate_once(samples, cfg, run_dir), rank)
     stats = on_rank0(lambda: resolve_norm_stats(cfg, samples, run_dir), rank)
@@ -267,9 +316,10 @@ def _train(cfg, env, device, flag_group, stop) -> int:
         raise TrainError(f"{cfg['csv_main']}: {len(samples)} files give no full step of "
                          f"{cfg['batch_size']} x {cfg['accum_iter']} x {world}; lower --batch_size")
     total_batches = batches_per_epoch * cfg["epochs"]
+    total_steps = derived["steps_per_epoch"] * cfg["epochs"]
     if rank == 0:  # the derived numbers, for `m2das status` and humans
-        saved = json.loads((run_dir / "config.json").read_text())
-        write_json(run_dir / "config.json", {**saved, **derived, "global_batch": derived["effective_batch_size"]})
+        saved = read_json_file(run_dir / runfolder.CONFIG, "restore it")
+        write_json(run_dir / runfolder.CONFIG, {**saved, **derived, "global_batch": derived["effective_batch_size"]})
     log(f"run folder {run_dir}; {len(samples)} files, {len(samples.classes)} classes, "
         f"{derived['steps_per_epoch']} steps/epoch, effective batch {derived['effective_batch_size']}, "
         f"lr {derived['abs_lr']:.3g}, norm stats {stats['mean']:.4f}/{stats['std']:.4f} ({stats['source']})", rank)
@@ -285,25 +335,37 @@ def _train(cfg, env, device, flag_group, stop) -> int:
     amp_dtype = torch.bfloat16 if cfg["bf16"] else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and not cfg["bf16"])
 
-    # Resume or start.
-    state, resumed_from = find_resume_state(cfg, run_dir, rank)
-    epoch, batch_in_epoch, step = 0, 0, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        epoch, batch_in_epoch, step = state["epoch"], state.get("batch_in_epoch", 0), state["step"]
-        if "rng" in state:
-            torch.set_rng_state(state["rng"]["torch"])
-            np.random.set_state(state["rng"]["numpy"])
-        log(f"resumed from {resumed_from} at epoch {epoch}, batch {batch_in_epoch}, step {step}", rank)
+    # Resume or start: the checkpointer owns what is saved and loaded, and when.
+    progress = Progress()
+    ckpt = Checkpointer(run_dir, {"model": model, "optimizer": optimizer, "scaler": scaler,
+                                  "rng": RNGState(device), "progress": progress},
+                        {"args": {**cfg, "output_dir": str(run_dir)}, "norm_stats": stats,
+                         "classes": samples.classes},
+                        rank=rank, epochs=cfg["epochs"], save_freq=cfg["save_freq"],
+                        interval_s=cfg["ckpt_interval_min"] * 60, log=lambda m: log(m, rank), flag_group=flag_group)
+    if rank == 0:
+        removed = ckpt.prepare_folder()
+        if removed:
+            log(f"removed {len(removed)} temporaries of killed writes: {', '.join(removed)}")
+    if dist.is_initialized():
+        dist.barrier(group=flag_group)
+    try:
+        resumed_from = ckpt.resume(cfg["resume"], shows_progress(run_dir))
+        if resumed_from is not None:
+            ckpt.save_missed_epoch_checkpoint()
+    except CheckpointError as e:
+        raise TrainError(f"--resume {e}" if cfg["resume"] not in ("auto", "none") else str(e)) from None
+    if resumed_from is not None:
+        where = "all epochs done" if progress.epoch >= cfg["epochs"] else \
+            f"epoch {progress.epoch + 1}, batch {progress.batch_in_epoch}"
+        log(f"resumed from {resumed_from} at step {progress.step} ({where})", rank)
     elif cfg["init_from"]:
         init_from(model, cfg["init_from"])
         model.norm_stats.copy_(torch.tensor([stats["mean"], stats["std"]]))
     if rank == 0:
-        append_jsonl(run_dir / "restarts.jsonl", start_record(run_dir, resumed_from, step))
-    del state
+        ckpt.warn_if_low_space()
+        trim_log(run_dir, progress.step)
+        append_jsonl(run_dir / runfolder.RESTARTS, start_record(run_dir, resumed_from, progress.step))
 
     ddp = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
@@ -312,37 +374,26 @@ def _train(cfg, env, device, flag_group, stop) -> int:
                                samples.weights if cfg["weighted"] else None)
     loader = make_loader(LMSDataset(samples, cfg["input_size"][1], cfg["seed"]), sampler, cfg["batch_size"],
                          default_workers(cfg["num_workers"], world), pin_memory=device.type == "cuda")
-    writer = tensorboard_writer(run_dir, rank)
-    saver = checkpoint.BackgroundWriter()
+    writer = tensorboard_writer(run_dir, rank, progress.step)
     metrics = Metrics(device)
-    last_save = time.monotonic()
 
-    def full_state(epoch_, batch_):
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch_, "batch_in_epoch": batch_, "step": step,
-                "args": {**cfg, "output_dir": str(run_dir)}, "norm_stats": stats, "rng": rng_state(device),
-                "classes": samples.classes}
-
-    def losses_finite() -> bool:
-        return bool(torch.isfinite(metrics.sums).all())
-
-    def diverged() -> int:
-        msg = (f"loss became non-finite before step {step} (epoch {epoch}); stopping. The last good "
-               f"checkpoint in {run_dir} is the resume point: lower --blr or use --bf16, then rerun")
-        log(msg, rank)
+    def end(event: str, message: str, code: int) -> int:
+        log(message, rank)
         if rank == 0:
-            append_jsonl(run_dir / "restarts.jsonl", {"time": time.time(), "event": "diverged", "step": step})
-        return EXIT_DIVERGED
+            append_jsonl(run_dir / runfolder.RESTARTS, {"time": time.time(), "event": event, "step": progress.step,
+                                                        **({"signal": stop.name} if stop.name else {})})
+        return code
 
-    log(f"training epochs {epoch}..{cfg['epochs'] - 1} on {device} x {world}", rank)
-    while epoch < cfg["epochs"]:
-        sampler.set_position(epoch, batch_in_epoch)
+    if progress.epoch < cfg["epochs"]:
+        log(f"training epochs {progress.epoch + 1}..{cfg['epochs']} on {device} x {world}", rank)
+    stop_self_at = int(os.environ.get("M2DAS_TEST_SIGTERM_AT_STEP", 0))  # fault injection for tests
+    while progress.epoch < cfg["epochs"]:
+        epoch = progress.epoch
+        sampler.set_position(epoch, progress.batch_in_epoch)
         model.train()
         for lms, labels in loader:
-            i = batch_in_epoch
+            i = progress.batch_in_epoch
             s = epoch * batches_per_epoch + i  # global batch index
-            if i >= batches_per_epoch:
-                break
             if i % cfg["accum_iter"] == 0:
                 lr = learning_rate(epoch + i / batches_per_epoch, derived["abs_lr"], cfg["min_lr"],
                                    cfg["warmup_epochs"], cfg["epochs"])
@@ -356,77 +407,78 @@ def _train(cfg, env, device, flag_group, stop) -> int:
                 out = ddp(lms, labels, mask_generator(device, cfg["seed"], rank, s))
                 scaler.scale(out["loss"] / cfg["accum_iter"]).backward()
             metrics.add(out, lms.shape[0])
-            batch_in_epoch += 1
+            progress.batch_in_epoch += 1
             if not last_micro:
                 continue
 
+            if progress.step + 1 == stop_self_at:  # a real signal, delivered inside that step
+                os.kill(os.getpid(), signal.SIGTERM)
             tau = ema_decay(s, total_batches, cfg["ema_decay_init"], cfg["ema_decay"])
             optimizer_step(model, optimizer, scaler, cfg["clip_grad"], tau)
-            step += 1
+            progress.step += 1
+            epoch_ended = progress.batch_in_epoch == batches_per_epoch
+            if epoch_ended:
+                progress.epoch, progress.batch_in_epoch = epoch + 1, 0
 
-            # Step boundary: the only place the loop stops or saves.
-            at_epoch_end = batch_in_epoch == batches_per_epoch
-            pos = (epoch + 1, 0) if at_epoch_end else (epoch, batch_in_epoch)
-            stop_now, save_due = agree(stop.requested,
-                                       time.monotonic() - last_save >= cfg["ckpt_interval_min"] * 60,
-                                       flag_group, rank)
-            if step % cfg["log_every"] == 0 or stop_now:
-                if not losses_finite():
-                    return diverged()
-                if step % cfg["log_every"] == 0:
-                    report(metrics, run_dir, writer, rank, epoch, step, derived["steps_per_epoch"] * cfg["epochs"],
-                           lr, tau)
-            if stop_now:
-                if not losses_finite():
-                    return diverged()
-                saver.wait()
-                if rank == 0:
-                    checkpoint.save(full_state(*pos), run_dir / checkpoint.LAST)
-                    append_jsonl(run_dir / "restarts.jsonl",
-                                 {"time": time.time(), "event": "stopped", "signal": stop.name, "step": step})
-                if dist.is_initialized():
-                    dist.barrier(group=flag_group)
-                log(f"{stop.name or 'stop'} received: saved {run_dir / checkpoint.LAST} at step {step} "
-                    f"(epoch {pos[0]}, batch {pos[1]}); rerun the same command to resume (exit {EXIT_RESUMABLE})",
-                    rank)
+            # Step boundary: the only place the loop logs, stops or saves.
+            if progress.step % cfg["log_every"] == 0 or stop.requested:
+                if not metrics.finite():
+                    return end(runfolder.EVENT_DIVERGED, diverged_message(progress, run_dir), EXIT_DIVERGED)
+                if progress.step % cfg["log_every"] == 0:
+                    report(metrics, run_dir, writer, rank, epoch, progress.step, total_steps, lr, tau)
+            outcome = ckpt.step_boundary(stop.requested, epoch_ended)
+            if outcome is not None:
+                kind, detail = outcome
+                if kind == "diverged":
+                    return end(runfolder.EVENT_DIVERGED, detail, EXIT_DIVERGED)
+                if kind == "save_failed":
+                    return end(runfolder.EVENT_SAVE_FAILED, f"stopping: {detail}; the previous checkpoint is "
+                               f"intact, rerun the same command to resume (exit {EXIT_RESUMABLE})", EXIT_RESUMABLE)
+                code = end(runfolder.EVENT_STOPPED, f"{stop.name or 'stop'} received: saved {detail} at step "
+                           f"{progress.step} (epoch {progress.epoch + 1}, batch {progress.batch_in_epoch}); rerun "
+                           f"the same command to resume (exit {EXIT_RESUMABLE})", EXIT_RESUMABLE)
                 stop.hand_over()
-                return EXIT_RESUMABLE
-            if save_due:
-                if not losses_finite():
-                    return diverged()
-                if rank == 0:
-                    saver.submit(checkpoint.to_cpu(full_state(*pos)), run_dir / checkpoint.LAST)
-                last_save = time.monotonic()
+                return code
+            if epoch_ended:
+                break
+        if progress.epoch == epoch:
+            raise RuntimeError(f"the data loader ended before epoch {epoch + 1} was complete")
 
-        # End of epoch.
-        epoch, batch_in_epoch = epoch + 1, 0
-        if epoch % cfg["save_freq"] == 0 or epoch == cfg["epochs"]:
-            if not losses_finite():
-                return diverged()
-            if rank == 0:
-                saver.wait()
-                path = run_dir / checkpoint.epoch_checkpoint_name(epoch)
-                checkpoint.save(full_state(epoch, 0), path)
-                log(f"saved {path}", rank)
-            last_save = time.monotonic()
-
-    saver.wait()
+    ckpt.finish()
+    final = runfolder.final_weights(run_dir, cfg["epochs"])
     if rank == 0:
-        append_jsonl(run_dir / "restarts.jsonl", {"time": time.time(), "event": "finished", "step": step})
         if writer is not None:
             writer.close()
-    log(f"finished {cfg['epochs']} epochs ({step} steps); weights: "
-        f"{run_dir / checkpoint.epoch_checkpoint_name(cfg['epochs'])}", rank)
+        if final.exists():  # "finished" only once the final weights are on disk
+            append_jsonl(run_dir / runfolder.RESTARTS,
+                         {"time": time.time(), "event": runfolder.EVENT_FINISHED, "step": progress.step})
+    if not final.exists():
+        raise TrainError(f"{final}: the final weights are missing; rerun the same command to write them")
+    log(f"finished {cfg['epochs']} epochs ({progress.step} steps); weights: {final}", rank)
     return 0
 
 
-def agree(stop_requested: bool, save_due: bool, group, rank: int):
-    """Every rank stops (or saves) at the same step: any rank's stop, rank 0's clock for saves."""
-    if not dist.is_initialized():
-        return stop_requested, save_due
-    flags = torch.tensor([float(stop_requested), float(save_due and rank == 0)])
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    return bool(flags[0]), bool(flags[1])
+def diverged_message(progress: Progress, run_dir: Path) -> str:
+    return (f"loss became non-finite before step {progress.step} (epoch {progress.epoch + 1}); stopping without "
+            f"saving. The newest checkpoint in {run_dir} is the resume point: lower --blr (or --lr) or use "
+            f"--bf16 with --output_dir {run_dir}; those flags may change on resume")
+
+
+def shows_progress(run_dir: Path) -> bool:
+    """Does the folder record training that a fresh start would throw away?"""
+    if runfolder.checkpoint_files(run_dir) or read_jsonl(run_dir / runfolder.LOG):
+        return True
+    return any((r.get("resumed_step") or r.get("step") or 0) > 0 for r in read_jsonl(run_dir / runfolder.RESTARTS))
+
+
+def trim_log(run_dir: Path, step: int) -> None:
+    """Drop log lines past the resume step (a killed start's), so no step is logged twice."""
+    path = run_dir / runfolder.LOG
+    rows = read_jsonl(path)
+    keep = [r for r in rows if (r.get("step") or 0) <= step]
+    if len(keep) < len(rows):
+        with atomic_write(path, "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
 
 
 def report(metrics: Metrics, run_dir: Path, writer, rank: int, epoch: int, step: int, total_steps: int,
@@ -437,15 +489,16 @@ def report(metrics: Metrics, run_dir: Path, writer, rank: int, epoch: int, step:
         return
     row = {"time": time.time(), "epoch": epoch, "step": step, "total_steps": total_steps, "lr": lr, "tau": tau,
            **m}
-    append_jsonl(run_dir / "log.jsonl", row)
-    log(f"epoch {epoch} step {step}/{total_steps} loss {m['loss']:.4f} (online {m['loss_online']:.4f}, "
+    append_jsonl(run_dir / runfolder.LOG, row)
+    log(f"epoch {epoch + 1} step {step}/{total_steps} loss {m['loss']:.4f} (online {m['loss_online']:.4f}, "
         f"offline {m['loss_offline']:.4f}) lr {lr:.3e} tau {tau:.6f} {m['samples_per_s']:.1f} samples/s")
     if writer is not None:
         for k in ("loss", "loss_online", "loss_offline", "lr", "tau", "samples_per_s"):
             writer.add_scalar(f"train/{k}", row[k], step)
 
 
-def tensorboard_writer(run_dir: Path, rank: int):
+def tensorboard_writer(run_dir: Path, rank: int, step: int):
+    """TensorBoard scalars; events past `step` (from a start that was killed) are purged."""
     if rank != 0:
         return None
     try:
@@ -453,31 +506,19 @@ def tensorboard_writer(run_dir: Path, rank: int):
     except ImportError as e:
         log(f"TensorBoard logging off ({e})")
         return None
-    return SummaryWriter(str(run_dir / "events"))
-
-
-def find_resume_state(cfg: dict, run_dir: Path, rank: int):
-    mode = cfg["resume"]
-    if mode == "none":
-        return None, None
-    if mode == "auto":
-        state, path = checkpoint.load_latest(run_dir)
-        return state, (str(path) if path else None)
-    try:
-        return checkpoint.load(mode), mode
-    except Exception as e:
-        raise TrainError(f"--resume {mode}: cannot load ({type(e).__name__}: {e})") from e
+    return SummaryWriter(str(run_dir / runfolder.EVENTS_DIR), purge_step=step + 1 if step else None)
 
 
 def start_record(run_dir: Path, resumed_from, step: int) -> dict:
-    previous = [r for r in read_jsonl(run_dir / "restarts.jsonl") if r.get("event") in ("stopped", "start")]
+    previous = [r for r in read_jsonl(run_dir / runfolder.RESTARTS)
+                if r.get("event") in (runfolder.EVENT_STOPPED, runfolder.EVENT_START)]
     last_stop = previous[-1] if previous else None
     reason = None
     if last_stop is not None:
-        reason = f"signal {last_stop.get('signal')}" if last_stop.get("event") == "stopped" else \
+        reason = f"signal {last_stop.get('signal')}" if last_stop.get("event") == runfolder.EVENT_STOPPED else \
             "killed without warning (no clean stop recorded)"
     count = os.environ.get("SLURM_RESTART_COUNT", os.environ.get("M2DAS_LAUNCHER_ATTEMPT"))
-    return {"time": time.time(), "event": "start", "host": socket.gethostname(),
+    return {"time": time.time(), "event": runfolder.EVENT_START, "host": socket.gethostname(),
             "job_id": os.environ.get("SLURM_JOB_ID"), "restart_count": int(count) if count else 0,
             "resumed_from": resumed_from, "resumed_step": step, "last_stop_reason": reason,
             "pid": os.getpid()}
@@ -505,5 +546,13 @@ def main(argv=None) -> int:
     try:
         return train(cfg, env)
     except (TrainError, DataListError) as e:
-        print(f"m2das train: error: {e}", file=sys.stderr)
+        print(f"m2das train: error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def one_line(e: Exception) -> str:
+    """The message itself, also when a DataLoader worker wrapped it in its traceback text."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in str(e):
+        return lines[-1].split(": ", 1)[-1] if lines[-1].startswith(type(e).__module__) else lines[-1]
+    return " ".join(lines)

@@ -1,26 +1,81 @@
+"""The checkpointer's file guarantees, in-process with real files: atomicity, integrity, no code on load,
+finiteness, progress-ordered resume, disk full, file modes."""
+
+import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from m2das import checkpoint
+from m2das import checkpoint, runfolder
+from m2das.checkpoint import CheckpointError, Checkpointer, Progress, RNGState, SaveFailed
 
 WRITER = """
 import sys, torch
 from m2das import checkpoint
 # ~400 MB: long enough to be caught mid-write.
-checkpoint.save({"model": {"w": torch.full((100_000_000,), 2.0)}, "step": 2}, sys.argv[1])
+checkpoint.save_file({"model": {"w": torch.full((100_000_000,), 2.0)}, "step": 2}, sys.argv[1])
 print("done", flush=True)
 """
 
 
-def test_kill_during_write_leaves_the_previous_checkpoint_loadable(tmp_path):
-    last = tmp_path / checkpoint.LAST
-    checkpoint.save({"model": {"w": torch.ones(3)}, "step": 1}, last)
+class Marker:
+    """An object whose unpickling would create a file: what a hijacked checkpoint does."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def make_checkpointer(run_dir, value=0.0, step=0):
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(value)
+    optimizer = torch.optim.AdamW(model.parameters())
+    progress = Progress()
+    progress.step = step
+    return Checkpointer(run_dir, {"model": model, "optimizer": optimizer, "rng": RNGState(torch.device("cpu")),
+                                  "progress": progress}, {"args": {"model": "x"}},
+                        rank=0, epochs=2, save_freq=1, interval_s=1e9, log=lambda m: None)
+
+
+def flip_byte_in_tensor_data(path: Path) -> None:
+    """One byte of a tensor's stored data (not the pickle or the zip directory)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.file_size // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_full_state_opens_with_a_plain_torch_load_and_round_trips(tmp_path):
+    a = make_checkpointer(tmp_path, value=1.5, step=7)
+    torch.rand(3)  # move the RNG so the restore is visible
+    checkpoint.save_file(a.state_dict(), tmp_path / runfolder.LAST)
+    expected_next = torch.rand(3)
+    plain = torch.load(tmp_path / runfolder.LAST)  # weights_only=True by default: only plain types inside
+    assert plain["step"] == 7 and plain["format"] == checkpoint.FORMAT and plain["args"] == {"model": "x"}
+    b = make_checkpointer(tmp_path)
+    assert b.resume("auto", shows_progress=True) == str(tmp_path / runfolder.LAST)
+    assert b.progress.step == 7 and torch.equal(b.states["model"].weight, torch.full((2, 3), 1.5))
+    assert torch.equal(torch.rand(3), expected_next), "the RNG state is restored"
+
+
+def test_kill_during_write_leaves_the_previous_checkpoint_and_the_next_start_removes_the_temporary(tmp_path):
+    last = tmp_path / runfolder.LAST
+    checkpoint.save_file(make_checkpointer(tmp_path, 1.0, step=1).state_dict(), last)
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(last)], stdout=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until the new file is partly on disk
@@ -31,28 +86,110 @@ def test_kill_during_write_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert proc.poll() is None, "writer finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    state, path = checkpoint.load_latest(tmp_path)
-    assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
-    assert path.name in (checkpoint.LAST, checkpoint.PREVIOUS)
+    assert list(tmp_path.glob(".last.pth.*.tmp")), "a killed write leaves its temporary"
+    ckpt = make_checkpointer(tmp_path)
+    removed = ckpt.prepare_folder()
+    assert removed and not list(tmp_path.glob(".*.tmp"))
+    assert ckpt.resume("auto", shows_progress=True) and ckpt.progress.step == 1
 
 
-def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path):
-    last = tmp_path / checkpoint.LAST
-    checkpoint.save({"model": {}, "step": 1}, last)
-    checkpoint.save({"model": {}, "step": 2}, last)
-    assert torch.load(tmp_path / checkpoint.PREVIOUS, weights_only=False)["step"] == 1
-    last.write_bytes(last.read_bytes()[:50])  # torn by a crashed disk or copy
-    with pytest.warns(UserWarning, match="skipping checkpoint .*last.pth"):
-        state, path = checkpoint.load_latest(tmp_path)
-    assert state["step"] == 1 and path.name == checkpoint.PREVIOUS
+def test_one_flipped_byte_is_detected_and_the_previous_checkpoint_used(tmp_path):
+    last = tmp_path / runfolder.LAST
+    checkpoint.save_file(make_checkpointer(tmp_path, 1.0, step=1).state_dict(), last)
+    checkpoint.save_file(make_checkpointer(tmp_path, 2.0, step=2).state_dict(), last)
+    flip_byte_in_tensor_data(last)
+    torch.load(last)  # torch itself does not notice
+    with pytest.raises(CheckpointError, match="CRC32 mismatch"):
+        checkpoint.load_file(last)
+    ckpt = make_checkpointer(tmp_path)
+    assert ckpt.resume("auto", shows_progress=True) == str(tmp_path / runfolder.PREVIOUS)
+    assert ckpt.progress.step == 1
 
 
-def test_newest_file_wins_across_rolling_and_epoch_checkpoints(tmp_path):
-    checkpoint.save({"model": {}, "step": 5}, tmp_path / checkpoint.LAST)
-    time.sleep(0.01)
-    checkpoint.save({"model": {}, "step": 9}, tmp_path / checkpoint.epoch_checkpoint_name(3))
-    state, path = checkpoint.load_latest(tmp_path)
-    assert state["step"] == 9 and path.name == "checkpoint-3.pth"
+def test_no_loadable_checkpoint_in_a_folder_with_progress_is_an_error_not_a_fresh_start(tmp_path):
+    last = tmp_path / runfolder.LAST
+    checkpoint.save_file(make_checkpointer(tmp_path, step=1).state_dict(), last)
+    checkpoint.save_file(make_checkpointer(tmp_path, step=2).state_dict(), last)
+    last.write_bytes(last.read_bytes()[:100])
+    flip_byte_in_tensor_data(tmp_path / runfolder.PREVIOUS)
+    with pytest.raises(CheckpointError) as e:
+        make_checkpointer(tmp_path).resume("auto", shows_progress=True)
+    assert "last.pth" in str(e.value) and "last.prev.pth" in str(e.value) and "--resume none" in str(e.value)
+    assert make_checkpointer(tmp_path).resume("none", shows_progress=True) is None
+
+
+def test_resume_picks_the_most_progress_not_the_newest_file(tmp_path):
+    checkpoint.save_file(make_checkpointer(tmp_path, step=7).state_dict(), tmp_path / runfolder.LAST)
+    checkpoint.save_file(make_checkpointer(tmp_path, step=4).state_dict(), tmp_path / "checkpoint-1.pth")
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path, copy, ignore=shutil.ignore_patterns("copy"))
+    os.utime(copy / "checkpoint-1.pth", (time.time() + 60, time.time() + 60))  # as `cp -r` may leave it
+    ckpt = make_checkpointer(copy)
+    assert ckpt.resume("auto", shows_progress=True) == str(copy / runfolder.LAST) and ckpt.progress.step == 7
+
+
+def test_loading_never_runs_code(tmp_path):
+    marker = tmp_path / "hijacked"
+    crafted = tmp_path / "crafted.pth"
+    torch.save({"model": {}, "payload": Marker(marker)}, crafted)
+    for load in (checkpoint.load_file, checkpoint.load_weights):
+        with pytest.raises(CheckpointError, match="refused, loading it would run code"):
+            load(crafted)
+    (tmp_path / "run").mkdir()
+    shutil.copy(crafted, tmp_path / "run" / runfolder.LAST)
+    with pytest.raises(CheckpointError):
+        make_checkpointer(tmp_path / "run").resume("auto", shows_progress=False)
+    assert not marker.exists()
+
+
+def test_published_checkpoints_load_through_the_allow_list_only(tmp_path):
+    published = tmp_path / "m2d_as.pth"
+    torch.save({"model": {"blocks.0.w": torch.ones(2)}, "epoch": 299,
+                "args": argparse.Namespace(model="m2d_vit_base", input_size=[80, 608])}, published)
+    assert torch.equal(checkpoint.load_weights(published)["blocks.0.w"], torch.ones(2))
+    with pytest.raises(CheckpointError, match="not a full-state m2das checkpoint.*--init_from"):
+        checkpoint.load_file(published)  # --resume on a reference-format file
+
+
+def test_non_finite_state_is_detected():
+    ok = [torch.ones(3), torch.zeros(2, 2), torch.tensor([1, 2])]
+    assert checkpoint.all_finite(ok)
+    assert not checkpoint.all_finite(ok + [torch.tensor([0.0, float("nan")])])
+    assert not checkpoint.all_finite(ok + [torch.tensor([float("-inf")])])
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        checkpoint.save_file({"model": {}}, tmp_path / "a.pth")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pth").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 4 MiB tmpfs: a real file system that fills up."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_is_one_line_and_the_previous_checkpoint_survives(small_tmpfs):
+    last = small_tmpfs / runfolder.LAST
+    checkpoint.save_file({"model": {"w": torch.ones(256 * 1024)}, "step": 1}, last)  # 1 MiB
+    with pytest.raises(SaveFailed) as e:
+        checkpoint.save_file({"model": {"w": torch.ones(1024 * 1024)}, "step": 2}, last)  # 4 MiB: no room
+    message = str(e.value)
+    assert message.startswith(f"no space left in {small_tmpfs}") and "GB free" in message and "\n" not in message
+    assert torch.load(last)["step"] == 1
+    assert not list(small_tmpfs.glob(".*.tmp"))
 
 
 def test_background_writer_snapshot_is_independent_of_later_updates(tmp_path):

@@ -31,5 +31,8 @@ def test_a_rerun_without_output_dir_finds_the_unfinished_run(tmp_path):
 def test_only_training_relevant_flags_make_a_different_run():
     a = config.parse_args([])
     b = config.parse_args(["--num_workers", "2", "--log_every", "5", "--data_path", "/fast/copy"])
-    assert config.config_differences(a, b) == []
-    assert config.config_differences(a, config.parse_args(["--epochs", "100"])) == ["epochs: 300 -> 100"]
+    assert config.config_differences(a, b) == ([], [])
+    assert config.config_differences(a, config.parse_args(["--epochs", "100"])) == (["epochs: 300 -> 100"], [])
+    # The cures for a diverged run may change on resume (on purpose, with --output_dir).
+    assert config.config_differences(a, config.parse_args(["--blr", "1e-4", "--bf16"])) == \
+        ([], ["blr: 0.0003 -> 0.0001", "bf16: False -> True"])

@@ -7,13 +7,15 @@ Argument rule: the launcher's own flags come first. Everything after a bare
 `--`, or else from the first flag the launcher does not know, is passed to the
 trainer verbatim and appended after the preset's trainer flags, so it wins
 (argparse keeps the last value). `--output_dir` is the exception: the launcher
-fixes the run folder at submit time and always passes it itself.
+fixes the run folder at submit time and always passes it itself. The trainer's
+flags are checked with the trainer's own parser before anything is queued.
 
 One task per GPU: SLURM starts `gpus_per_node` tasks on every node (or two CPU
 ranks for `cpu-test`); each task sets RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT from submitit's JobEnvironment and calls
 `m2das.train.main` in-process, so submitit's signal handler and the trainer's
-live in the same process (see the stop/resume protocol in docs).
+live in the same process (see the stop/resume protocol in docs). When to
+requeue is decided by m2das/requeue.py on every route.
 """
 
 import argparse
@@ -33,10 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
+from m2das import requeue, runfolder  # noqa: E402
 from m2das.fileio import append_jsonl  # noqa: E402
-from m2das import EXIT_DIVERGED, EXIT_RESUMABLE  # noqa: E402  (75: saved on a signal; 3: loss diverged)
-
-DEFAULT_MAX_REQUEUES = 100
+from m2das.runfolder import EXIT_BAD_INPUT, EXIT_CODES, EXIT_RESUMABLE  # noqa: E402
 
 # GPU presets insist on CUDA: a job landing on a node without a visible GPU fails
 # at once instead of training on the CPU for weeks.
@@ -58,6 +59,9 @@ PRESETS = {
                               "--num_workers", "0", "--epochs", "2", "--save_freq", "1",
                               "--warmup_epochs", "1", "--log_every", "1", "--stats_files", "64"]),
 }
+PLACEMENT = ("launcher flags go first: python launch/submit.py [launcher flags] -- [trainer flags] "
+             "(see --help)")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class UsageError(Exception):
@@ -65,52 +69,71 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------- arguments
+def _exit_codes_text():
+    return "exit codes: " + "; ".join(f"{c} {t}" for c, t in sorted(EXIT_CODES.items())) + \
+        " (--foreground and --cluster debug end with the trainer's code; submitting ends with 0 or 2)"
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python launch/submit.py", allow_abbrev=False,
         usage="%(prog)s [launcher flags] [--] [trainer flags]",
         description="Submit M2D-AS pre-training. Trainer flags (everything after `--`, or from "
-                    "the first flag the launcher does not know) override the preset's.",
+                    "the first flag the launcher does not know) override the preset's; they are checked "
+                    "with `m2das train`'s parser before anything is queued. Every flag is also "
+                    "accepted with underscores (--run_dir).",
+        epilog=_exit_codes_text(),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+
+    def add(group, name, **kw):
+        """--name-with-hyphens, also spelled --name_with_underscores."""
+        names = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
+        group.add_argument(*names, **kw)
+
+    a = lambda name, **kw: add(p, name, **kw)  # noqa: E731
     a("--preset", choices=sorted(PRESETS), default="48gb",
       help="48gb: 4x512 accum 1 (paper); 24gb: 4x256 accum 2; 80gb: 4x512 accum 1; cpu-test: tiny, 2 CPU ranks")
     a("--cluster", choices=("slurm", "local", "debug"), default="slurm",
       help="slurm: sbatch via submitit; local: detached supervisor on this machine; debug: in-process")
     a("--foreground", action="store_true",
-      help="local: run the supervisor in this process until training ends (a container's entry point); "
-           "exits 0 finished, 75 stopped, 3 diverged")
+      help="local: run the supervisor in this process until training ends, rank 0's lines on stdout "
+           "(a container's entry point)")
     a("--nodes", type=int, default=1, help="nodes; the effective batch stays the preset's")
     a("--gpus-per-node", type=int, default=None, help="ranks per node (default: the preset's)")
     a("--run-dir", default=None,
       help="run folder (default: the trainer's name under --runs-dir, reusing an unfinished run of the same config)")
     a("--runs-dir", default="runs", help="parent of the default run folder")
-    a("--max-requeues", type=int, default=DEFAULT_MAX_REQUEUES,
+    a("--max-requeues", type=int, default=requeue.MAX_REQUEUES,
       help="stop requeueing / restarting after this many restarts")
     a("--python", default=None, help="interpreter the job runs (default: this one)")
-    a("--dry-run", action="store_true", help="print what would be submitted and exit")
-    s = p.add_argument_group("slurm")
-    s.add_argument("--partition", default=None)
-    s.add_argument("--account", default=None)
-    s.add_argument("--qos", default=None)
-    s.add_argument("--time", default="24:00:00", help="time limit per job start (D-HH:MM:SS, HH:MM:SS or minutes)")
-    s.add_argument("--constraint", default=None)
-    s.add_argument("--cpus-per-gpu", type=int, default=None,
-                   help="CPUs per task (= per GPU); default 10 for GPU presets, 1 for cpu-test")
-    s.add_argument("--mem-per-gpu", type=float, default=None, help="GB of host memory per task (default: cluster's)")
-    s.add_argument("--mail-user", default=None)
-    s.add_argument("--mail-type", default=None, help="e.g. END,FAIL,REQUEUE")
-    s.add_argument("--job-name", default=None, help="default m2das-PRESET")
-    s.add_argument("--signal-delay", type=int, default=90,
-                   help="seconds before the time limit that USR2 is sent (time to save a checkpoint)")
-    s.add_argument("--setup", action="append", default=[], metavar="CMD",
-                   help="shell line run in the batch script before srun (repeatable), e.g. 'module load cuda'")
-    s.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra sbatch option (repeatable), e.g. --sbatch reservation=foo --sbatch exclusive")
-    s.add_argument("--srun-args", action="append", default=[], metavar="ARGS",
-                   help="extra srun options, shell-split (repeatable; write --srun-args=...), e.g. pyxis: "
-                        "--srun-args='--container-image=/path/m2das.sqsh --container-mounts=/data:/data'")
+    a("--dry-run", action="store_true", help="print exactly what would be submitted (the batch script) and exit")
+    g = p.add_argument_group("slurm")
+    s = lambda name, **kw: add(g, name, **kw)  # noqa: E731
+    s("--partition", default=None)
+    s("--account", default=None)
+    s("--qos", default=None)
+    s("--time", default="24:00:00", help="time limit per job start (D-HH:MM:SS, HH:MM:SS or minutes)")
+    s("--constraint", default=None)
+    s("--cpus-per-gpu", type=int, default=None,
+      help="CPUs per task (= per GPU); default 10 for GPU presets, 1 for cpu-test")
+    s("--mem-per-gpu", type=float, default=None, help="GB of host memory per task (default: cluster's)")
+    s("--mail-user", default=None)
+    s("--mail-type", default=None, help="e.g. END,FAIL,REQUEUE")
+    s("--job-name", default=None, help="default m2das-PRESET")
+    s("--signal-delay", type=int, default=requeue.LEAD_S,
+      help=f"seconds before the time limit that SIG{requeue.SIGNAL} is sent (time to save a checkpoint)")
+    s("--setup", action="append", default=[], metavar="CMD",
+      help="shell line run in the batch script before srun (repeatable), e.g. 'module load cuda'")
+    s("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+      help="extra sbatch option (repeatable), e.g. --sbatch reservation=foo --sbatch exclusive")
+    s("--srun-args", action="append", default=[], metavar="ARGS",
+      help="extra srun options, shell-split (repeatable; write --srun-args=...), e.g. pyxis: "
+           "--srun-args='--container-image=/path/m2das.sqsh --container-mounts=/data:/data'")
     return p
+
+
+def launcher_flags():
+    return {opt for action in build_parser()._actions for opt in action.option_strings}
 
 
 def split_argv(argv):
@@ -119,9 +142,7 @@ def split_argv(argv):
     if "--" in argv:
         i = argv.index("--")
         return argv[:i], argv[i + 1:]
-    known = set()
-    for action in build_parser()._actions:
-        known.update(action.option_strings)
+    known = launcher_flags()
     for i, tok in enumerate(argv):
         if tok.startswith("-") and tok.split("=", 1)[0] not in known and not _is_number(tok):
             return argv[:i], argv[i:]
@@ -134,6 +155,50 @@ def _is_number(tok):
         return True
     except ValueError:
         return False
+
+
+def refuse_control_characters(argv):
+    """A newline or other control character would end up inside the batch script."""
+    for tok in argv:
+        if CONTROL.search(tok):
+            raise UsageError(f"{tok!r}: control characters (newline, tab, ...) are not allowed in arguments")
+
+
+def trainer_parser():
+    """`m2das train`'s own parser, raising UsageError instead of exiting."""
+    from m2das import config
+
+    parser = config.build_parser()
+
+    def error(message):
+        raise UsageError(f"trainer flags: {message}")
+
+    parser.error = error
+    return parser
+
+
+def check_trainer_argv(preset_argv, user_argv):
+    """Parse preset + user trainer flags as `m2das train` will; returns the flags the user set.
+
+    Misplaced launcher flags and unknown flags fail here, at submit time, not
+    after the queue wait.
+    """
+    if "--print_config" in user_argv or "--print-config" in user_argv:
+        raise UsageError("--print_config is not for a job; run `m2das train --print_config <trainer flags>` "
+                         "to see the resolved configuration")
+    parser = trainer_parser()
+    _, unknown = parser.parse_known_args(list(preset_argv) + list(user_argv))
+    if unknown:
+        launcher = launcher_flags()
+        flag = next((t for t in unknown if t.startswith("-")), unknown[0])
+        if flag.split("=", 1)[0] in launcher:
+            raise UsageError(f"{flag} is a launcher flag but comes after the trainer flags; {PLACEMENT}")
+        raise UsageError(f"{flag}: not a flag of `m2das train` nor of the launcher (see `m2das train --help`); "
+                         f"{PLACEMENT}")
+    given = trainer_parser()
+    for action in given._actions:
+        action.default = argparse.SUPPRESS
+    return vars(given.parse_args(list(user_argv)))
 
 
 def parse_time_minutes(text):
@@ -173,27 +238,17 @@ def scale_batch(batch, accum, preset_ranks, ranks):
                      f"choose --nodes/--gpus-per-node dividing it, or pass --batch_size/--accum_iter")
 
 
-def _flag_value(argv, name):
-    """Last value of `--name V` / `--name=V` in argv, or None."""
-    value = None
-    for i, tok in enumerate(argv):
-        if tok == name and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif tok.startswith(name + "="):
-            value = tok.split("=", 1)[1]
-    return value
-
-
-def _drop_flag(argv, name):
+def _drop_flag(argv, names):
+    """argv without `--name V` / `--name=V` for every spelling in names."""
     out, skip = [], False
-    for i, tok in enumerate(argv):
+    for tok in argv:
         if skip:
             skip = False
             continue
-        if tok == name:
+        if tok in names:
             skip = True
             continue
-        if tok.startswith(name + "="):
+        if tok.split("=", 1)[0] in names:
             continue
         out.append(tok)
     return out
@@ -210,6 +265,8 @@ class Plan:
             raise UsageError(f"--foreground applies to --cluster local only, not --cluster {args.cluster}")
         if args.srun_args and args.cluster != "slurm":
             raise UsageError(f"--srun-args applies to --cluster slurm only, not --cluster {args.cluster}")
+        refuse_control_characters(user_argv)
+        given = check_trainer_argv(preset["trainer"], user_argv)
         self.args = args
         self.preset = preset
         self.gpu = preset["gpu"]
@@ -224,14 +281,14 @@ class Plan:
             nodes = args.nodes
         self.nodes = nodes
         self.world_size = nodes * self.ranks_per_node
-        if _flag_value(user_argv, "--batch_size") or _flag_value(user_argv, "--accum_iter"):
+        if "batch_size" in given or "accum_iter" in given:
             batch, accum, self.scale_note = preset["batch_size"], preset["accum_iter"], "batch flags given: not rescaled"
         else:
             batch, accum, self.scale_note = scale_batch(preset["batch_size"], preset["accum_iter"],
                                                         preset["ranks"], self.world_size)
         base = list(preset["trainer"]) + ["--batch_size", str(batch), "--accum_iter", str(accum)]
-        user_out = _flag_value(user_argv, "--output_dir")
-        user_argv = _drop_flag(user_argv, "--output_dir")
+        user_out = given.get("output_dir")
+        user_argv = _drop_flag(user_argv, ("--output_dir", "--output-dir"))
         if args.run_dir and user_out and Path(args.run_dir).resolve() != Path(user_out).resolve():
             raise UsageError("--run-dir and --output_dir disagree; give one of them")
         self.user_argv = user_argv
@@ -239,32 +296,30 @@ class Plan:
         self.train_argv = base + user_argv + ["--output_dir", str(self.run_dir)]
 
     def _default_run_dir(self, argv):
-        """The trainer's own run name (so `m2das train` reruns find it), else preset + time."""
-        try:
-            from m2das import config
-            cfg = config.parse_args(argv)
-            cfg["runs_dir"] = self.args.runs_dir
-            return config.default_output_dir(cfg, self.world_size)
-        except Exception:  # trainer config unavailable or changed: still a fixed, unique folder
-            stamp = datetime.datetime.now().strftime("%y%m%d-%H%M%S")
-            return Path(self.args.runs_dir) / f"m2das-{self.args.preset}-{stamp}"
+        """The trainer's own run name, so `m2das train` reruns find it."""
+        from m2das import config
+
+        cfg = config.parse_args(argv)
+        cfg["runs_dir"] = self.args.runs_dir
+        return config.default_output_dir(cfg, self.world_size)
+
+    def refuse_held_run_dir(self):
+        """One trainer per run folder: a live one holding it means this submit would be refused later."""
+        holder = runfolder.live_holder(self.run_dir)
+        if holder:
+            raise UsageError(f"{self.run_dir} is in use by a live trainer ({holder}); wait for it, stop it, "
+                             f"or pass another --run-dir")
 
 
 # ---------------------------------------------------------------- job side
-def _append_jsonl(path, row):
-    append_jsonl(path, {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **row})
-
-
-def _master_port(job_id, restart):
-    """Same on every task of one start, different after a requeue (no stale socket clashes)."""
-    digits = int(re.sub(r"\D", "", str(job_id)) or 0)
-    return 15000 + (digits * 31 + int(restart) * 7919) % 20000
+def _restart_count():
+    return int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
 
 
 class TrainJob:
     """The submitit callable: one per task (= GPU); resumable through `checkpoint`."""
 
-    def __init__(self, train_argv, run_dir, max_requeues=DEFAULT_MAX_REQUEUES, cpu_threads=None):
+    def __init__(self, train_argv, run_dir, max_requeues=requeue.MAX_REQUEUES, cpu_threads=None):
         self.train_argv = list(train_argv)
         self.run_dir = str(run_dir)
         self.max_requeues = int(max_requeues)
@@ -274,12 +329,13 @@ class TrainJob:
         import submitit
 
         env = submitit.JobEnvironment()
-        restart = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
+        restart = _restart_count()
         os.environ.update(
             RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
-            MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(_master_port(env.job_id, restart)))
+            MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(requeue.master_port(env.job_id, restart)))
         if env.global_rank == 0:
-            _append_jsonl(Path(self.run_dir) / "launcher.jsonl", {
+            append_jsonl(Path(self.run_dir) / runfolder.LAUNCHER, {
+                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "event": "start", "job_id": env.job_id, "restart_count": restart,
                 "host": socket.gethostname(), "world_size": env.num_tasks})
         if self.cpu_threads:
@@ -287,10 +343,10 @@ class TrainJob:
         from m2das import train
 
         rc = int(train.main(list(self.train_argv)) or 0)
-        if rc == EXIT_DIVERGED:
-            raise RuntimeError(f"loss diverged (exit {EXIT_DIVERGED}); not requeued. See {self.run_dir}/log.jsonl")
-        if rc not in (0, EXIT_RESUMABLE):
-            raise RuntimeError(f"trainer exited with code {rc}; see the task logs in {self.run_dir}/slurm")
+        decision = requeue.decide([rc], restart, self.max_requeues)
+        if decision.action in (requeue.DIVERGED, requeue.FAILED):
+            raise RuntimeError(f"{decision.reason}. See {self.run_dir}/{runfolder.LOG} and the task logs in "
+                               f"{self.run_dir}/slurm")
         if rc == EXIT_RESUMABLE and env.global_rank == 0:
             # SIGTERM (scancel, SLURM's own requeue or preemption): submitit does not requeue on it.
             print(f"m2das: saved and stopped (exit {EXIT_RESUMABLE}); a preempted job is requeued by SLURM, "
@@ -299,60 +355,57 @@ class TrainJob:
         return rc
 
     def checkpoint(self, *args, **kwargs):
-        """Called by submitit on rank 0 after the trainer saved: requeue with the same argv.
+        """Called by submitit on rank 0 on SIGUSR2, after the trainer saved: requeue with the same argv.
 
         The trainer resumes (`--resume auto`) from what it just wrote. Returning
-        None tells submitit not to requeue (cap reached).
+        None tells submitit not to requeue (the policy says no).
         """
         import submitit
 
-        restart = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
-        job_id = os.environ.get("SLURM_JOB_ID", "")
-        log = Path(self.run_dir) / "launcher.jsonl"
-        if restart >= self.max_requeues:
-            msg = (f"m2das: not requeued: {restart} restarts reached --max-requeues {self.max_requeues}; "
-                   f"resubmit with `python launch/submit.py --run-dir {self.run_dir} ...` to continue")
-            print(msg, file=sys.stderr, flush=True)
-            _append_jsonl(log, {"event": "requeue_cap", "job_id": job_id, "restart_count": restart,
-                                "message": msg})
+        restart, job_id = _restart_count(), os.environ.get("SLURM_JOB_ID", "")
+        decision = requeue.decide([EXIT_RESUMABLE], restart, self.max_requeues, signalled=True)
+        requeue.record(self.run_dir, decision, "submitit", job_id, restart)
+        if decision.action != requeue.REQUEUE:
+            print(f"m2das: {decision.reason}; resubmit with `python launch/submit.py --run-dir {self.run_dir} ...` "
+                  f"to continue", file=sys.stderr, flush=True)
             return None
-        _append_jsonl(log, {"event": "requeue", "by": "submitit", "job_id": job_id,
-                            "restart_count": restart, "requeue_id": f"{job_id}.{restart}"})
         return submitit.helpers.DelayedSubmission(
             TrainJob(self.train_argv, self.run_dir, self.max_requeues, self.cpu_threads))
 
 
-def kill_requeue_lines(run_dir, max_requeues):
-    """Batch-script lines after srun: requeue a job whose tasks were SIGKILLed (OOM, kill -9).
+def teardown_lines(run_dir, max_requeues, python):
+    """Batch-script lines after srun: ask the policy about srun's code; requeue if it says so.
 
-    SLURM requeues by itself on node failure and preemption, but a task killed
-    by SIGKILL just fails the job. srun exits 137 then. Skipped when rank 0
-    already requeued through submitit for this start.
+    Covers what submitit cannot see: tasks killed by SIGKILL (OOM killer, kill -9)
+    just fail the job (srun exits 137). `--once` skips a start that submitit's
+    checkpoint() already decided.
     """
-    log = shlex.quote(str(Path(run_dir) / "launcher.jsonl"))
+    decide = shlex.join([*python, "-m", "m2das.requeue", "decide", "--once", "--by", "sbatch-teardown",
+                         "--run", str(run_dir), "--max-requeues", str(int(max_requeues))])
     return [
         "m2das_rc=$?",
-        'm2das_restart="${SLURM_RESTART_COUNT:-0}"',
-        'if [ "$m2das_rc" -eq 137 ] && ! grep -qF "\\"requeue_id\\": \\"$SLURM_JOB_ID.$m2das_restart\\"" '
-        f"{log} 2>/dev/null; then",
-        f'  if [ "$m2das_restart" -lt {int(max_requeues)} ]; then',
-        '    echo "m2das: tasks were killed (SIGKILL); requeueing job $SLURM_JOB_ID to resume from the newest checkpoint" >&2',
-        '    printf \'{"by": "sbatch-teardown", "event": "requeue", "job_id": "%s", "reason": "SIGKILL", '
-        f'"requeue_id": "%s.%s", "restart_count": %s, "time": "%s"}}\\n\' "$SLURM_JOB_ID" "$SLURM_JOB_ID" '
-        f'"$m2das_restart" "$m2das_restart" "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)" >> {log}',
-        '    scontrol requeue "$SLURM_JOB_ID"',
-        "  else",
-        f'    echo "m2das: tasks were killed but {int(max_requeues)} restarts reached --max-requeues; not requeued" >&2',
-        "  fi",
+        f'if [ "$({decide} "$m2das_rc")" = {requeue.REQUEUE} ]; then',
+        '  scontrol requeue "$SLURM_JOB_ID"',
         "fi",
         'exit "$m2das_rc"',
     ]
 
 
 # ---------------------------------------------------------------- executors
-def submit_slurm(plan):
+def _executor_class():
     from submitit import SlurmExecutor
 
+    class DryRunExecutor(SlurmExecutor):
+        """Builds the very batch script a submit writes, on a machine without srun."""
+
+        @classmethod
+        def affinity(cls):
+            return 1
+
+    return SlurmExecutor, DryRunExecutor
+
+
+def submit_slurm(plan):
     a = plan.args
     folder = plan.run_dir / "slurm"
     cpus = a.cpus_per_gpu or (10 if plan.gpu else 1)
@@ -368,6 +421,7 @@ def submit_slurm(plan):
         if not key:
             raise UsageError(f"--sbatch {item!r}: expected KEY=VALUE or KEY")
         extra[key.lstrip("-").replace("-", "_")] = value if eq else True
+    python = shlex.split(a.python) if a.python else [sys.executable]
     params = dict(
         job_name=a.job_name or f"m2das-{a.preset}",
         time=parse_time_minutes(a.time),
@@ -378,7 +432,7 @@ def submit_slurm(plan):
         setup=list(a.setup),
         srun_args=["--kill-on-bad-exit=1", *srun_args],
         additional_parameters=extra,
-        teardown=kill_requeue_lines(plan.run_dir, a.max_requeues),
+        teardown=teardown_lines(plan.run_dir, a.max_requeues, python),
     )
     if plan.gpu:
         params["gpus_per_node"] = plan.ranks_per_node
@@ -388,20 +442,28 @@ def submit_slurm(plan):
                        ("constraint", a.constraint), ("mail_user", a.mail_user), ("mail_type", a.mail_type)):
         if value:
             params[key] = value
-    if a.dry_run:
-        from submitit.slurm.slurm import _make_sbatch_string
-
-        print(_make_sbatch_string(command="<python> -u -m submitit.core._submit " + str(folder),
-                                  folder=str(folder), **params))
-        return None
+    real, dry = _executor_class()
     try:
-        ex = SlurmExecutor(folder=str(folder), max_num_timeout=a.max_requeues, python=a.python)
+        ex = (dry if a.dry_run else real)(folder=str(folder), max_num_timeout=a.max_requeues,
+                                          python=shlex.join(python))
     except RuntimeError as e:
         raise UsageError(f"{e} (use --cluster local on a workstation)") from None
     ex.update_parameters(**params)
+    if a.dry_run:
+        print(f"# sbatch would be given this script ({folder}/%j_submission.sh):")
+        print(ex._make_submission_file_text(ex._submitit_command_str, "dry-run"))
+        return None
+    plan.refuse_held_run_dir()
     job_fn = TrainJob(plan.train_argv, plan.run_dir, a.max_requeues, None if plan.gpu else cpus)
     job = ex.submit(job_fn)
     return job.job_id
+
+
+def local_spec(plan):
+    a = plan.args
+    return {"train_argv": plan.train_argv, "run_dir": str(plan.run_dir), "ranks": plan.ranks_per_node,
+            "gpu": plan.gpu, "max_restarts": a.max_requeues, "cwd": os.getcwd(),
+            "python": a.python or sys.executable, "foreground": a.foreground}
 
 
 def submit_local(plan):
@@ -410,18 +472,17 @@ def submit_local(plan):
     With --foreground only the spec is written; `main` runs the supervisor in
     this process once the submission is logged.
     """
-    a = plan.args
-    logs = plan.run_dir / "logs"
-    spec = {"train_argv": plan.train_argv, "run_dir": str(plan.run_dir), "ranks": plan.ranks_per_node,
-            "gpu": plan.gpu, "max_restarts": a.max_requeues, "cwd": os.getcwd(),
-            "python": a.python or sys.executable, "foreground": a.foreground}
-    if a.dry_run:
+    spec = local_spec(plan)
+    if plan.args.dry_run:
+        print("# the supervisor would run this spec:")
         print(json.dumps(spec, indent=2))
         return None
+    plan.refuse_held_run_dir()
+    logs = plan.run_dir / runfolder.LOGS_DIR
     logs.mkdir(parents=True, exist_ok=True)
     spec_path = logs / "local-spec.json"
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")
-    if a.foreground:
+    if plan.args.foreground:
         return f"local-{os.getpid()}"
     with open(logs / "supervisor.log", "ab") as out:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_supervise", str(spec_path)],
@@ -432,42 +493,66 @@ def submit_local(plan):
 
 def run_debug(plan):
     """In-process, one rank: quickest way to see a configuration start (and fail) at your desk."""
+    if plan.args.dry_run:
+        print(shlex.join(["m2das", "train", *plan.train_argv]))
+        return 0
+    plan.refuse_held_run_dir()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if plan.args.dry_run:
-        print(shlex.join(["m2das", "train", *plan.train_argv]))
-        return 0
     from m2das import train
 
     return int(train.main(list(plan.train_argv)) or 0)
 
 
 # ---------------------------------------------------------------- local supervisor
-class Supervisor:
-    """Runs one process per rank and reruns them while they stop resumably or get killed.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+FORWARDED = STOP_SIGNALS + (signal.SIGUSR1, signal.SIGUSR2)
+IGNORED_AT_START = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
-    Rerun when any rank exits 75 (saved on a signal) or dies from a signal
-    (SIGKILL, OOM killer); stop on success, divergence (3), another error, a
-    SIGTERM/SIGINT/SIGHUP to the supervisor itself (graceful stop: SIGTERM
-    forwarded, ranks save, no rerun), or after `max_restarts` restarts.
-    Detached, it runs in its own session; in the foreground (`--foreground`)
-    it is the launcher process itself and also appends its lines to
-    logs/supervisor.log.
+
+def _ignore_stop_signals():
+    """In a rank before exec: stop signals are ignored until the trainer installs its handlers.
+
+    A signal that arrives before would otherwise kill the rank without a record;
+    the supervisor repeats it until the ranks have exited.
     """
+    for sig in IGNORED_AT_START:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class Supervisor:
+    """Runs one process per rank and reruns them as m2das.requeue decides.
+
+    A SIGTERM/SIGINT/SIGHUP to the supervisor itself is a stop request (SIGTERM
+    forwarded, ranks save, no rerun); USR1/USR2 are forwarded as they are (a
+    preemption warning: save, then rerun). Detached, it runs in its own session;
+    in the foreground (`--foreground`) it is the launcher process itself, also
+    appends its lines to logs/supervisor.log and copies rank 0's output to
+    stdout, so `docker logs` shows training.
+    """
+
+    RESEND_S = 2.0
 
     def __init__(self, spec):
         self.spec = spec
         self.run_dir = Path(spec["run_dir"])
+        self.logs = self.run_dir / runfolder.LOGS_DIR
         self.foreground = bool(spec.get("foreground"))
         self.procs = []
         self.stopping = False
+        self.pending = None  # the last forwarded signal, repeated until the ranks exit
+        self.rank0_offset = 0
 
     def _forward(self, signum, _frame):
-        if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if signum in STOP_SIGNALS:
             self.stopping = True
             signum = signal.SIGTERM
+        self.pending = signum
+        self._send(signum)
+
+    def _send(self, signum):
         for p in self.procs:
             if p.poll() is None:
                 try:
@@ -479,36 +564,61 @@ class Supervisor:
         line = f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] m2das supervisor: {msg}"
         print(line, flush=True)
         if self.foreground:  # detached, stdout already is this file
-            with open(self.run_dir / "logs" / "supervisor.log", "a") as f:
+            with open(self.logs / "supervisor.log", "a") as f:
                 f.write(line + "\n")
-        _append_jsonl(self.run_dir / "launcher.jsonl", {"job_id": f"local-{os.getpid()}", "message": msg, **row})
+        append_jsonl(self.run_dir / runfolder.LAUNCHER, {
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "job_id": f"local-{os.getpid()}", "message": msg, **row})
 
     def _start(self, attempt):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        self.procs = []
+        self.procs, self.pending = [], None
+        rank0 = self.logs / "rank0.log"
+        self.rank0_offset = rank0.stat().st_size if rank0.exists() else 0
         for rank in range(self.spec["ranks"]):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(self.spec["ranks"]), LOCAL_RANK=str(rank),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), M2DAS_LAUNCHER_ATTEMPT=str(attempt))
             if not self.spec["gpu"]:
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.spec["ranks"])))
-            log = open(self.run_dir / "logs" / f"rank{rank}.log", "ab")
-            self.procs.append(subprocess.Popen(
-                [self.spec["python"], "-u", "-m", "m2das", "train", *self.spec["train_argv"]],
-                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.spec["cwd"],
-                # Foreground: a terminal's Ctrl-C reaches the ranks only as the forwarded SIGTERM
-                # (the trainer saves on SIGTERM, not on SIGINT).
-                process_group=0 if self.foreground else None))
-            log.close()
+            with open(self.logs / f"rank{rank}.log", "ab") as log:
+                self.procs.append(subprocess.Popen(
+                    [self.spec["python"], "-u", "-m", "m2das", "train", *self.spec["train_argv"]],
+                    env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    cwd=self.spec["cwd"], preexec_fn=_ignore_stop_signals,
+                    # Foreground: a terminal's Ctrl-C reaches the ranks only as the forwarded SIGTERM
+                    # (the trainer saves on SIGTERM, not on SIGINT).
+                    process_group=0 if self.foreground else None))
+
+    def _echo_rank0(self):
+        """Foreground: rank 0's new output to stdout (its progress lines)."""
+        if not self.foreground:
+            return
+        try:
+            with open(self.logs / "rank0.log", "rb") as f:
+                f.seek(self.rank0_offset)
+                data = f.read()
+        except OSError:
+            return
+        cut = data.rfind(b"\n") + 1  # whole lines only
+        if cut:
+            sys.stdout.buffer.write(data[:cut])
+            sys.stdout.flush()
+            self.rank0_offset += cut
 
     def _wait(self, grace_s=20.0):
         """Exit codes of all ranks; once one fails, the rest get SIGTERM, then SIGKILL after a grace."""
-        failed_at = None
+        failed_at, resent = None, time.time()
         while True:
+            self._echo_rank0()
             codes = [p.poll() for p in self.procs]
             if all(c is not None for c in codes):
+                self._echo_rank0()
                 return codes
+            if self.pending is not None and time.time() - resent > self.RESEND_S:
+                self._send(self.pending)  # a rank still starting up ignored it
+                resent = time.time()
             bad = [c for c in codes if c is not None and c not in (0, EXIT_RESUMABLE)]
             done75 = [c for c in codes if c == EXIT_RESUMABLE]
             if done75 and failed_at is None and not bad:
@@ -516,9 +626,7 @@ class Supervisor:
                 failed_at = time.time()
             elif bad and failed_at is None:
                 failed_at = time.time()
-                for p in self.procs:
-                    if p.poll() is None:
-                        p.send_signal(signal.SIGTERM)
+                self._send(signal.SIGTERM)
             if failed_at is not None and time.time() - failed_at > grace_s:
                 for p in self.procs:
                     if p.poll() is None:
@@ -526,7 +634,7 @@ class Supervisor:
             time.sleep(0.2)
 
     def run(self):
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        for sig in FORWARDED:
             signal.signal(sig, self._forward)
         cap = int(self.spec["max_restarts"])
         attempt = 0
@@ -535,32 +643,20 @@ class Supervisor:
                       host=socket.gethostname(), pid=os.getpid())
             self._start(attempt)
             codes = self._wait()
-            if all(c == 0 for c in codes):
-                self._log("training finished", event="finished", exit_codes=codes)
-                return 0
-            if EXIT_DIVERGED in codes:
-                self._log("loss diverged (exit 3); not restarted", event="diverged", exit_codes=codes)
-                return EXIT_DIVERGED
-            # A rank killed by a signal makes the whole start resumable: the others
-            # fail on the broken collective as a consequence.
-            resumable = any(c < 0 for c in codes) or all(c in (0, EXIT_RESUMABLE) for c in codes)
-            if not resumable:
-                self._log(f"a rank failed with exit codes {codes}; not restarted, see {self.run_dir}/logs",
-                          event="failed", exit_codes=codes)
-                return 1
-            if self.stopping:
+            pid0 = self.procs[0].pid
+            d = requeue.decide(codes, attempt, cap, stop_requested=self.stopping,
+                               last_event=requeue.last_event(self.run_dir, pid=pid0))
+            msg = d.reason + f" (exit codes {codes})"
+            if d.action == requeue.FAILED:
+                msg += f"; see {self.logs}"
+            elif d.action in (requeue.STOPPED, requeue.CAP):
                 fg = " --foreground" if self.foreground else ""
-                self._log(f"stopped on request; rerun `python launch/submit.py --cluster local{fg} --run-dir "
-                          f"{self.run_dir} ...` to resume", event="stopped", exit_codes=codes)
-                return EXIT_RESUMABLE
-            if attempt >= cap:
-                self._log(f"not restarted: {attempt} restarts reached --max-requeues {cap}",
-                          event="requeue_cap", exit_codes=codes)
-                return EXIT_RESUMABLE
+                msg += f"; rerun `python launch/submit.py --cluster local{fg} --run-dir {self.run_dir} ...` to resume"
+            self._log(msg, event=d.action, by="supervisor", restart_count=attempt, exit_codes=codes,
+                      start_id=requeue.start_id(f"local-{os.getpid()}", attempt))
+            if d.action != requeue.REQUEUE:
+                return requeue.EXIT_FOR[d.action] if EXIT_BAD_INPUT not in codes else EXIT_BAD_INPUT
             attempt += 1
-            why = "killed by a signal" if any(c < 0 for c in codes) else "stopped resumably (75)"
-            self._log(f"ranks {why}, exit codes {codes}; restarting from the newest checkpoint",
-                      event="requeue", by="supervisor", exit_codes=codes)
 
 
 # ---------------------------------------------------------------- main
@@ -586,6 +682,11 @@ def main(argv=None):
         spec = json.loads(Path(argv[1]).read_text())
         return Supervisor(spec).run()
     launcher_argv, user_argv = split_argv(argv)
+    try:
+        refuse_control_characters(launcher_argv)
+    except UsageError as e:
+        print(f"submit.py: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     args = build_parser().parse_args(launcher_argv)
     try:
         plan = Plan(args, user_argv)
@@ -607,20 +708,20 @@ def main(argv=None):
             job_id = submit_local(plan)
     except UsageError as e:
         print(f"submit.py: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except FileNotFoundError as e:
         print(f"submit.py: error: {e}; is SLURM installed here (sbatch on PATH)?", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     if job_id is None:  # dry run
         return 0
-    _append_jsonl(plan.run_dir / "launcher.jsonl", {
+    append_jsonl(plan.run_dir / runfolder.LAUNCHER, {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "event": "submit", "cluster": args.cluster, "job_id": str(job_id), "preset": args.preset,
         "nodes": plan.nodes, "ranks_per_node": plan.ranks_per_node, "train_argv": plan.train_argv,
         "launcher_argv": launcher_argv, "host": socket.gethostname()})
     print(follow_text(plan, str(job_id)), flush=True)
     if args.cluster == "local" and args.foreground:
-        spec = json.loads((plan.run_dir / "logs" / "local-spec.json").read_text())
-        return Supervisor(spec).run()
+        return Supervisor(local_spec(plan)).run()
     return 0
 
 

@@ -31,14 +31,59 @@ def size_pair(text: str):
     return [a, b]
 
 
+def model_names() -> tuple:
+    """The model registry's names (m2das/model.py MODEL_SIZES), read without importing torch.
+
+    `m2das train --help`, `--print_config` and the launcher parse flags on login
+    nodes; importing torch for a list of three names would cost seconds.
+    """
+    import ast
+
+    tree = ast.parse((Path(__file__).with_name("model.py")).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MODEL_SIZES" for t in node.targets):
+            return tuple(k.value for k in node.value.keys)
+    raise RuntimeError("m2das/model.py has no MODEL_SIZES")
+
+
+def model_name(text: str) -> str:
+    names = model_names()
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"unknown model {text!r}; choose one of {', '.join(names)}")
+    return text
+
+
+class Parser(argparse.ArgumentParser):
+    """Errors as one line naming the flag and where to look, exit 2 (EXIT_BAD_INPUT)."""
+
+    def error(self, message):
+        from m2das.runfolder import EXIT_BAD_INPUT
+
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _exit_codes_epilog() -> str:
+    from m2das.runfolder import EXIT_CODES
+
+    return "exit codes: " + "; ".join(f"{c} {t}" for c, t in sorted(EXIT_CODES.items()))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="m2das train",
         description="M2D-AS pre-training. Defaults are the paper's run (300 epochs, 512 per GPU, "
-                    "seed 3, loss_off 1). Rerunning the same command resumes the run.",
+                    "seed 3, loss_off 1). Rerunning the same command resumes the run. Flags are spelled "
+                    "with underscores, as in the paper's command line; hyphens are accepted too.",
+        epilog=_exit_codes_epilog(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    a = p.add_argument
-    a("--model", default="m2d_as_vit_base", help="m2d_as_vit_base | m2d_as_vit_large | m2d_as_vit_tiny")
+
+    def a(name, *more, **kw):
+        """--flag_name, also accepted as --flag-name."""
+        alias = name.replace("_", "-")
+        p.add_argument(name, *more, *([alias] if alias != name else []), **kw)
+
+    a("--model", type=model_name, default="m2d_as_vit_base", help=" | ".join(model_names()))
     a("--input_size", type=size_pair, default=[80, 608], help="FxT of the training crop (80x608)")
     a("--patch_size", type=size_pair, default=[16, 16])
     a("--epochs", type=int, default=300)

@@ -1,0 +1,194 @@
+"""The one requeue policy: how a start of the trainer ended and what happens next.
+
+Every launcher route asks `decide` and nothing else: the submitit job
+(`launch/submit.py`, in `TrainJob.checkpoint` and after the trainer returns),
+the SIGKILL/OOM teardown of the submitit batch script, the local supervisor,
+and the sbatch templates (`slurm/m2das-common.sh`, through
+`python -m m2das.requeue decide ...`). The defaults below are declared here
+only; the sbatch templates' `#SBATCH --signal` line is held to them by a test.
+
+Torch-free: launchers and batch scripts import it on login nodes.
+"""
+
+import argparse
+import datetime
+import os
+import re
+import sys
+from pathlib import Path
+
+from m2das import runfolder
+from m2das.fileio import append_jsonl, read_jsonl
+from m2das.runfolder import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE
+
+# -- defaults, declared once ----------------------------------------------------------
+# The warning SLURM sends before the time limit, on both routes (submitit and the
+# templates): USR2, because submitit requeues on USR2 and ignores USR1, so one
+# signal serves both; 120 s leaves a ViT-B full state (~1.7 GB) time to be written
+# at the next optimizer step on a slow shared file system.
+SIGNAL = "USR2"
+LEAD_S = 120
+MAX_REQUEUES = 100  # restarts of one job (SLURM_RESTART_COUNT) or local supervisor before giving up
+
+# -- decisions --------------------------------------------------------------------------
+FINISHED = "finished"      # every rank exited 0: nothing to do
+DIVERGED = "diverged"      # loss or weights non-finite: a rerun fails the same way
+FAILED = "failed"          # an error a rerun cannot fix (bad input, a crash): look at the logs
+REQUEUE = "requeue"        # stopped resumably or killed: start again from the newest checkpoint
+CAP = "requeue_cap"        # would requeue, but the cap is reached
+STOPPED = "stopped"        # stopped on the user's request: resumable, but not restarted
+# The launcher's exit code for each decision (the trainer's codes, see runfolder.EXIT_CODES).
+EXIT_FOR = {FINISHED: EXIT_OK, DIVERGED: EXIT_DIVERGED, FAILED: 1, REQUEUE: EXIT_RESUMABLE,
+            CAP: EXIT_RESUMABLE, STOPPED: EXIT_RESUMABLE}
+SIGKILL_CODES = (-9, 128 + 9)  # a rank's own -9, or a shell's/srun's 137
+
+
+class Decision(tuple):
+    """(action, reason): `action` is one of the names above, `reason` a phrase for logs."""
+
+    def __new__(cls, action, reason):
+        return super().__new__(cls, (action, reason))
+
+    action = property(lambda self: self[0])
+    reason = property(lambda self: self[1])
+
+
+def killed(code: int) -> bool:
+    """Ended by a signal: negative from Popen, or 128+N from a shell or srun."""
+    return code < 0 or 128 < code < 160
+
+
+def decide(codes, restart_count: int, max_requeues: int = MAX_REQUEUES, *, signalled: bool = False,
+           last_event: str | None = None, stop_requested: bool = False) -> Decision:
+    """What to do after one start of the trainer.
+
+    codes: the exit code of every rank (or srun's one code); restart_count: the
+    restarts already made; signalled: a stop signal reached the job (preemption,
+    time limit); last_event: the trainer's last event in restarts.jsonl for this
+    start, which beats a code when srun --kill-on-bad-exit killed a slower rank;
+    stop_requested: the user asked to stop (SIGTERM/Ctrl-C to the supervisor).
+
+    Exit 2 (bad input, a run folder held by another trainer) and 3 (diverged) are
+    never requeued: a rerun fails the same way.
+    """
+    codes = [int(c) for c in codes]
+    if last_event == runfolder.EVENT_FINISHED or (codes and all(c == EXIT_OK for c in codes)):
+        return Decision(FINISHED, "training finished")
+    if last_event == runfolder.EVENT_DIVERGED or EXIT_DIVERGED in codes:
+        return Decision(DIVERGED, f"loss diverged (exit {EXIT_DIVERGED}); not requeued")
+    if EXIT_BAD_INPUT in codes:
+        return Decision(FAILED, f"bad input or run folder refused (exit {EXIT_BAD_INPUT}); not requeued")
+    # A rank killed by a signal makes the whole start resumable: the others fail
+    # on the broken collective as a consequence (exit 1).
+    resumable = (signalled or last_event == runfolder.EVENT_STOPPED or any(killed(c) for c in codes)
+                 or (codes and all(c in (EXIT_OK, EXIT_RESUMABLE) for c in codes)))
+    if not resumable:
+        return Decision(FAILED, f"a rank failed with exit codes {codes}; not requeued")
+    why = ("killed (SIGKILL: out of memory or kill -9)" if any(c in SIGKILL_CODES for c in codes)
+           else "killed by a signal" if any(killed(c) for c in codes)
+           else f"stopped resumably (exit {EXIT_RESUMABLE})")
+    if stop_requested:
+        return Decision(STOPPED, f"{why} on request; not restarted")
+    if restart_count >= max_requeues:
+        return Decision(CAP, f"{why}, but {restart_count} restarts reached --max-requeues {max_requeues}; "
+                             "not requeued")
+    return Decision(REQUEUE, f"{why}; requeued to resume from the newest checkpoint")
+
+
+# -- records ------------------------------------------------------------------------
+def start_events(run_dir, **match) -> list:
+    """The trainer's events (restarts.jsonl) after its last start record.
+
+    With `match` (e.g. job_id=..., restart_count=... or pid=...), only when that
+    start record is the start in question: a start that died before recording
+    itself must not inherit the previous start's "stopped".
+    """
+    rows = read_jsonl(Path(run_dir) / runfolder.RESTARTS)
+    starts = [i for i, r in enumerate(rows) if r.get("event") == runfolder.EVENT_START]
+    if not starts:
+        return []
+    start = rows[starts[-1]]
+    if any(str(start.get(k)) != str(v) for k, v in match.items()):
+        return []
+    return rows[starts[-1] + 1:]
+
+
+def last_event(run_dir, **match) -> str | None:
+    events = start_events(run_dir, **match)
+    return events[-1].get("event") if events else None
+
+
+def start_id(job_id, restart_count) -> str:
+    return f"{job_id}.{restart_count}"
+
+
+def already_decided(run_dir, job_id, restart_count) -> bool:
+    """Did a route already record a decision for this start (e.g. submitit's checkpoint())?"""
+    sid = start_id(job_id, restart_count)
+    return any(r.get("start_id") == sid for r in read_jsonl(Path(run_dir) / runfolder.LAUNCHER))
+
+
+def record(run_dir, decision: Decision, by: str, job_id, restart_count, **extra) -> None:
+    """One line in RUN/launcher.jsonl: the event is the decision's action."""
+    row = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "event": decision.action, "by": by, "job_id": str(job_id), "restart_count": int(restart_count),
+           "start_id": start_id(job_id, restart_count), "message": decision.reason, **extra}
+    append_jsonl(Path(run_dir) / runfolder.LAUNCHER, row)
+
+
+# -- one MASTER_PORT rule ---------------------------------------------------------------
+def master_port(job_id, restart_count) -> int:
+    """Same on every task of one start, different after a requeue (no stale socket clash)."""
+    digits = int(re.sub(r"\D", "", str(job_id)) or 0)
+    return 15000 + (digits * 31 + int(restart_count) * 7919) % 20000
+
+
+# -- command line, for the sbatch templates -----------------------------------------
+def _cli(argv) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m m2das.requeue",
+        description="The requeue policy for batch scripts. `decide` prints one word (requeue, requeue_cap, "
+                    "finished, diverged, failed, stopped) and records it in RUN/launcher.jsonl; `port` prints "
+                    "MASTER_PORT for SLURM_JOB_ID and SLURM_RESTART_COUNT; `defaults` prints SIGNAL LEAD_S "
+                    "MAX_REQUEUES.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("decide", help="decide after srun returned")
+    d.add_argument("--run", required=True, help="the run folder")
+    d.add_argument("--by", default="sbatch-template", help="who asks (recorded)")
+    d.add_argument("--job-id", "--job_id", default=os.environ.get("SLURM_JOB_ID", ""))
+    d.add_argument("--restart", type=int, default=int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+    d.add_argument("--max-requeues", "--max_requeues", default="",
+                   help=f"empty: {MAX_REQUEUES}")
+    d.add_argument("--signalled", action="store_true", help="a stop signal reached the batch shell")
+    d.add_argument("--once", action="store_true",
+                   help="say `decided` and record nothing when this start already has a decision")
+    d.add_argument("codes", nargs="+", type=int, help="exit codes (srun's)")
+    sub.add_parser("port", help="MASTER_PORT of this start")
+    sub.add_parser("defaults", help="SIGNAL LEAD_S MAX_REQUEUES")
+    args = p.parse_args(argv)
+    if args.cmd == "port":
+        print(master_port(os.environ.get("SLURM_JOB_ID", "0"), os.environ.get("SLURM_RESTART_COUNT") or 0))
+        return 0
+    if args.cmd == "defaults":
+        print(SIGNAL, LEAD_S, MAX_REQUEUES)
+        return 0
+    if args.once and already_decided(args.run, args.job_id, args.restart):
+        print("decided")
+        return 0
+    try:
+        cap = int(args.max_requeues) if str(args.max_requeues).strip() else MAX_REQUEUES
+    except ValueError:
+        print(f"python -m m2das.requeue: error: --max-requeues {args.max_requeues!r}: expected a whole number",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    decision = decide(args.codes, args.restart, cap, signalled=args.signalled,
+                      last_event=last_event(args.run, job_id=args.job_id, restart_count=args.restart))
+    record(args.run, decision, args.by, args.job_id, args.restart, exit_codes=args.codes)
+    print(f"m2das: job {args.job_id} restart {args.restart}: {decision.reason}", file=sys.stderr)
+    print(decision.action)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cli(sys.argv[1:]))

@@ -24,3 +24,10 @@ def test_flop_count_of_base_matches_a_hand_count():
 def test_unknown_benchmark_is_an_error():
     r = run_m2das("bench", "nope")
     assert r.returncode == 2 and "unknown benchmark" in r.stderr
+
+
+def test_bench_checkpoint_reports_what_the_integrity_check_costs(tmp_path):
+    r = run_m2das("bench", "checkpoint", "--model", "m2d_as_vit_tiny", "--repeats", "1", "--dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "full state:" in r.stdout and "CRC32 check" in r.stdout and "GB/s" in r.stdout
+    assert not list(tmp_path.iterdir()), "the benchmark cleans up its file"

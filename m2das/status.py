@@ -1,24 +1,27 @@
 """`m2das status RUN_DIR`: where a run stands, from its files alone.
 
 Reads config.json, log.jsonl, restarts.jsonl, launcher.jsonl and the
-checkpoint files' names and times; it never loads a checkpoint or imports
-torch, so it answers in a fraction of a second on a login node, while the run
-is training, waiting in the queue, or finished.
+checkpoint files' names and times, and asks SLURM (squeue, else sacct) about
+the run's newest job when those commands exist; it never loads a checkpoint or
+imports torch, so it answers in a fraction of a second on a login node, while
+the run is training, waiting in the queue, or finished.
 """
 
 import argparse
 import datetime
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+from m2das import requeue, runfolder
 from m2das.fileio import read_jsonl
 
 RECENT_LOG_ROWS = 20
-CKPT_NAMES = ("last.pth", "last.prev.pth")
-EPOCH_CKPT = re.compile(r"checkpoint-(\d+)\.pth$")
 
 
 def _ts(value):
@@ -66,17 +69,68 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def collect(run_dir, now=None) -> dict:
+QUEUE_TIMEOUT_S = 5
+FAILED_STATES = ("FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "BOOT_FAIL", "DEADLINE")
+ERROR_LINE = re.compile(r"(^|\s)(error:|\w*(Error|Exception)\b:?|Killed|killed)")
+ERROR_TAIL_BYTES = 65536
+
+
+def _run(cmd) -> str | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=QUEUE_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def queue_info(job_id) -> dict | None:
+    """The job's state, pending reason, nodes and time left from squeue; else state and nodes from sacct."""
+    out = _run(["squeue", "-h", "-j", str(job_id), "-o", "%T|%r|%N|%L"])
+    if out and out.strip():
+        state, reason, nodes, left = (out.strip().splitlines()[0].split("|") + [""] * 4)[:4]
+        return {"job_id": str(job_id), "state": state, "reason": reason if reason not in ("", "None") else None,
+                "nodes": nodes or None, "time_left": left if left not in ("", "INVALID", "N/A") else None,
+                "source": "squeue"}
+    out = _run(["sacct", "-n", "-P", "-X", "-j", str(job_id), "-o", "State,NodeList"])
+    if out and out.strip():
+        state, _, nodes = out.strip().splitlines()[-1].partition("|")
+        return {"job_id": str(job_id), "state": state.split()[0] if state else "?", "reason": None,
+                "nodes": nodes or None, "time_left": None, "source": "sacct"}
+    return None
+
+
+def last_error_line(run: Path) -> dict | None:
+    """The newest line that reads like an error in the rank logs (local: logs/, SLURM: slurm/)."""
+    files = list((run / runfolder.LOGS_DIR).glob("rank*.log")) + list((run / "slurm").glob("*_log.err")) + \
+        list((run / "slurm").glob("*_log.out"))
+    best = None
+    for f in files:
+        try:
+            st = f.stat()
+            with open(f, "rb") as fh:
+                fh.seek(max(0, st.st_size - ERROR_TAIL_BYTES))
+                lines = fh.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            continue
+        hits = [ln.strip() for ln in lines if ERROR_LINE.search(ln) and "most recent call last" not in ln]
+        if hits and (best is None or st.st_mtime > best["mtime"]):
+            best = {"file": str(f), "line": hits[-1][:300], "mtime": st.st_mtime}
+    return best
+
+
+def collect(run_dir, now=None, queue=True) -> dict:
     """Everything `m2das status` shows, as a dict (also what `--json` prints)."""
     run = Path(run_dir)
     now = time.time() if now is None else now
     try:
-        cfg = json.loads((run / "config.json").read_text())
+        cfg = json.loads((run / runfolder.CONFIG).read_text())
     except (OSError, ValueError):
         cfg = {}
-    logs = read_jsonl(run / "log.jsonl")
-    restarts = read_jsonl(run / "restarts.jsonl")
-    launcher = read_jsonl(run / "launcher.jsonl")
+    logs = read_jsonl(run / runfolder.LOG)
+    restarts = read_jsonl(run / runfolder.RESTARTS)
+    launcher = read_jsonl(run / runfolder.LAUNCHER)
 
     epochs = cfg.get("epochs")
     world = cfg.get("world_size")
@@ -88,7 +142,7 @@ def collect(run_dir, now=None) -> dict:
            "loss": last.get("loss"), "last_log_time": _ts(last.get("time"))}
 
     # Speed: the newest rows of the current start only (a restart's gap is not training time).
-    starts = [r for r in restarts if r.get("event", "start") == "start"]
+    starts = [r for r in restarts if r.get("event", runfolder.EVENT_START) == runfolder.EVENT_START]
     since = _ts(starts[-1].get("time")) if starts else None
     recent = [r for r in logs[-RECENT_LOG_ROWS:] if since is None or (_ts(r.get("time")) or 0) >= since]
     rates = [r["samples_per_s"] for r in recent if isinstance(r.get("samples_per_s"), (int, float))]
@@ -104,27 +158,26 @@ def collect(run_dir, now=None) -> dict:
 
     # Checkpoints.
     ckpts = []
-    for p in list(run.glob("checkpoint-*.pth")) + [run / n for n in CKPT_NAMES]:
-        if p.name in CKPT_NAMES or EPOCH_CKPT.search(p.name):
-            try:
-                st = p.stat()
-            except OSError:
-                continue
-            ckpts.append({"name": p.name, "mtime": st.st_mtime, "age_s": now - st.st_mtime, "bytes": st.st_size})
+    for p in runfolder.checkpoint_files(run):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        ckpts.append({"name": p.name, "mtime": st.st_mtime, "age_s": now - st.st_mtime, "bytes": st.st_size})
     ckpts.sort(key=lambda c: c["mtime"], reverse=True)
     out["checkpoints"] = ckpts
-    finished_file = epochs is not None and (run / f"checkpoint-{epochs}.pth").exists()
-    finished_event = any(r.get("event") == "finished" for r in restarts)
-    diverged = any(r.get("event") == "diverged" for r in restarts)
+    finished_file = epochs is not None and runfolder.final_weights(run, epochs).exists()
+    finished_event = any(r.get("event") == runfolder.EVENT_FINISHED for r in restarts)
+    diverged = any(r.get("event") == runfolder.EVENT_DIVERGED for r in restarts)
     out["finished"] = bool(finished_file or finished_event)
 
     # State.
     if out["finished"]:
         state = "finished"
     elif diverged and (not starts or _ts(starts[-1].get("time")) or 0) <= max(
-            (_ts(r.get("time")) or 0) for r in restarts if r.get("event") == "diverged"):
+            (_ts(r.get("time")) or 0) for r in restarts if r.get("event") == runfolder.EVENT_DIVERGED):
         state = "diverged (loss non-finite); not requeued"
-    elif restarts and restarts[-1].get("event") == "stopped":
+    elif restarts and restarts[-1].get("event") == runfolder.EVENT_STOPPED:
         state = f"stopped on {restarts[-1].get('signal') or 'a signal'}, waiting to be resumed"
     elif out["last_log_time"] is not None:
         state = f"running? last log line {_duration(now - out['last_log_time'])} ago"
@@ -132,7 +185,7 @@ def collect(run_dir, now=None) -> dict:
         state = "started, no log line yet"
     else:
         state = "not started yet (queued?)"
-    caps = [r for r in launcher if r.get("event") == "requeue_cap"]
+    caps = [r for r in launcher if r.get("event") == requeue.CAP]
     if caps and not out["finished"]:
         state += "; requeue cap reached: " + str(caps[-1].get("message", ""))
     out["state"] = state
@@ -145,20 +198,38 @@ def collect(run_dir, now=None) -> dict:
                       "resumed_step": r.get("resumed_step"), "last_stop_reason": r.get("last_stop_reason")}
                      for r in starts]
     out["stops"] = [{"time": _ts(r.get("time")), "signal": r.get("signal"), "step": r.get("step")}
-                    for r in restarts if r.get("event") == "stopped"]
+                    for r in restarts if r.get("event") == runfolder.EVENT_STOPPED]
     out["requeues"] = [{"time": _ts(r.get("time")), "job_id": r.get("job_id"), "by": r.get("by"),
                         "reason": r.get("reason"), "restart_count": r.get("restart_count")}
-                       for r in launcher if r.get("event") == "requeue"]
+                       for r in launcher if r.get("event") == requeue.REQUEUE]
     out["job_ids"] = sorted({str(r["job_id"]) for r in launcher + starts if r.get("job_id")})
     submits = [r for r in launcher if r.get("event") == "submit"]
     out["submitted"] = [{"time": _ts(r.get("time")), "cluster": r.get("cluster"), "job_id": r.get("job_id"),
                          "preset": r.get("preset")} for r in submits]
+    slurm_jobs = [r.get("job_id") for r in submits if r.get("cluster") == "slurm" and r.get("job_id")]
+    out["queue"] = queue_info(slurm_jobs[-1]) if queue and slurm_jobs else None
+    decisions = [r for r in launcher if r.get("event") in requeue.EXIT_FOR]
+    crashed = (decisions and decisions[-1]["event"] == requeue.FAILED) or \
+        (out["queue"] is not None and out["queue"]["state"].startswith(FAILED_STATES))
+    out["error"] = last_error_line(run) if crashed and not out["finished"] else None
     return out
 
 
 def render(s: dict, now=None) -> str:
     now = time.time() if now is None else now
     lines = [f"run        {s['run_dir']}", f"state      {s['state']}"]
+    q = s.get("queue")
+    if q:
+        text = f"queue      job {q['job_id']} {q['state']}"
+        if q["reason"] and q["state"] == "PENDING":
+            text += f" ({q['reason']})"
+        if q["nodes"] and q["state"] != "PENDING":
+            text += f" on {q['nodes']}"
+        if q["time_left"] and q["state"] == "RUNNING":
+            text += f", {q['time_left']} left"
+        lines.append(text)
+    if s.get("error"):
+        lines.append(f"error      {s['error']['line']}  ({s['error']['file']})")
     if s["step"] is not None:
         total = f"/{s['total_steps']}" if s["total_steps"] else ""
         pct = f" ({100.0 * s['step'] / s['total_steps']:.1f}%)" if s["total_steps"] else ""
@@ -187,6 +258,9 @@ def render(s: dict, now=None) -> str:
         lines.append("checkpoint none yet")
     n = len(s["starts"])
     lines.append(f"starts     {n} ({max(n - 1, 0)} restarts); job ids: {', '.join(s['job_ids']) or '-'}")
+    unrecorded = len(s["requeues"]) - max(n - 1, 0)
+    if unrecorded > 0:
+        lines.append(f"           {unrecorded} more start(s) were requeued before the trainer recorded them")
     for st in s["starts"][-10:]:
         where = (f"resumed from {Path(st['resumed_from']).name} at step {st['resumed_step']}"
                  if st["resumed_from"] else "fresh start")
@@ -205,19 +279,26 @@ def render(s: dict, now=None) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="m2das status", description="Progress of a run folder.")
+    p = argparse.ArgumentParser(prog="m2das status", description="Progress of a run folder; with SLURM's "
+                                "squeue/sacct on PATH also the job's state, pending reason, nodes and time left.",
+                                epilog="exit codes: 0 shown; 2 not a run folder",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", help="the run folder (the launcher prints it; --output_dir of m2das train)")
     p.add_argument("--json", action="store_true", help="print the collected fields as JSON")
+    p.add_argument("--no-queue", "--no_queue", action="store_true", help="do not ask squeue/sacct")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     run = Path(args.run_dir)
     if not run.is_dir():
         print(f"m2das status: error: {run} is not a folder; pass the run folder the launcher printed",
               file=sys.stderr)
         return 2
-    if not any((run / n).exists() for n in ("config.json", "launcher.jsonl", "restarts.jsonl", "log.jsonl")):
+    if not any((run / n).exists() for n in runfolder.MARKER_FILES):
         print(f"m2das status: error: {run} has no config.json, log.jsonl or launcher.jsonl; "
               "is it a run folder?", file=sys.stderr)
         return 2
-    s = collect(run)
-    print(json.dumps(s, indent=2, sort_keys=True) if args.json else render(s))
+    s = collect(run, queue=not args.no_queue)
+    try:
+        print(json.dumps(s, indent=2, sort_keys=True) if args.json else render(s), flush=True)
+    except BrokenPipeError:  # `m2das status RUN | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

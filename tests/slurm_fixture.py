@@ -176,7 +176,8 @@ class SlurmCluster:
                 if not left:
                     break
                 time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
+        names = sorted(n for n in self.started_pids if n.startswith("slurmd")) + ["slurmctld", "munged"]
+        for name in names:
             pid = self.started_pids.pop(name, None)
             if pid is None:
                 continue
@@ -377,3 +378,189 @@ def wait_for_progress(run_dir, n_starts, steps, timeout, on_timeout=lambda: ""):
         return last_step(run_dir) >= (s[n_starts - 1].get("resumed_step") or 0) + steps and \
             (read_jsonl(Path(run_dir) / "log.jsonl")[-1].get("time", 0) >= s[n_starts - 1].get("time", 0))
     return wait_for(ok, timeout, f"start {n_starts} to make {steps} steps in {run_dir}", on_timeout)
+
+
+# -- a two-node cluster: each slurmd in its own network namespace --------------------
+def two_node_unavailable_reason():
+    """None when two slurmd can run as separate hosts here, else why not."""
+    reason = slurm_unavailable_reason()
+    if reason:
+        return reason
+    for tool in ("ip", "unshare", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"the two-node SLURM test needs `{tool}` (apt-get install -y iproute2 util-linux)"
+    probe = f"m2dasprobe{os.getpid() % 10000}"
+    out = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if out.returncode != 0:
+        return f"the two-node SLURM test needs network namespaces (`ip netns add` failed: {out.stderr.strip()})"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+class TwoNodeCluster(SlurmCluster):
+    """slurmctld on a bridge made here; two slurmd, each in its own network and UTS namespace.
+
+    Every address, interface and namespace is made by the fixture in a private
+    10.x.y.0/24 subnet and removed by `stop`; all SLURM and gloo traffic stays on
+    those addresses. Each slurmd sees a hosts file of the fixture's folder
+    bind-mounted over /etc/hosts in its private mount namespace (inherited by the
+    job steps it starts), so the node names resolve on the nodes.
+    """
+
+    NODES = ("m2dasn1", "m2dasn2")
+
+    def __init__(self, root: Path):
+        super().__init__(root, cpus=1)
+        tag = os.getpid() % 1000
+        self.bridge = f"m2dbr{tag}"
+        self.subnet = self._free_subnet()
+        self.ctl_host = "m2dasctl"
+        self.ctl_addr = f"{self.subnet}.1"
+        self.addrs = {n: f"{self.subnet}.{i + 2}" for i, n in enumerate(self.NODES)}
+        self.netns = {n: f"m2das-{tag}-{n}" for n in self.NODES}
+        self.made_links, self.made_netns = [], []
+        self.host = self.ctl_host
+
+    @staticmethod
+    def _free_subnet():
+        used = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+        for b in range(200, 250):
+            net = f"10.{b}.{os.getpid() % 250}"
+            if f" {net}." not in used:
+                return net
+        raise RuntimeError("no free 10.x.y.0/24 subnet for the two-node cluster")
+
+    def _ip(self, *args, netns=None):
+        cmd = (["ip", "netns", "exec", netns] if netns else []) + ["ip", *args]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+    def _network(self):
+        self._ip("link", "add", self.bridge, "type", "bridge")
+        self.made_links.append(self.bridge)
+        self._ip("addr", "add", f"{self.ctl_addr}/24", "dev", self.bridge)
+        self._ip("link", "set", self.bridge, "up")
+        hosts = "".join(f"{a} {n}\n" for n, a in [(self.ctl_host, self.ctl_addr), *self.addrs.items()])
+        for i, node in enumerate(self.NODES):
+            ns, outside, inside = self.netns[node], f"{self.bridge}v{i}", f"{self.bridge}p{i}"
+            subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+            self.made_netns.append(ns)
+            self._ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+            self.made_links.append(outside)
+            self._ip("link", "set", inside, "netns", ns)
+            self._ip("link", "set", outside, "master", self.bridge)
+            self._ip("link", "set", outside, "up")
+            self._ip("addr", "add", f"{self.addrs[node]}/24", "dev", inside, netns=ns)
+            self._ip("link", "set", inside, "up", netns=ns)
+            self._ip("link", "set", "lo", "up", netns=ns)
+            (self.root / f"hosts-{node}").write_text(f"127.0.0.1 localhost\n{hosts}")
+
+    def start(self, timeout=60.0):
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755)
+        (self.root / "state").mkdir(exist_ok=True)
+        (self.root / "plugstack.conf").write_text("")
+        self._network()
+        key = self.root / "munge.key"
+        key.write_bytes(os.urandom(128))
+        os.chmod(key, 0o400)
+        self.munge_socket = self.root / "munge.sock"
+        self._spawn("munged", [_which("munged"), "--force", f"--key-file={key}", f"--socket={self.munge_socket}",
+                               f"--pid-file={self.root / 'munged.pid'}", f"--log-file={self.root / 'munged.log'}",
+                               f"--seed-file={self.root / 'munged.seed'}"], self.root / "munged.pid")
+        self.conf.write_text(self._slurm_conf())
+        # slurmctld insists on running on the host named in SlurmctldHost: its own UTS name.
+        self._spawn("slurmctld", ["unshare", "--uts", "sh", "-c", f'hostname {self.ctl_host} && exec "$0" -i -f "$1"',
+                                  _which("slurmctld"), str(self.conf)], self.root / "slurmctld.pid")
+        for node in self.NODES:
+            (self.root / f"spool-{node}").mkdir(exist_ok=True)
+            # Its own network (nsenter), host name and /etc/hosts (unshare --uts --mount: the bind
+            # mount and the name are private to this slurmd and the job steps it starts).
+            hosts = self.root / f"hosts-{node}"
+            self._spawn(f"slurmd-{node}", [
+                "nsenter", f"--net=/run/netns/{self.netns[node]}", "unshare", "--uts", "--mount",
+                "--propagation", "private", "sh", "-c",
+                f'mount --bind "$2" /etc/hosts && hostname {node} && exec "$0" -f "$1" -N {node}',
+                _which("slurmd"), str(self.conf), str(hosts)],
+                self.root / f"slurmd-{node}.pid")
+        deadline = time.time() + timeout
+        states = ""
+        while time.time() < deadline:
+            states = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False).stdout.split()
+            if states.count("idle") == len(self.NODES):
+                return self
+            time.sleep(0.3)
+        raise RuntimeError(f"two-node SLURM not idle after {timeout:.0f}s ({states}); see {self.root}")
+
+    def _slurm_conf(self):
+        base = super()._slurm_conf().splitlines()
+        r = self.root
+        drop = ("SlurmctldHost=", "SlurmdPidFile=", "SlurmdSpoolDir=", "SlurmdLogFile=", "NodeName=", "PartitionName=")
+        lines = [ln for ln in base if not ln.startswith(drop)]
+        lines += [f"SlurmctldHost={self.ctl_host}({self.ctl_addr})",
+                  f"SlurmdPidFile={r}/slurmd-%n.pid", f"SlurmdSpoolDir={r}/spool-%n",
+                  f"SlurmdLogFile={r}/slurmd-%n.log"]
+        lines += [f"NodeName={n} NodeAddr={a} NodeHostname={n} CPUs=1 RealMemory=4000 State=UNKNOWN"
+                  for n, a in self.addrs.items()]
+        lines += [f"PartitionName=debug Nodes={','.join(self.NODES)} Default=YES MaxTime=INFINITE State=UP", ""]
+        return "\n".join(lines)
+
+    def stop(self):
+        try:
+            super().stop()
+        finally:
+            for link in self.made_links:
+                subprocess.run(["ip", "link", "del", link], capture_output=True)
+            for ns in self.made_netns:
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    def node_state(self, node):
+        return self.run("sinfo", "-h", "-n", node, "-o", "%T", check=False).stdout.strip()
+
+    def release(self, job_id, timeout=90.0):
+        """Back to work after a requeue: resume drained nodes, release a held job, start it now."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            busy = [n for n in self.NODES if self.node_state(n).rstrip("*") not in ("idle", "drained", "down",
+                                                                                     "draining")]
+            if not busy and not job_task_pids(job_id):
+                break
+            time.sleep(0.3)
+        time.sleep(1.0)
+        for node in self.NODES:
+            if self.node_state(node).rstrip("*") in ("drained", "draining", "down"):
+                self.run("scontrol", "update", f"NodeName={node}", "State=RESUME", check=False)
+        if self.job(job_id).get("Reason", "").startswith(("JobHeld", "launch_failed")) or \
+                self.job(job_id).get("Priority") == "0":
+            self.run("scontrol", "release", str(job_id), check=False)
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+
+
+def job_task_pids(job_id, step="0"):
+    """Pids of a job's task processes on this machine (any namespace), from their environment."""
+    want = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_STEP_ID={step}".encode()}
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = set((d / "environ").read_bytes().split(b"\0"))
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if want <= env and b"slurmstepd" not in cmd and b"python" in cmd:
+            pids.append(int(d.name))
+    return sorted(pids)
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(tmp_path_factory):
+    reason = two_node_unavailable_reason()
+    if reason:
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    cluster = TwoNodeCluster(tmp_path_factory.mktemp("slurm2"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -1,8 +1,10 @@
-"""`launch/submit.py --cluster slurm` on a real SLURM: preempted twice, SIGKILLed once, it
-comes back by itself each time and ends with the weights of an uninterrupted run.
+"""`launch/submit.py --cluster slurm` and the sbatch templates on a real SLURM: preempted,
+SIGKILLed, requeued by SLURM, a node lost; the job comes back by itself each time and
+ends with the weights of an uninterrupted run.
 
-The cluster (munged, slurmctld, slurmd) is started by the fixture in a temp
-folder; without root or Debian's slurm-wlm and munge the test is skipped.
+The clusters (munged, slurmctld, one or two slurmd) are started by the fixtures in a
+temp folder; without root, Debian's slurm-wlm and munge (and network namespaces for
+two nodes) the tests are skipped with the reason.
 """
 
 import re
@@ -13,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from slurm_fixture import (REPO, TINY_EPOCHS, assert_same_weights, load_model_tensors, read_jsonl,  # noqa: F401
-                           reference_weights, slurm_cluster, starts, make_env, tiny_data, user_trainer_flags,
-                           wait_for, wait_for_progress)
+from slurm_fixture import (REPO, TINY_EPOCHS, assert_same_weights, job_task_pids, load_model_tensors,  # noqa: F401
+                           make_env, read_jsonl, reference_weights, slurm_cluster, slurm_two_nodes, starts,
+                           tiny_data, user_trainer_flags, wait_for, wait_for_progress)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -52,64 +54,70 @@ def wait_requeued(cluster, job, restarts, timeout, diag):
     cluster.release(job)
 
 
-def task_pids(cluster, job):
-    """Pids of the trainer tasks (step 0 of the job), from SLURM itself."""
-    out = cluster.run("scontrol", "listpids", str(job), check=False).stdout.splitlines()[1:]
-    pids = []
-    for line in out:
-        cols = line.split()
-        if len(cols) >= 5 and cols[2] == "0" and cols[3].isdigit():
-            pids.append(int(cols[0]))
-    return pids
+def status_of(run):
+    out = subprocess.run([sys.executable, "-m", "m2das", "status", str(run)], capture_output=True, text=True,
+                         cwd=REPO, timeout=60, env=make_env())
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
-def test_preempted_twice_and_killed_once_then_finishes_exactly(slurm_cluster, tiny_data, reference_weights,
-                                                               tmp_path):
-    cluster, run = slurm_cluster, tmp_path / "run"
+def kill_tasks(job, expected):
+    pids = job_task_pids(job)
+    assert len(pids) == expected, f"expected {expected} trainer tasks, got {pids}"
+    subprocess.run(["kill", "-9", *map(str, pids)], check=True)
+
+
+def test_two_nodes_preempted_killed_requeued_and_node_down_finish_exactly(slurm_two_nodes, tiny_data,
+                                                                          reference_weights, tmp_path):
+    """One gloo rank on each of two hosts (own network namespace, name and address each).
+
+    Four disturbances of one job, each caught by a different route of the one
+    requeue policy or by SLURM itself; the weights are those of an undisturbed run.
+    """
+    cluster, run = slurm_two_nodes, tmp_path / "run"
     t0 = time.time()
-    job = submit(cluster, run, tiny_data)
+    job = submit(cluster, run, tiny_data, "--nodes", "2", "--gpus-per-node", "1")
     diag = diagnostics(cluster, run, job)
 
-    # 1. submitit's preemption signal (USR2 to every task): the trainer saves, submitit requeues.
+    # 1. Preemption warning (USR2 to every task): the trainer saves, submitit's checkpoint() requeues.
     wait_for_progress(run, 1, 3, 240, diag)
+    running = status_of(run)
+    assert re.search(rf"queue      job {job} RUNNING on m2dasn\[1-2\], \S+ left", running), running
     cluster.run("scancel", "--signal=USR2", job)
+    wait_for(lambda: cluster.job(job).get("JobState") == "PENDING", 90, "the requeue", diag)
+    pending = status_of(run)
+    assert re.search(rf"queue      job {job} PENDING \(\w+\)", pending), pending
     wait_requeued(cluster, job, 1, 90, diag)
-
-    # 2. SLURM requeues it itself (as on preemption with PreemptMode=REQUEUE): SIGTERM, then kill.
+    # 2. Killed without warning (SIGKILL to both tasks): the batch script's teardown requeues.
     wait_for_progress(run, 2, 3, 240, diag)
-    cluster.run("scontrol", "requeue", job)
+    kill_tasks(job, 2)
     wait_requeued(cluster, job, 2, 90, diag)
-
-    # 3. Killed without warning: SIGKILL to every trainer task; the batch script requeues.
+    # 3. SLURM requeues it itself (as on preemption with PreemptMode=REQUEUE): SIGTERM, then kill.
     wait_for_progress(run, 3, 3, 240, diag)
-    pids = task_pids(cluster, job)
-    assert len(pids) == 2, f"expected 2 trainer tasks, got {pids}"
-    subprocess.run(["kill", "-9", *map(str, pids)], check=True)
+    cluster.run("scontrol", "requeue", job)
     wait_requeued(cluster, job, 3, 90, diag)
+    # 4. The second node goes DOWN mid-run: SLURM kills the job and requeues it; once the node is
+    #    back (RESUME) and the job released, it finishes.
+    wait_for_progress(run, 4, 3, 240, diag)
+    cluster.run("scontrol", "update", "NodeName=m2dasn2", "State=DOWN", "Reason=m2das-test")
+    wait_requeued(cluster, job, 4, 120, diag)
 
     wait_for(lambda: cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 300,
              f"job {job} to finish", diag)
-    state = cluster.job(job)
-    assert state["JobState"] == "COMPLETED", diag()
-    elapsed = time.time() - t0
-    print(f"SLURM run with 3 interruptions finished in {elapsed:.0f}s")
+    assert cluster.job(job)["JobState"] == "COMPLETED", diag()
+    print(f"two-node SLURM run with 4 interruptions finished in {time.time() - t0:.0f}s")
 
-    # Four starts of the same job in the same folder, each resuming where the last stopped.
     s = starts(run)
-    assert [r.get("job_id") for r in s] == [job] * 4
-    assert [r.get("restart_count") for r in s] == [0, 1, 2, 3]
+    assert [r.get("job_id") for r in s] == [job] * 5 and [r.get("restart_count") for r in s] == [0, 1, 2, 3, 4]
+    assert {r.get("host") for r in s} <= {"m2dasn1", "m2dasn2"}, s
     assert all(r.get("resumed_step", 0) > 0 for r in s[1:]), s
-    assert "SIGUSR2" in s[1]["last_stop_reason"] and "SIGTERM" in s[2]["last_stop_reason"]
-    assert "killed without warning" in s[3]["last_stop_reason"]
+    assert "SIGUSR2" in s[1]["last_stop_reason"] and "killed without warning" in s[2]["last_stop_reason"]
+    assert "SIGTERM" in s[3]["last_stop_reason"] and "killed without warning" in s[4]["last_stop_reason"]
     requeues = [r for r in read_jsonl(run / "launcher.jsonl") if r.get("event") == "requeue"]
-    assert [r["by"] for r in requeues] == ["submitit", "sbatch-teardown"]
-
+    assert [r["by"] for r in requeues] == ["submitit", "sbatch-teardown"], requeues
     assert_same_weights(load_model_tensors(run / f"checkpoint-{TINY_EPOCHS}.pth"), reference_weights)
-
-    status = subprocess.run([sys.executable, "-m", "m2das", "status", str(run)], capture_output=True, text=True,
-                            cwd=REPO, timeout=60)
-    assert status.returncode == 0, status.stderr
-    assert "state      finished" in status.stdout and "4 (3 restarts)" in status.stdout, status.stdout
+    done = status_of(run)
+    assert "state      finished" in done and "5 (4 restarts)" in done, done
 
 
 def test_sbatch_template_forwards_signal_and_requeues(slurm_cluster, tiny_data, reference_weights, tmp_path):

@@ -12,6 +12,9 @@ COMMANDS = {
     "demo": ("m2das.demo", "Synthesise a tiny corpus, train, interrupt, resume: the whole job in minutes."),
     "status": ("m2das.status", "Progress of a run folder: step, checkpoints, speed, restarts, ETA."),
     "bench": ("m2das.bench", "Benchmarks: `bench train`, `bench prepare`."),
+    "export": ("m2das.export", "Run or checkpoint -> encoder-only weights for the M2D runtime and EVAR."),
+    "embed": ("m2das.embed", "Folder of audio or LMS files -> clip embeddings (.npz)."),
+    "eval": ("m2das.linear_eval", "Linear evaluation of frozen embeddings on a file_name,label,split list."),
 }
 
 

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--force_config", action="store_true", help="continue a run folder whose config.json differs")
     a("--skip_validation", action="store_true", help="do not check every listed file before training")
     a("--print_config", action="store_true", help="print the resolved configuration as JSON and exit")
+    from m2das.monitor import add_monitor_flags  # --monitor_every, --monitor_list (torch-free)
+
+    add_monitor_flags(a)
     return p
 
 

@@ -1,0 +1,123 @@
+"""The pre-trained encoder as a feature extractor: waveform or LMS in, frame and clip features out.
+
+Features follow the published runtime's convention, so numbers computed here
+and there from the same weights agree: per time frame, the tokens of all
+frequency patches are concatenated (5 x 768 = 3840-d for ViT-B); a clip longer
+than the training crop (608 frames) is cut into crop-long chunks whose frames
+are concatenated in time (the last chunk zero-padded to whole patches); the
+clip feature is the mean over frames.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from m2das import audio
+from m2das.model import MODEL_SIZES, PatchEmbed, blocks
+from m2das.weights import HEAD_PREFIX, read_weights
+
+
+class Features(NamedTuple):
+    frames: torch.Tensor  # [B, T', F/pf * D]
+    clip: torch.Tensor    # [B, F/pf * D]
+
+
+def encode_tokens(vit: nn.Module, x: torch.Tensor, grid_rows: int) -> torch.Tensor:
+    """Normalised LMS [B, 1, F, t] (t a multiple of the patch width, at most the training crop)
+    -> all patch tokens [B, F/pf * t/pt, D], unmasked, cls dropped.
+
+    `vit` is anything with the encoder's names (an M2DAS or an AudioEncoder);
+    a short input uses the first columns of the position embedding.
+    """
+    tokens = vit.patch_embed(x)
+    dim = tokens.shape[-1]
+    cols = tokens.shape[1] // grid_rows
+    pos = vit.pos_embed[:, 1:].reshape(1, grid_rows, -1, dim)[:, :, :cols].reshape(1, grid_rows * cols, dim)
+    cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+    h = torch.cat([cls, tokens + pos], dim=1)
+    for blk in vit.blocks:
+        h = blk(h)
+    return vit.norm(h)[:, 1:]
+
+
+def tokens_to_frames(tokens: torch.Tensor, grid_rows: int) -> torch.Tensor:
+    """[B, rows * cols (row-major), D] -> [B, cols, rows * D]: one feature per time frame."""
+    b, n, d = tokens.shape
+    return tokens.reshape(b, grid_rows, n // grid_rows, d).transpose(1, 2).reshape(b, n // grid_rows, grid_rows * d)
+
+
+class AudioEncoder(nn.Module):
+    """The online encoder of M2D-AS with the state-dict names of the published runtime.
+
+    `encoder(lms)` takes LMS as `m2das prepare` writes them ([B, 1, 80, T] or
+    [B, 80, T], not normalised); `encoder(wave, sample_rate=sr)` takes
+    waveforms at any rate ([samples], [B, samples] or [B, channels, samples]).
+    Both return Features(frames, clip).
+    """
+
+    def __init__(self, input_size=(80, 608), patch_size=(16, 16), embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, num_classes=0):
+        super().__init__()
+        self.input_size, self.patch_size = tuple(input_size), tuple(patch_size)
+        self.grid = (input_size[0] // patch_size[0], input_size[1] // patch_size[1])
+        self.register_buffer("norm_stats", torch.tensor([0.0, 1.0]))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim), requires_grad=False)
+        self.patch_embed = PatchEmbed(self.patch_size, embed_dim)
+        self.blocks = blocks(depth, embed_dim, num_heads, mlp_ratio)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.offline_predictor = nn.Linear(embed_dim * self.grid[0], num_classes) if num_classes else None
+        self.classes: list = []
+
+    @property
+    def feature_dim(self) -> int:
+        return self.grid[0] * self.cls_token.shape[-1]
+
+    def to_lms(self, wave, sample_rate: int) -> torch.Tensor:
+        """Waveforms -> LMS [B, 1, 80, T], made exactly as `m2das prepare` makes them."""
+        x = torch.as_tensor(wave, dtype=torch.float32)
+        if x.dim() == 1:
+            x = x[None]
+        device = self.norm_stats.device
+        mono = [audio.to_mono_16k(item, sample_rate, device) for item in x]
+        return torch.from_numpy(np.stack(audio.lms_batch_16k(mono, device))).to(device)
+
+    def frame_features(self, lms: torch.Tensor) -> torch.Tensor:
+        """LMS [B, 1, F, T] -> [B, T', F/pf * D], chunked at the training crop length."""
+        if lms.dim() == 3:
+            lms = lms[:, None]
+        x = (lms.to(self.norm_stats.device, torch.float32) - self.norm_stats[0]) / self.norm_stats[1]
+        unit, width = self.input_size[1], self.patch_size[1]
+        x = nn.functional.pad(x, (0, (-x.shape[-1]) % width))
+        chunks = [x[..., s:s + unit] for s in range(0, x.shape[-1], unit)]
+        return torch.cat([tokens_to_frames(encode_tokens(self, c, self.grid[0]), self.grid[0]) for c in chunks], dim=1)
+
+    def forward(self, x: torch.Tensor, sample_rate: int | None = None) -> Features:
+        lms = x if sample_rate is None else self.to_lms(x, sample_rate)
+        frames = self.frame_features(lms)
+        return Features(frames, frames.mean(dim=1))
+
+    def tag(self, x: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
+        """Class probabilities [B, classes] from the AudioSet head (an export made with --with-head)."""
+        if self.offline_predictor is None:
+            raise RuntimeError("these weights have no AudioSet head; export with `m2das export --with-head`")
+        lms = x if sample_rate is None else self.to_lms(x, sample_rate)
+        return torch.sigmoid(self.offline_predictor(self.frame_features(lms)).mean(dim=1))
+
+
+def load_encoder(path, device="cpu", epoch: int | None = None) -> AudioEncoder:
+    """An exported encoder, a full checkpoint or a run folder -> AudioEncoder in eval mode on `device`."""
+    w = read_weights(path, epoch)
+    state = {k: v for k, v in w.encoder_state(with_head=True).items()}
+    dim = state["cls_token"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    size = MODEL_SIZES.get(w.model or "", {})
+    heads = size.get("num_heads", 12) if size.get("embed_dim", 768) == dim else max(dim // 64, 1)
+    head = state.get(HEAD_PREFIX + "weight")
+    encoder = AudioEncoder(w.input_size, w.patch_size, dim, depth, heads,
+                           num_classes=head.shape[0] if head is not None else 0)
+    encoder.load_state_dict(state, strict=True)
+    encoder.classes = list(w.classes)
+    return encoder.to(device).eval()

@@ -1,0 +1,68 @@
+"""`m2das export RUN|CHECKPOINT`: encoder-only weights the published runtime and EVAR load as they are.
+
+Keeps `patch_embed.*`, `cls_token`, `pos_embed`, `blocks.*`, `norm.*` and
+`norm_stats` (about 330 MB for ViT-B instead of 1.7 GB) in a folder named
+`{model}-{F}x{T}p{pf}x{pt}p16k-{YYMMDD}-{config}_enconly`, the name those tools
+parse the sizes from. The file holds tensors only, so a plain `torch.load`
+(weights_only) reads it.
+"""
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+from m2das.runfolder import EXIT_BAD_INPUT
+from m2das.weights import WeightsError, folder_name, parse_folder_name, read_weights
+
+CLASSES_FILE = "classes.json"
+
+
+def export_name(w) -> str:
+    """The run folder's date and config tag when it has them, else today's date and 'export'."""
+    run = parse_folder_name(w.path.parent.name)
+    parts = w.path.parent.name.split("-", 3) if run else []
+    date = parts[2] if len(parts) > 2 else f"{datetime.date.today():%y%m%d}"
+    tag = parts[3] if len(parts) > 3 else "export"
+    model = w.model or (run or {}).get("model") or "m2d_as_vit_base"
+    return folder_name(model, w.input_size, w.patch_size, date, f"{tag}_enconly")
+
+
+def export(source, out_dir=None, epoch: int | None = None, with_head: bool = False) -> Path:
+    """Write the encoder-only file; returns its path. Raises WeightsError for unusable input."""
+    import torch
+
+    from m2das.fileio import atomic_write, write_json
+
+    w = read_weights(source, epoch)
+    if with_head and "offline_predictor.weight" not in w.state:
+        raise WeightsError(f"{w.path}: has no AudioSet head (offline_predictor); export without --with-head")
+    state = {k: v.detach().clone().contiguous() for k, v in w.encoder_state(with_head).items()}
+    folder = Path(out_dir) if out_dir is not None else w.path.parent.parent
+    folder = folder / export_name(w)
+    name = f"weights_ep{w.epoch}.pth" if w.epoch is not None else f"{w.path.stem}.pth"
+    dest = folder / name
+    with atomic_write(dest) as f:
+        torch.save(state, f)
+    if with_head:
+        write_json(folder / CLASSES_FILE, list(w.classes))
+    return dest
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="m2das export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="RUN|CHECKPOINT", help="a run folder or a checkpoint file")
+    p.add_argument("--epoch", type=int, default=None, help="checkpoint-EPOCH.pth of the run (default: the last)")
+    p.add_argument("--out", default=None, help="parent of the export folder (default: the run folder's parent)")
+    p.add_argument("--with-head", "--with_head", action="store_true", dest="with_head",
+                   help=f"also keep the AudioSet head (offline_predictor) and write {CLASSES_FILE} beside it")
+    args = p.parse_args(argv)
+    try:
+        dest = export(args.source, args.out, args.epoch, args.with_head)
+    except (WeightsError, OSError) as e:
+        print(f"m2das export: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    size = dest.stat().st_size
+    print(f"wrote {dest} ({size / 1e6:.1f} MB); load it with m2das.load_encoder({str(dest)!r}) or the M2D runtime")
+    return 0

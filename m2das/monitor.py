@@ -1,0 +1,169 @@
+"""Representation quality measured while training: is the encoder getting better?
+
+The self-supervised loss does not say. At chosen epoch ends the monitor runs the
+current online encoder, full and unmasked, over a held-out labelled list of LMS
+files (AudioSet's eval segments: `files_as_eval.csv` from `m2das prepare`) and
+reports
+  - mAP of the AudioSet head on those clips,
+  - RankMe, the effective rank of the clip embeddings (Garrido et al., ICML 2023),
+  - leave-one-out kNN accuracy of the clip embeddings on their labels.
+Crops are fixed (the centre of each clip) and no random generator is touched,
+so a resumed run stays bit-identical with the monitor on. Torch is imported
+only when a monitor is built: the flags are read on login nodes.
+"""
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from m2das import runfolder
+from m2das.fileio import append_jsonl
+
+EVAL_LIST = "files_as_eval.csv"
+METRIC_KEYS = ("monitor_map", "monitor_rankme", "monitor_knn_acc", "monitor_seconds", "monitor_clips")
+
+
+def add_monitor_flags(add) -> None:
+    """The trainer's two monitor flags; `add` is argparse's add_argument (or a wrapper of it)."""
+    add("--monitor_every", type=int, default=0,
+        help="epochs between quality checks (mAP, RankMe, kNN) on --monitor_list; 0: off")
+    add("--monitor_list", default=None,
+        help=f"held-out labelled LMS list, file_name,label (default DATA_PATH/{EVAL_LIST})")
+
+
+def center_start(num_frames: int, frames: int) -> int:
+    """The deterministic crop: the middle `frames` of a clip (0 when it is shorter)."""
+    return max(num_frames - frames, 0) // 2
+
+
+class Monitor:
+    """Call `due(epoch)` after each finished epoch (1-based count) and, when it is, `run(model, epoch)`.
+
+    With torch.distributed initialised, every rank must call `run`: each
+    encodes its share of the list and rank 0 gets the metrics (other ranks get
+    an empty dict). `run` leaves the model's mode and every random state as it found them.
+    """
+
+    def __init__(self, cfg: dict, classes: list, device, rank: int = 0, world_size: int = 1,
+                 knn_k: int = 10, batch_size: int = 64):
+        self.every = int(cfg.get("monitor_every") or 0)
+        self.rank, self.world = rank, world_size
+        self.device, self.knn_k, self.batch_size = device, knn_k, batch_size
+        self.frames = int(cfg["input_size"][1])
+        self.samples, self.targets = None, None
+        if self.every > 0:
+            self.list_path = Path(cfg.get("monitor_list") or Path(cfg["data_path"]) / EVAL_LIST)
+            self.samples, self.targets = self._read(self.list_path, Path(cfg["data_path"]), classes,
+                                                    int(cfg["input_size"][0]))
+
+    @staticmethod
+    def _read(path: Path, root: Path, classes: list, freq_bins: int):
+        """The list with its labels mapped onto the run's classes; labels the run lacks are ignored."""
+        from m2das.data import DataListError, read_list, validate
+
+        if not path.exists():
+            raise DataListError(f"{path}: monitor list not found; run `m2das prepare` with AudioSet's "
+                                f"eval_segments.csv (writes {EVAL_LIST}) or pass --monitor_list")
+        samples = read_list(path, root)
+        validate(samples, path, freq_bins, workers=8)
+        index = {c: i for i, c in enumerate(classes)}
+        targets = np.zeros((len(samples), len(classes)), dtype=np.float32)
+        for i in range(len(samples)):
+            for label in samples.labels_of(i):
+                if samples.classes[label] in index:
+                    targets[i, index[samples.classes[label]]] = 1.0
+        return samples, targets
+
+    def due(self, epoch: int) -> bool:
+        return self.every > 0 and epoch > 0 and epoch % self.every == 0
+
+    def _crop(self, i: int) -> np.ndarray:
+        from m2das.stats import crop_or_pad
+
+        lms = np.load(self.samples.root / self.samples.files[i], mmap_mode="r")
+        return np.array(crop_or_pad(lms, self.frames, center_start(lms.shape[-1], self.frames)), dtype=np.float32)
+
+    def _encode(self, model, ids) -> tuple:
+        """(probabilities [n, C], clip embeddings [n, rows*D]) of list rows `ids`, on this rank's device."""
+        import torch
+
+        from m2das.encoder import encode_tokens, tokens_to_frames
+
+        probs, embs = [], []
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        for start in range(0, len(ids), self.batch_size):
+            x = torch.from_numpy(np.stack([self._crop(i) for i in ids[start:start + self.batch_size]]))
+            x = model.normalize(x.to(self.device, non_blocking=True))
+            with amp:
+                tokens = encode_tokens(model, x, model.grid[0])
+                probs.append(torch.sigmoid(model.offline_logits(tokens).float()))
+                embs.append(tokens_to_frames(tokens, model.grid[0]).float().mean(dim=1))
+        dim = model.offline_predictor.in_features
+        if not probs:
+            return (torch.zeros(0, model.num_classes, device=self.device), torch.zeros(0, dim, device=self.device))
+        return torch.cat(probs), torch.cat(embs)
+
+    def _gather(self, t):
+        """Rows of every rank, in list order (rank r holds rows r, r + world, ...)."""
+        import torch
+        import torch.distributed as dist
+
+        n = len(self.samples)
+        per_rank = -(-n // self.world)
+        padded = torch.zeros(per_rank, t.shape[1], device=t.device, dtype=t.dtype)
+        padded[:t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.stack(parts, dim=1).reshape(per_rank * self.world, -1)[:n]
+
+    def run(self, model, epoch: int) -> dict:
+        """Metrics as a flat dict of monitor_* numbers (empty on ranks other than 0)."""
+        import torch
+        import torch.distributed as dist
+
+        from m2das.metrics import knn_accuracy, mean_average_precision, rankme
+
+        model = getattr(model, "module", model)  # DDP-wrapped or not
+        t0 = time.perf_counter()
+        sharded = self.world > 1 and dist.is_available() and dist.is_initialized()
+        if not sharded and self.rank != 0:
+            return {}
+        ids = list(range(self.rank, len(self.samples), self.world)) if sharded else list(range(len(self.samples)))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                probs, embs = self._encode(model, ids)
+                if sharded:
+                    probs, embs = self._gather(probs), self._gather(embs)
+        finally:
+            model.train(was_training)
+        if self.rank != 0:
+            return {}
+        probs, embs = probs.cpu().numpy(), embs.cpu().numpy().astype(np.float64)
+        out = {"monitor_map": mean_average_precision(probs, self.targets), "monitor_rankme": rankme(embs),
+               "monitor_clips": len(self.samples)}
+        if self.knn_k:
+            out["monitor_knn_acc"] = knn_accuracy(embs, self.targets, self.knn_k)
+        out["monitor_seconds"] = time.perf_counter() - t0
+        return out
+
+
+def record(metrics: dict, run_dir, writer, epoch: int, step: int, train_seconds: float | None = None) -> dict:
+    """Write monitor metrics to log.jsonl (one row) and TensorBoard (monitor/*); returns the row.
+
+    `train_seconds`, the training time since the previous monitor point, adds
+    `monitor_share`: the fraction of wall time the monitor took.
+    """
+    if not metrics:
+        return {}
+    row = {"time": time.time(), "epoch": epoch, "step": step, **metrics}
+    if train_seconds:
+        row["monitor_share"] = metrics["monitor_seconds"] / (train_seconds + metrics["monitor_seconds"])
+    append_jsonl(Path(run_dir) / runfolder.LOG, row)
+    if writer is not None:
+        for k, v in row.items():
+            if k.startswith("monitor_") and isinstance(v, (int, float)):
+                writer.add_scalar(f"monitor/{k.removeprefix('monitor_')}", v, step)
+    return row

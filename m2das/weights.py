@@ -1,0 +1,151 @@
+"""Reading weight files of any kind (m2das checkpoints, published M2D files, encoder-only exports)
+and the folder-name convention downstream tools parse sizes from.
+
+The published runtime and EVAR read the model name, input size and patch size
+from the weight file's parent folder, `{model}-{F}x{T}p{pf}x{pt}p16k-...`, and
+keep only the encoder's keys; this module is the one place that knows both.
+"""
+
+import argparse
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from m2das import runfolder
+
+ENCODER_KEYS = ("cls_token", "pos_embed", "norm_stats")
+ENCODER_PREFIXES = ("patch_embed.", "blocks.", "norm.")
+HEAD_PREFIX = "offline_predictor."
+DEFAULT_NORM_STATS = (-7.1, 4.2)  # what the runtime assumes for a file without norm_stats
+
+_FOLDER_RE = re.compile(r"^(?P<model>[^-]+)-(?P<f>\d+)x(?P<t>\d+)p(?P<pf>\d+)x(?P<pt>\d+)(?:p(?P<sr>\d+k))?(?:-|$)")
+
+
+class WeightsError(ValueError):
+    """A path that cannot give encoder weights; the message names it and the fix."""
+
+
+def is_encoder_key(name: str) -> bool:
+    return name in ENCODER_KEYS or name.startswith(ENCODER_PREFIXES)
+
+
+def parse_folder_name(name: str) -> dict | None:
+    """`m2d_as_vit_base-80x608p16x16p16k-...` -> model, input_size, patch_size, sr; None if it does not parse."""
+    m = _FOLDER_RE.match(name)
+    if not m:
+        return None
+    return {"model": m["model"], "input_size": [int(m["f"]), int(m["t"])],
+            "patch_size": [int(m["pf"]), int(m["pt"])], "sr": m["sr"] or "16k"}
+
+
+def folder_name(model: str, input_size, patch_size, date: str, tag: str) -> str:
+    (f, t), (pf, pt) = input_size, patch_size
+    return f"{model}-{f}x{t}p{pf}x{pt}p16k-{date}-{tag}"
+
+
+@dataclass
+class WeightFile:
+    path: Path
+    state: dict                      # tensors by name ("module." prefixes removed)
+    model: str | None
+    input_size: list
+    patch_size: list
+    epoch: int | None = None
+    classes: list = field(default_factory=list)
+
+    def encoder_state(self, with_head: bool = False) -> dict:
+        keep = {k: v for k, v in self.state.items() if is_encoder_key(k) or (with_head and k.startswith(HEAD_PREFIX))}
+        if "norm_stats" not in keep:
+            import torch
+
+            keep["norm_stats"] = torch.tensor(DEFAULT_NORM_STATS)
+        return keep
+
+
+def resolve_checkpoint(path, epoch: int | None = None) -> Path:
+    """A run folder -> its checkpoint-{epoch}.pth (default: the highest epoch, else last.pth); a file -> itself."""
+    path = Path(path)
+    if path.is_file():
+        if epoch is not None:
+            raise WeightsError(f"{path}: --epoch picks a checkpoint inside a run folder; pass the folder instead")
+        return path
+    if not path.is_dir():
+        raise WeightsError(f"{path}: no such file or run folder")
+    if epoch is not None:
+        chosen = path / runfolder.epoch_checkpoint_name(epoch)
+        if not chosen.exists():
+            have = sorted(epochs_in(path))
+            raise WeightsError(f"{chosen}: no checkpoint for epoch {epoch} (epochs here: {have or 'none'})")
+        return chosen
+    have = epochs_in(path)
+    if have:
+        return path / runfolder.epoch_checkpoint_name(max(have))
+    if (path / runfolder.LAST).exists():
+        return path / runfolder.LAST
+    weights = sorted(path.glob("*.pth"))
+    if len(weights) == 1:
+        return weights[0]
+    raise WeightsError(f"{path}: no checkpoint-N.pth or {runfolder.LAST} in this folder; pass a weight file")
+
+
+def epochs_in(run_dir: Path) -> list:
+    return [int(m.group(1)) for p in run_dir.iterdir() if (m := runfolder.EPOCH_CHECKPOINT_RE.match(p.name))]
+
+
+def _load(path: Path):
+    """torch.load that runs no code; published M2D files pickle an argparse.Namespace, which is allowed."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such file") from None
+    except Exception as e:
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if unsafe:
+            raise WeightsError(f"{path}: refused, loading it would run code (it needs {unsafe.group(1)}); "
+                               f"m2das loads only tensors and plain types") from None
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise WeightsError(f"{path}: not a readable torch weight file ({first[:200]})") from None
+
+
+def read_weights(path, epoch: int | None = None) -> WeightFile:
+    """Any M2D / M2D-AS weight file, or a run folder, -> tensors plus the sizes it was trained at.
+
+    Sizes come from the checkpoint's args when it has them, else from the folder name.
+    """
+    import torch
+
+    path = resolve_checkpoint(path, epoch)
+    raw = _load(path)
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{path}: holds a {type(raw).__name__}, not a state dict")
+    state = raw.get("model", raw)
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: its 'model' entry is a {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if "pos_embed" not in state or not any(k.startswith("blocks.") for k in state):
+        raise WeightsError(f"{path}: no ViT encoder weights (pos_embed, blocks.*) in it")
+    args = raw.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
+    named = parse_folder_name(path.parent.name) or parse_folder_name(path.stem) or {}
+    model = args.get("model") or named.get("model")
+    input_size = _pair(args.get("input_size")) or named.get("input_size")
+    patch_size = _pair(args.get("patch_size")) or named.get("patch_size")
+    if input_size is None or patch_size is None:
+        raise WeightsError(f"{path}: cannot tell its input and patch size: the checkpoint has no args and the "
+                           f"folder name {path.parent.name!r} is not {{model}}-{{F}}x{{T}}p{{pf}}x{{pt}}p16k-...; "
+                           f"move it into such a folder")
+    epoch_value = raw.get("epoch")
+    classes = raw.get("classes") if isinstance(raw.get("classes"), list) else []
+    return WeightFile(path, state, model, input_size, patch_size,
+                      int(epoch_value) if isinstance(epoch_value, int) else None, classes)
+
+
+def _pair(value):
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return [value, value]
+    return [int(v) for v in value]

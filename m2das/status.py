@@ -120,6 +120,12 @@ def last_error_line(run: Path) -> dict | None:
     return best
 
 
+def _start_key(job_id, restart_count):
+    """(SLURM job id, restart): local supervisor starts have no SLURM job id."""
+    job = None if job_id is None or str(job_id).startswith("local-") else str(job_id)
+    return job, int(restart_count or 0)
+
+
 def collect(run_dir, now=None, queue=True) -> dict:
     """Everything `m2das status` shows, as a dict (also what `--json` prints)."""
     run = Path(run_dir)
@@ -202,6 +208,10 @@ def collect(run_dir, now=None, queue=True) -> dict:
     out["requeues"] = [{"time": _ts(r.get("time")), "job_id": r.get("job_id"), "by": r.get("by"),
                         "reason": r.get("reason"), "restart_count": r.get("restart_count")}
                        for r in launcher if r.get("event") == requeue.REQUEUE]
+    # A start killed before the trainer wrote its start record still shows in the launcher's log.
+    recorded = {_start_key(r.get("job_id"), r.get("restart_count")) for r in starts}
+    out["unrecorded_starts"] = sum(1 for r in out["requeues"]
+                                   if _start_key(r["job_id"], r["restart_count"]) not in recorded)
     out["job_ids"] = sorted({str(r["job_id"]) for r in launcher + starts if r.get("job_id")})
     submits = [r for r in launcher if r.get("event") == "submit"]
     out["submitted"] = [{"time": _ts(r.get("time")), "cluster": r.get("cluster"), "job_id": r.get("job_id"),
@@ -258,9 +268,8 @@ def render(s: dict, now=None) -> str:
         lines.append("checkpoint none yet")
     n = len(s["starts"])
     lines.append(f"starts     {n} ({max(n - 1, 0)} restarts); job ids: {', '.join(s['job_ids']) or '-'}")
-    unrecorded = len(s["requeues"]) - max(n - 1, 0)
-    if unrecorded > 0:
-        lines.append(f"           {unrecorded} more start(s) were requeued before the trainer recorded them")
+    if s["unrecorded_starts"]:
+        lines.append(f"           and {s['unrecorded_starts']} start(s) requeued before the trainer recorded them")
     for st in s["starts"][-10:]:
         where = (f"resumed from {Path(st['resumed_from']).name} at step {st['resumed_step']}"
                  if st["resumed_from"] else "fresh start")

@@ -285,7 +285,11 @@ TINY_FILES = 64
 TINY_EPOCHS = 6
 
 
-def train_argv_for(run_dir, data_dir):
+# The two-node run is disturbed four times at ~20 steps/s: it gets more epochs (and its own reference).
+LONG_EPOCHS = 16
+
+
+def train_argv_for(run_dir, data_dir, epochs=TINY_EPOCHS):
     """Exactly the trainer argv `launch/submit.py --preset cpu-test` builds (imported, not copied)."""
     sys.path.insert(0, str(REPO / "launch"))
     try:
@@ -293,11 +297,11 @@ def train_argv_for(run_dir, data_dir):
     finally:
         sys.path.remove(str(REPO / "launch"))
     args = submit.build_parser().parse_args(["--preset", "cpu-test", "--cluster", "local", "--run-dir", str(run_dir)])
-    return submit.Plan(args, user_trainer_flags(data_dir)).train_argv
+    return submit.Plan(args, user_trainer_flags(data_dir, epochs)).train_argv
 
 
-def user_trainer_flags(data_dir):
-    return ["--data_path", str(data_dir), "--epochs", str(TINY_EPOCHS)]
+def user_trainer_flags(data_dir, epochs=TINY_EPOCHS):
+    return ["--data_path", str(data_dir), "--epochs", str(epochs)]
 
 
 def make_env():
@@ -313,13 +317,11 @@ def tiny_data(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="session")
-def reference_weights(tmp_path_factory, tiny_data):
+def undisturbed_run(run, data, epochs):
     """Model tensors of an uninterrupted two-rank run (plain processes, no launcher)."""
-    run = tmp_path_factory.getbasetemp() / "reference_run"
-    final = run / f"checkpoint-{TINY_EPOCHS}.pth"
+    final = run / f"checkpoint-{epochs}.pth"
     if not final.exists():
-        argv = train_argv_for(run, tiny_data)
+        argv = train_argv_for(run, data, epochs)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -328,12 +330,22 @@ def reference_weights(tmp_path_factory, tiny_data):
         for rank in range(2):
             env = dict(make_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            log = open(run / f"rank{rank}.log", "wb")
-            procs.append(subprocess.Popen([sys.executable, "-m", "m2das", "train", *argv], env=env,
-                                          stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+            with open(run / f"rank{rank}.log", "wb") as log:
+                procs.append(subprocess.Popen([sys.executable, "-m", "m2das", "train", *argv], env=env,
+                                              stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
         codes = [p.wait(timeout=600) for p in procs]
         assert codes == [0, 0], f"reference run failed {codes}: " + (run / "rank0.log").read_text()[-3000:]
     return load_model_tensors(final)
+
+
+@pytest.fixture(scope="session")
+def reference_weights(tmp_path_factory, tiny_data):
+    return undisturbed_run(tmp_path_factory.getbasetemp() / "reference_run", tiny_data, TINY_EPOCHS)
+
+
+@pytest.fixture(scope="session")
+def reference_weights_long(tmp_path_factory, tiny_data):
+    return undisturbed_run(tmp_path_factory.getbasetemp() / "reference_run_long", tiny_data, LONG_EPOCHS)
 
 
 def load_model_tensors(path):

@@ -2,8 +2,10 @@
 preemption signal, a stop signal to the trainer, and a SIGKILL, and the run ends with
 the weights of an uninterrupted run."""
 
+import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -83,9 +85,16 @@ def test_local_supervisor_resumes_after_signals_and_kill(tiny_data, reference_we
     supervisors.append(sup)
     diag = logs(run)
 
-    # 1. Preemption signal to the supervisor: forwarded, ranks save and exit 75, rerun.
-    wait_for_progress(run, 1, 3, 240, diag)
+    # 1. Preemption signal to the supervisor while the ranks are still starting (importing torch):
+    #    they ignore it until the trainer's handlers are in, the supervisor repeats it, and
+    #    the first start saves and exits 75 instead of dying from SIGUSR2 without a record.
+    wait_for(lambda: len(children(sup)) == 2, 60, "the supervisor to start the ranks", diag)
+    assert not starts(run), "ranks already past start-up; the signal would not test it"
     os.kill(sup, signal.SIGUSR2)
+    wait_for(lambda: any(e.get("event") == "requeue" for e in read_jsonl(run / "launcher.jsonl")), 120,
+             "the first start to stop", diag)
+    first = [e for e in read_jsonl(run / "launcher.jsonl") if e.get("event") == "requeue"][0]
+    assert first["exit_codes"] == [submit.EXIT_RESUMABLE] * 2, first
     # 2. SIGTERM straight to the trainer processes (an outside agent): same.
     wait_for_progress(run, 2, 3, 240, diag)
     ranks = children(sup)
@@ -109,6 +118,10 @@ def test_local_supervisor_resumes_after_signals_and_kill(tiny_data, reference_we
     assert "SIGUSR2" in s[1]["last_stop_reason"] and "SIGTERM" in s[2]["last_stop_reason"]
     assert "killed without warning" in s[3]["last_stop_reason"]
     assert_same_weights(load_model_tensors(run / f"checkpoint-{TINY_EPOCHS}.pth"), reference_weights)
+    status = subprocess.run([sys.executable, "-m", "m2das", "status", str(run)], capture_output=True, text=True,
+                            cwd=REPO, timeout=60)
+    assert "starts     4 (3 restarts)" in status.stdout and "requeues   supervisor: 3" in status.stdout, \
+        status.stdout
 
 
 @pytest.mark.slow
@@ -159,8 +172,10 @@ def test_foreground_stop_then_rerun_finishes_exactly(tiny_data, reference_weight
     assert (run / "last.pth").exists()
     events = read_jsonl(run / "launcher.jsonl")
     assert events[-1]["event"] == "stopped" and events[-1]["job_id"] == f"local-{proc.pid}", events[-1]
-    assert "stopped on request" in (run / "logs" / "supervisor.log").read_text()  # same log file as detached
-    assert "stopped on request" in (tmp_path / "launcher.out").read_text()  # and on stdout (docker logs)
+    assert "on request" in (run / "logs" / "supervisor.log").read_text()  # same log file as detached
+    shown = (tmp_path / "launcher.out").read_text()
+    assert "on request" in shown  # and on stdout (docker logs)
+    assert re.search(r"\] epoch 1 step 3/\d+ loss", shown), shown[-3000:]  # rank 0's progress too
 
     again = subprocess.run(cmd, env=make_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert again.returncode == 0, again.stdout[-3000:] + diag()
@@ -229,3 +244,54 @@ def test_debug_cluster_trains_in_process(tiny_data, tmp_path):
     # One rank instead of two: the per-rank batch is kept and accumulation doubles it back to 8.
     assert "accum_iter 1 -> 2" in out.stdout
     assert (run / "checkpoint-1.pth").exists()
+
+
+def launcher(*args, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=60)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--preset", "24gb", "--nodes", "2", "--epochs", "100", "--dry-run"], ["--dry-run is a launcher flag",
+                                                                           "launcher flags go first"]),
+    (["--preset", "cpu-test", "--", "--epochs", "1", "--partition", "gpu"], ["--partition is a launcher flag"]),
+    (["--preset", "cpu-test", "--epochs", "1", "--no-such-flag", "3"], ["--no-such-flag: not a flag"]),
+    (["--preset", "cpu-test", "--model", "m2d_as_vit_huge"], ["unknown model 'm2d_as_vit_huge'", "m2d_as_vit_base"]),
+    (["--preset", "cpu-test", "--epochs", "x"], ["--epochs", "invalid int value"]),
+    (["--preset", "cpu-test", "--job-name", "a\nb"], ["control characters"]),
+    (["--preset", "cpu-test", "--", "--data_path", "d\te"], ["control characters"]),
+])
+def test_bad_flags_are_refused_before_anything_is_written(tmp_path, args, words):
+    for cluster in ("local", "slurm"):
+        out = launcher("--cluster", cluster, "--run-dir", tmp_path / "run", *args)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert all(w in out.stderr for w in words), out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_hyphens_and_underscores_help_and_dry_run(tmp_path):
+    out = launcher("--preset", "cpu-test", "--cluster", "local", "--run_dir", tmp_path / "run", "--max_requeues", "4",
+                   "--dry_run", "--", "--batch-size", "2", "--log-every", "5")
+    assert out.returncode == 0, out.stderr
+    spec = json.loads(out.stdout.split("# the supervisor would run this spec:\n", 1)[1])
+    assert spec["max_restarts"] == 4 and spec["run_dir"] == str(tmp_path / "run")
+    assert spec["train_argv"][-6:] == ["--batch-size", "2", "--log-every", "5", "--output_dir", str(tmp_path / "run")]
+    assert "batch flags given: not rescaled" in out.stdout  # --batch-size counts as --batch_size
+    text = launcher("--help").stdout
+    for words in ("(default: 48gb)", f"(default: {submit.requeue.LEAD_S})", "exit codes: 0 ", "2 bad input",
+                  "3 diverged", "75 stopped"):
+        assert words in " ".join(text.split()), words
+    # The printed trainer command is quoted: what the shell reads back is what runs.
+    out = launcher("--preset", "cpu-test", "--cluster", "debug", "--run-dir", tmp_path / "a b", "--dry-run")
+    cmd = next(ln for ln in out.stdout.splitlines() if ln.startswith("m2das train "))
+    assert shlex.split(cmd)[-1] == str(tmp_path / "a b")
+
+
+def test_a_run_folder_held_by_a_live_trainer_is_refused(tmp_path):
+    from m2das.runfolder import RunLock
+
+    run = tmp_path / "run"
+    with RunLock(run):  # held by this (live) process
+        out = launcher("--preset", "cpu-test", "--cluster", "local", "--run-dir", run)
+    assert out.returncode == 2 and "in use by a live trainer" in out.stderr and out.stderr.count("\n") == 1
+    assert not (run / "logs").exists()

@@ -15,17 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from slurm_fixture import (REPO, TINY_EPOCHS, assert_same_weights, job_task_pids, load_model_tensors,  # noqa: F401
-                           make_env, read_jsonl, reference_weights, slurm_cluster, slurm_two_nodes, starts,
-                           tiny_data, user_trainer_flags, wait_for, wait_for_progress)
+from slurm_fixture import (LONG_EPOCHS, REPO, TINY_EPOCHS, assert_same_weights, job_task_pids,  # noqa: F401
+                           load_model_tensors, make_env, read_jsonl, reference_weights, reference_weights_long,
+                           slurm_cluster, slurm_two_nodes, starts, tiny_data, user_trainer_flags, wait_for,
+                           wait_for_progress)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
-def submit(cluster, run, data, *extra):
+def submit(cluster, run, data, *extra, epochs=TINY_EPOCHS):
     out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test",
                           "--cluster", "slurm", "--run-dir", str(run), "--time", "10", *extra,
-                          "--", *user_trainer_flags(data)],
+                          "--", *user_trainer_flags(data, epochs)],
                          env=dict(make_env(), SLURM_CONF=str(cluster.conf)), capture_output=True, text=True,
                          timeout=60, cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -54,9 +55,9 @@ def wait_requeued(cluster, job, restarts, timeout, diag):
     cluster.release(job)
 
 
-def status_of(run):
+def status_of(run, cluster):
     out = subprocess.run([sys.executable, "-m", "m2das", "status", str(run)], capture_output=True, text=True,
-                         cwd=REPO, timeout=60, env=make_env())
+                         cwd=REPO, timeout=60, env=dict(make_env(), SLURM_CONF=str(cluster.conf)))
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -68,7 +69,7 @@ def kill_tasks(job, expected):
 
 
 def test_two_nodes_preempted_killed_requeued_and_node_down_finish_exactly(slurm_two_nodes, tiny_data,
-                                                                          reference_weights, tmp_path):
+                                                                          reference_weights_long, tmp_path):
     """One gloo rank on each of two hosts (own network namespace, name and address each).
 
     Four disturbances of one job, each caught by a different route of the one
@@ -76,16 +77,16 @@ def test_two_nodes_preempted_killed_requeued_and_node_down_finish_exactly(slurm_
     """
     cluster, run = slurm_two_nodes, tmp_path / "run"
     t0 = time.time()
-    job = submit(cluster, run, tiny_data, "--nodes", "2", "--gpus-per-node", "1")
+    job = submit(cluster, run, tiny_data, "--nodes", "2", "--gpus-per-node", "1", epochs=LONG_EPOCHS)
     diag = diagnostics(cluster, run, job)
 
     # 1. Preemption warning (USR2 to every task): the trainer saves, submitit's checkpoint() requeues.
     wait_for_progress(run, 1, 3, 240, diag)
-    running = status_of(run)
+    running = status_of(run, cluster)
     assert re.search(rf"queue      job {job} RUNNING on m2dasn\[1-2\], \S+ left", running), running
     cluster.run("scancel", "--signal=USR2", job)
     wait_for(lambda: cluster.job(job).get("JobState") == "PENDING", 90, "the requeue", diag)
-    pending = status_of(run)
+    pending = status_of(run, cluster)
     assert re.search(rf"queue      job {job} PENDING \(\w+\)", pending), pending
     wait_requeued(cluster, job, 1, 90, diag)
     # 2. Killed without warning (SIGKILL to both tasks): the batch script's teardown requeues.
@@ -115,8 +116,8 @@ def test_two_nodes_preempted_killed_requeued_and_node_down_finish_exactly(slurm_
     assert "SIGTERM" in s[3]["last_stop_reason"] and "killed without warning" in s[4]["last_stop_reason"]
     requeues = [r for r in read_jsonl(run / "launcher.jsonl") if r.get("event") == "requeue"]
     assert [r["by"] for r in requeues] == ["submitit", "sbatch-teardown"], requeues
-    assert_same_weights(load_model_tensors(run / f"checkpoint-{TINY_EPOCHS}.pth"), reference_weights)
-    done = status_of(run)
+    assert_same_weights(load_model_tensors(run / f"checkpoint-{LONG_EPOCHS}.pth"), reference_weights_long)
+    done = status_of(run, cluster)
     assert "state      finished" in done and "5 (4 restarts)" in done, done
 
 

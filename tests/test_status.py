@@ -93,3 +93,34 @@ def test_cli_without_torch_and_errors(tmp_path):
     out = subprocess.run([sys.executable, "-m", "m2das", "status", "--json", str(run)], capture_output=True,
                          text=True, cwd=REPO)
     assert json.loads(out.stdout)["step"] == 500
+
+
+def test_crashed_run_shows_the_last_error_line(tmp_path):
+    run = make_run(tmp_path, time.time())
+    logs = run / "logs"
+    logs.mkdir()
+    (logs / "rank0.log").write_text("[m2das 10:00:00] epoch 1 step 3/48 loss 2.1\n"
+                                    "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                                    "RuntimeError: CUDA error: an illegal memory access was encountered\n")
+    (logs / "rank1.log").write_text("[m2das 10:00:00] fine\n")
+    with open(run / "launcher.jsonl", "a") as f:
+        f.write(json.dumps({"event": "failed", "by": "supervisor", "job_id": "local-1", "restart_count": 0}) + "\n")
+    text = status.render(status.collect(run))
+    assert "error      RuntimeError: CUDA error: an illegal memory access" in text and "rank0.log" in text
+
+
+def test_a_start_requeued_before_it_was_recorded_is_counted(tmp_path):
+    now = time.time()
+    run = make_run(tmp_path, now)
+    with open(run / "launcher.jsonl", "a") as f:  # restart 2 was requeued before its start record
+        f.write(json.dumps({"event": "requeue", "by": "submitit", "job_id": "77", "restart_count": 2}) + "\n")
+    s = status.collect(run, now=now)
+    assert s["unrecorded_starts"] == 1
+    assert "and 1 start(s) requeued before the trainer recorded them" in status.render(s, now=now)
+
+
+def test_piped_into_head_exits_cleanly(tmp_path):
+    run = make_run(tmp_path, time.time())
+    out = subprocess.run(f"{sys.executable} -m m2das status {run} | head -n 1", shell=True, capture_output=True,
+                         text=True, cwd=REPO)
+    assert out.stdout.startswith("run ") and out.stderr == "", out.stderr

@@ -1,14 +1,18 @@
 """Waveform -> log-mel spectrogram (LMS), exactly as M2D-AS was pre-trained on.
 
-One definition shared by `m2das prepare` (files on disk), its batched GPU path
-and the demo (synthetic waveforms), so every LMS in the project is the same
-function of the audio. Reflect padding is applied per clip before the STFT
-(instead of `center=True`) so that clips of different lengths can share one
-batch without the zero padding of a short clip leaking into its last frames.
+The paper's LMS were made from audio loaded the way `librosa.load(path,
+sr=16000)` loads it: channels averaged, then resampled with soxr at HQ quality
+and sized ceil(n * 16000 / rate). Resampling here is that same soxr call on the
+CPU; only the STFT and mel (identical on every device) may run batched on a
+GPU, so the per-file workers, the GPU path and the demo give the same LMS.
+Reflect padding is applied per clip before the STFT (instead of `center=True`)
+so that clips of different lengths can share one batch without the zero
+padding of a short clip leaking into its last frames.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -28,10 +32,27 @@ F_MAX = 8000.0
 EPS = float(np.finfo(np.float32).eps)  # 1.1920929e-07
 MIN_SECONDS = 6.1
 MIN_SAMPLES = int(round(MIN_SECONDS * SAMPLE_RATE))  # 97,600 samples -> 611 frames
+RESAMPLER = "soxr"
+RESAMPLER_QUALITY = "HQ"
+# What folders written before the recipe was recorded hold: torchaudio's Resample at its defaults.
+LEGACY_RESAMPLER = "torchaudio"
+LEGACY_RESAMPLER_QUALITY = "default (sinc_interp_hann, lowpass_filter_width 6, rolloff 0.99)"
 
 
 class AudioError(ValueError):
     """A file that cannot become an LMS; the message is the reason written to the failure list."""
+
+
+def lms_recipe(resampler: str = RESAMPLER) -> dict:
+    """Everything that decides an LMS's values; two folders with equal recipes hold comparable LMS."""
+    legacy = resampler == LEGACY_RESAMPLER
+    return {"resampler": resampler,
+            "resampler_quality": LEGACY_RESAMPLER_QUALITY if legacy else RESAMPLER_QUALITY,
+            "mono": "mean of channels before resampling", "sample_rate": SAMPLE_RATE,
+            "n_fft": N_FFT, "win_length": WIN_LENGTH, "window": "periodic hann",
+            "hop_length": HOP_LENGTH, "center": "reflect", "power": 2.0, "n_mels": N_MELS,
+            "f_min": F_MIN, "f_max": F_MAX, "mel": "slaney scale, slaney area norm",
+            "log": f"ln(mel + {EPS!r})", "min_seconds": MIN_SECONDS}
 
 
 def load_audio(path) -> tuple[np.ndarray, int]:
@@ -43,6 +64,10 @@ def load_audio(path) -> tuple[np.ndarray, int]:
     try:
         if os.path.getsize(path) == 0:
             raise AudioError("empty file (0 bytes); re-download it")
+        with open(path, "rb"):  # libsndfile would call a refused open a "System error"
+            pass
+    except PermissionError:
+        raise AudioError("permission denied; make it readable (chmod a+r) or copy it") from None
     except OSError as e:
         raise AudioError(f"cannot open: {e.strerror or e}") from None
     try:
@@ -78,33 +103,68 @@ def num_frames(num_samples: int) -> int:
     return 1 + max(num_samples, MIN_SAMPLES) // HOP_LENGTH
 
 
-def to_mono_16k(wave, sample_rate: int, device=None) -> torch.Tensor:
-    """[samples] or [channels, samples] at any rate -> float32 mono [samples] at 16 kHz."""
-    x = torch.as_tensor(np.asarray(wave, dtype=np.float32) if not torch.is_tensor(wave) else wave)
-    x = x.to(device=device, dtype=torch.float32)
-    if x.dim() == 2:
-        x = x.mean(dim=0)
-    elif x.dim() != 1:
-        raise ValueError(f"waveform must be [samples] or [channels, samples], got {tuple(x.shape)}")
-    if x.numel() == 0:
+def resampled_length(num_samples: int, sample_rate: int) -> int:
+    """Samples at 16 kHz: ceil(n * 16000 / rate), the length librosa.load returns."""
+    if sample_rate == SAMPLE_RATE:
+        return num_samples
+    return int(math.ceil(num_samples * (SAMPLE_RATE / sample_rate)))
+
+
+def mono(wave) -> np.ndarray:
+    """[samples] or [channels, samples] (numpy or torch) -> float32 numpy [samples], channel mean."""
+    if torch.is_tensor(wave):
+        wave = wave.detach().cpu().numpy()
+    x = np.asarray(wave, dtype=np.float32)
+    if x.ndim == 2:
+        x = x.mean(axis=0, dtype=np.float32)
+    elif x.ndim != 1:
+        raise ValueError(f"waveform must be [samples] or [channels, samples], got {x.shape}")
+    if x.size == 0:
         raise AudioError("empty: no samples")
-    return resample_16k(x, sample_rate)
+    return np.ascontiguousarray(x)
 
 
-_RESAMPLERS: dict = {}
+def resample_16k(x: np.ndarray, sample_rate: int, resampler: str = RESAMPLER) -> np.ndarray:
+    """Mono float32 [samples] at `sample_rate` -> 16 kHz, soxr HQ, ceil(n * 16000 / rate) samples.
 
-
-def resample_16k(x: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """[..., samples] at `sample_rate` -> 16 kHz (torchaudio's default windowed-sinc filter).
-
-    The filter kernel is built once per (rate, device) rather than per clip.
+    soxr returns round(n * ratio) samples; the rest is zeros, as librosa pads it.
+    `resampler=LEGACY_RESAMPLER` gives what folders without a recorded recipe hold
+    (kept for `m2das bench prepare`, which times both).
     """
     if sample_rate == SAMPLE_RATE:
         return x
-    key = (int(sample_rate), str(x.device))
-    if key not in _RESAMPLERS:
-        _RESAMPLERS[key] = torchaudio.transforms.Resample(int(sample_rate), SAMPLE_RATE).to(x.device)
-    return _RESAMPLERS[key](x)
+    if resampler == LEGACY_RESAMPLER:
+        y = _legacy_resample(torch.from_numpy(np.ascontiguousarray(x)), sample_rate).numpy()
+    elif resampler == RESAMPLER:
+        import soxr
+
+        y = soxr.resample(x, int(sample_rate), SAMPLE_RATE, quality=RESAMPLER_QUALITY)
+    else:
+        raise ValueError(f"unknown resampler {resampler!r}")
+    n = resampled_length(x.shape[-1], sample_rate)
+    if y.shape[-1] < n:
+        y = np.concatenate([y, np.zeros(n - y.shape[-1], dtype=y.dtype)])
+    return np.ascontiguousarray(y[:n], dtype=np.float32)
+
+
+_LEGACY_RESAMPLERS: dict = {}
+
+
+def _legacy_resample(x: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    key = int(sample_rate)
+    if key not in _LEGACY_RESAMPLERS:
+        _LEGACY_RESAMPLERS[key] = torchaudio.transforms.Resample(key, SAMPLE_RATE)
+    with torch.no_grad():
+        return _LEGACY_RESAMPLERS[key](x)
+
+
+def to_mono_16k(wave, sample_rate: int, device=None, resampler: str = RESAMPLER) -> torch.Tensor:
+    """[samples] or [channels, samples] at any rate -> float32 mono [samples] at 16 kHz on `device`.
+
+    Mixing and resampling run on the CPU (soxr), whatever the device.
+    """
+    x = resample_16k(mono(wave), sample_rate, resampler)
+    return torch.from_numpy(x).to(device=device)
 
 
 _MEL_CACHE: dict = {}
@@ -130,9 +190,10 @@ def _padded(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def lms_batch_16k(waves: list, device=None) -> list[np.ndarray]:
-    """Mono 16-kHz waveforms (tensors) -> one float32 [1, 80, T] LMS each, in one STFT batch."""
+    """Mono 16-kHz waveforms (tensors or arrays) -> one float32 [1, 80, T] LMS each, one STFT batch."""
     if not waves:
         return []
+    waves = [torch.as_tensor(w) for w in waves]
     device = waves[0].device if device is None else torch.device(device)
     padded = [_padded(w.to(device)) for w in waves]
     longest = max(p.numel() for p in padded)
@@ -143,12 +204,12 @@ def lms_batch_16k(waves: list, device=None) -> list[np.ndarray]:
             for i, w in enumerate(waves)]
 
 
-def lms_from_waveform(wave, sample_rate: int, device=None) -> np.ndarray:
+def lms_from_waveform(wave, sample_rate: int, device=None, resampler: str = RESAMPLER) -> np.ndarray:
     """Waveform ([samples] or [channels, samples], numpy or torch) -> float32 LMS [1, 80, T].
 
     T = 1 + max(n, 97600) // 160 for n samples at 16 kHz (1001 for a 10-s clip).
     """
-    x = to_mono_16k(wave, sample_rate, device)
+    x = to_mono_16k(wave, sample_rate, None, resampler)
     if not torch.isfinite(x).all():
         raise AudioError("NaN or inf samples")
     return lms_batch_16k([x], device)[0]
@@ -165,6 +226,7 @@ def duration_from_frames(frames: int) -> float:
     return max(frames - 1, 0) * HOP_LENGTH / SAMPLE_RATE
 
 
-__all__ = ["AudioError", "load_audio", "to_mono_16k", "lms_from_waveform", "lms_from_file",
-           "lms_batch_16k", "resample_16k", "num_frames", "duration_from_frames", "SAMPLE_RATE", "EPS",
-           "MIN_SAMPLES", "N_MELS"]
+__all__ = ["AudioError", "load_audio", "mono", "to_mono_16k", "lms_from_waveform", "lms_from_file",
+           "lms_batch_16k", "resample_16k", "resampled_length", "num_frames", "duration_from_frames",
+           "lms_recipe", "SAMPLE_RATE", "EPS", "MIN_SAMPLES", "N_MELS", "RESAMPLER",
+           "RESAMPLER_QUALITY", "LEGACY_RESAMPLER"]

@@ -16,12 +16,16 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from m2das.lmsfile import WrongShape, check_lms_file
-from m2das.stats import crop_or_pad, crop_start
+from m2das.lmsfile import LMS_DIR, OTHER_RECIPE_OUTPUTS, RECIPE_FILE, WrongShape, check_lms_file, describe_recipe, read_recipe
+from m2das.stats import NonFiniteLMS, crop_or_pad, crop_start, finite_crop
 
 
 class DataListError(ValueError):
-    """The list or the files it names cannot be trained on; the message says what to fix."""
+    """The list or the files it names cannot be trained on; the message says what to fix.
+
+    Its constructor takes the one message string, so a DataLoader worker's
+    re-raise in the main process keeps the type (and the trainer's exit 2).
+    """
 
 
 @dataclass
@@ -94,8 +98,23 @@ def check_file(path: Path, freq_bins: int) -> str | None:
     return None
 
 
-def validate(samples: SampleList, csv_path, freq_bins: int, workers: int = 16, progress=None) -> None:
-    """Check every listed file before the first step; raise one error naming the first offenders."""
+def check_weights(weights: np.ndarray | None, where) -> None:
+    """Weighted sampling needs finite, non-negative weights with a positive sum."""
+    if weights is None:
+        raise DataListError(f"{where}: --weighted needs a weight column (file_name,label,weight)")
+    if len(weights) and np.all(np.isfinite(weights) & (weights >= 0)) and not weights.sum() > 0:
+        raise DataListError(f"{where}: --weighted, but every weight is 0; rebuild the list with "
+                            f"`m2das prepare ... --steps labels` or train without --weighted")
+
+
+def validate(samples: SampleList, csv_path, freq_bins: int, workers: int = 16, progress=None,
+             weighted: bool = False) -> None:
+    """Check every listed file before the first step; raise one error naming the first offenders.
+
+    Files must hold at least one frame; with `weighted`, the weights must allow sampling.
+    """
+    if weighted:
+        check_weights(samples.weights, csv_path)
     problems = []
     for i in range(len(samples)):
         if samples.label_offsets[i + 1] == samples.label_offsets[i]:
@@ -130,9 +149,13 @@ class LMSDataset(Dataset):
 
     def __getitem__(self, key):
         epoch, position, i = key
-        lms = np.load(self.samples.root / self.samples.files[i], mmap_mode="r")
+        lms = np.load(self.samples.root / self.samples.files[i], mmap_mode="r")  # reads the crop only
         rng = np.random.default_rng([self.seed, epoch, position])
-        x = crop_or_pad(lms, self.frames, crop_start(lms.shape[-1], self.frames, rng))
+        path = self.samples.root / self.samples.files[i]
+        try:
+            x = finite_crop(crop_or_pad(lms, self.frames, crop_start(lms.shape[-1], self.frames, rng)), path)
+        except NonFiniteLMS as e:  # a broken file, not a learning-rate problem: stop with exit 2
+            raise DataListError(str(e)) from None
         y = np.zeros(len(self.samples.classes), dtype=np.float32)
         y[self.samples.labels_of(i)] = 1.0
         return torch.from_numpy(np.array(x, dtype=np.float32)), torch.from_numpy(y)
@@ -150,6 +173,8 @@ class ResumableSampler(Sampler):
                  weights: np.ndarray | None = None):
         self.n, self.batch_size, self.rank, self.world = num_items, batch_size, rank, world_size
         self.seed, self.weights = seed, weights
+        if weights is not None:
+            check_weights(np.asarray(weights, dtype=np.float64), "the training list")
         self.batches_per_epoch = num_items // (batch_size * world_size)
         self.epoch, self.start_batch = 0, 0
 
@@ -197,3 +222,63 @@ def default_workers(requested: int, world_size: int) -> int:
     """No more workers than this process's share of the cores."""
     per_rank = max((os.cpu_count() or 1) // max(world_size, 1) - 1, 0)
     return min(requested, per_rank) if requested > 0 else 0
+
+
+# ---------------------------------------------------------------- the LMS recipe of a run's data
+
+
+def recipe_of(data_path) -> dict | None:
+    """The LMS recipe record of a data folder (DATA/lms_recipe.json, written by `m2das prepare`).
+
+    A folder with LMS files but no record was made before the record existed,
+    with torchaudio's resampler: its record is the legacy recipe, marked
+    "inferred". None when the folder has neither (hand-made data).
+    Raises DataListError when the record is unreadable.
+    """
+    from m2das.audio import LEGACY_RESAMPLER, lms_recipe
+
+    try:
+        record = read_recipe(data_path)
+    except ValueError as e:
+        raise DataListError(str(e)) from None
+    if record is None and (Path(data_path) / LMS_DIR).is_dir():
+        record = {"recipe": lms_recipe(LEGACY_RESAMPLER), "inferred": True}
+    return record
+
+
+def record_recipe(run_dir, data_path) -> str | None:
+    """Pin the data's LMS recipe in the run folder; a one-line warning when the run mixes recipes.
+
+    First start: copies the data folder's record into RUN/lms_recipe.json. Later
+    starts: compares the data folder's recipe with the pinned one. The warning
+    (None when all is well) names what differs: the data changed recipe since the
+    run started, the data folder still holds files of an older recipe, or the data
+    is not the paper's recipe.
+    """
+    from m2das.audio import lms_recipe
+    from m2das.fileio import write_json
+
+    current = recipe_of(data_path)
+    if current is None:
+        return None
+    pinned_path = Path(run_dir) / RECIPE_FILE
+    try:
+        pinned = read_recipe(run_dir)
+    except ValueError as e:
+        raise DataListError(str(e)) from None
+    if pinned is None:
+        write_json(pinned_path, current)
+        pinned = current
+    warnings = []
+    if pinned["recipe"] != current["recipe"]:
+        warnings.append(f"this run started on LMS made with {describe_recipe(pinned['recipe'])} "
+                        f"({pinned_path}), but {data_path} now holds {describe_recipe(current['recipe'])}: "
+                        f"the run mixes recipes; start a new run folder to train on one recipe")
+    others = current.get(OTHER_RECIPE_OUTPUTS) or []
+    if others:
+        warnings.append(f"{len(others)} LMS files in {data_path} were made with another recipe (e.g. "
+                        f"{others[0]}); rerun `m2das prepare --reconvert` on it")
+    if not warnings and current["recipe"] != lms_recipe():
+        warnings.append(f"{data_path} holds LMS made with {describe_recipe(current['recipe'])}, not the "
+                        f"paper's {describe_recipe(lms_recipe())}; `m2das prepare --reconvert` converts it")
+    return "; ".join(warnings) or None

@@ -19,6 +19,7 @@ import concurrent.futures
 import contextlib
 import csv
 import fcntl
+import functools
 import multiprocessing
 import os
 import posixpath
@@ -31,12 +32,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from m2das.fileio import atomic_write
-from m2das.lmsfile import check_lms_file
+from m2das.fileio import atomic_write, write_json
+from m2das.lmsfile import LMS_DIR, OTHER_RECIPE_OUTPUTS, RECIPE_FILE, check_lms_file, describe_recipe, read_recipe
 from m2das.labels import read_csv_rows, write_csv
 
 STEPS = ("lms", "list", "labels", "stats")
-LMS_DIR = "audioset_lms"
 FILE_LIST = "files_audioset.csv"
 WEIGHTED_LIST = "files_as_weighted.csv"
 FAILURES = "prepare_failures.csv"
@@ -101,14 +101,37 @@ def output_name(rel_audio_path: str) -> str:
 
 
 def find_audio(audio_dir, data_dir) -> tuple[list[Job], list[tuple[str, str]], int]:
-    """Audio files under `audio_dir` in sorted order, files sharing an output name, ignored count."""
+    """Audio files under `audio_dir` in sorted order, (path, reason) for the ones that cannot be
+    converted (clashing names, unreadable folders), and the count of ignored files.
+
+    Symlinked folders are followed, each real folder (device, inode) once: a link
+    back up the tree (`a/loop -> ..`) adds nothing instead of looping 40 levels deep.
+    """
     audio_dir, data_dir = os.path.abspath(audio_dir), os.path.abspath(data_dir)
     jobs, clashes, ignored = [], [], 0
+    st = os.stat(audio_dir)
+    visited = {(st.st_dev, st.st_ino)}
+
     def unreadable(e: OSError) -> None:
-        _log(f"warning: cannot read {e.filename} ({e.strerror}); its files are not converted")
+        rel = Path(os.path.relpath(e.filename, audio_dir)).as_posix() if e.filename else "."
+        reason = "permission denied" if isinstance(e, PermissionError) else (e.strerror or str(e))
+        clashes.append((f"{rel}/", f"folder not readable ({reason}); its files are not converted: "
+                                   f"make it readable (chmod a+rx) and rerun"))
+        _log(f"warning: cannot read folder {e.filename} ({reason}); its files are not converted")
+
+    def first_visit(root: str, name: str) -> bool:
+        try:
+            st = os.stat(os.path.join(root, name))
+        except OSError:
+            return True  # os.walk reports it through `unreadable`
+        key = (st.st_dev, st.st_ino)
+        if key in visited:
+            return False
+        visited.add(key)
+        return True
 
     for root, dirs, files in os.walk(audio_dir, onerror=unreadable, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = [d for d in sorted(dirs) if not d.startswith(".") and first_visit(root, d)]
         prefix = Path(os.path.relpath(root, audio_dir)).as_posix()
         stems: dict = {}  # outputs can only clash inside one folder
         for name in sorted(files):
@@ -159,43 +182,90 @@ def _checked(lms: np.ndarray) -> np.ndarray:
     return lms
 
 
-def convert_one(job: Job) -> tuple[str, str, str, float, bool]:
+def convert_one(job: Job, resampler: str | None = None) -> tuple[str, str, str, float, bool]:
     """Convert one file: (rel, "ok"|"failed", reason, seconds of audio, silent).
 
     Per-file problems are returned, not raised; a failure to write (disk full,
     permissions) raises, because it would fail for every file after it.
     """
-    from m2das.audio import AudioError, lms_from_waveform, load_audio
+    loaded = load_16k(job, resampler)
+    job, wave, seconds, silent, reason = loaded
+    if wave is None:
+        return job.rel, "failed", reason, 0.0, False
+    from m2das.audio import lms_batch_16k
+
+    return write_output(job, lms_batch_16k([wave])[0], seconds, silent)
+
+
+def write_output(job: Job, lms: np.ndarray, seconds: float, silent: bool):
+    """Save a finished LMS (after its finite check): the result row convert_one returns."""
+    try:
+        lms = _checked(lms)
+    except Exception as e:
+        return job.rel, "failed", str(e), 0.0, False
+    save_lms(job.out, lms)
+    return job.rel, "ok", "", seconds, silent
+
+
+def load_16k(job: Job, resampler: str | None = None):
+    """Decode, mix to mono and resample on the CPU: (job, float32 16-kHz wave or None, seconds,
+    silent, reason). The part of a conversion that runs in worker processes on every path."""
+    from m2das.audio import RESAMPLER, AudioError, load_audio, mono, resample_16k
 
     try:
         wave, sr = load_audio(job.src)
-        lms = _checked(lms_from_waveform(wave, sr))
+        x = resample_16k(mono(wave), sr, resampler or RESAMPLER)
+        if not np.isfinite(x).all():
+            raise AudioError("NaN or inf samples after resampling")
     except AudioError as e:
-        return job.rel, "failed", str(e), 0.0, False
+        return job, None, 0.0, False, str(e)
     except Exception as e:  # a conversion error in one file must not stop the others
-        return job.rel, "failed", f"conversion error: {type(e).__name__}: {e}", 0.0, False
-    save_lms(job.out, lms)
-    return job.rel, "ok", "", wave.shape[1] / sr, not np.any(wave)
+        return job, None, 0.0, False, f"conversion error: {type(e).__name__}: {e}"
+    return job, x, wave.shape[1] / sr, not np.any(wave), ""
 
 
-def _worker_init() -> None:
+def _worker_init(main_pid: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    if main_pid is not None:
+        exit_with(main_pid)
 
 
-def _load_for_gpu(job: Job):
-    """CPU side of the GPU path: decode and downmix; the device does resampling and STFT."""
-    from m2das.audio import AudioError, load_audio
+def exit_with(pid: int) -> None:
+    """End this process as soon as process `pid` is gone, even if it was SIGKILLed.
+
+    A pool worker blocks reading its job queue, whose write end it holds itself,
+    and the forkserver lives as long as any worker: without this, both would
+    sleep for ever on a login node after the main process is killed.
+    """
+    import threading
 
     try:
-        wave, sr = load_audio(job.src)
-    except AudioError as e:
-        return job, None, 0, str(e)
-    except Exception as e:
-        return job, None, 0, f"read error: {type(e).__name__}: {e}"
-    return job, wave.mean(axis=0, dtype=np.float32), sr, ""
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (old kernel, not Linux): poll instead
+        fd = None
+
+    def watch():
+        import select
+
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while True:
+                time.sleep(1.0)
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:  # alive, another user's process
+                    continue
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-main", daemon=True).start()
 
 
 def _mp_context():
@@ -232,7 +302,8 @@ def robust_map(fn, jobs, workers: int):
         source = suspects if alone else todo
         limit = 1 if alone else 4 * workers
         pool = concurrent.futures.ProcessPoolExecutor(1 if alone else workers, _mp_context(),
-                                                      initializer=_worker_init)
+                                                      initializer=_worker_init,
+                                                      initargs=(os.getpid(),))
         try:
             in_flight: dict = {}
             broken = False
@@ -258,7 +329,8 @@ def robust_map(fn, jobs, workers: int):
             pool.shutdown(wait=True, cancel_futures=True)  # on a stop: no new file is started
 
 
-def _convert_cpu(jobs, workers, on_result):
+def _convert_cpu(jobs, workers, on_result, resampler=None):
+    convert = functools.partial(convert_one, resampler=resampler)
     if workers <= 1:
         import torch
 
@@ -266,41 +338,28 @@ def _convert_cpu(jobs, workers, on_result):
         torch.set_num_threads(1)
         try:
             for job in jobs:
-                on_result(convert_one(job))
+                on_result(convert(job))
         finally:
             torch.set_num_threads(previous)
         return
-    for job, result in robust_map(convert_one, jobs, workers):
+    for job, result in robust_map(convert, jobs, workers):
         on_result((job.rel, "failed", CRASHED, 0.0, False) if result is CRASHED else result)
 
 
-def _convert_gpu(jobs, workers, device, batch_size, on_result):
-    """Decode on CPU workers, resample and STFT in batches on the device, write in threads."""
+def _convert_gpu(jobs, workers, device, batch_size, on_result, resampler=None):
+    """Decode and resample (soxr) in CPU workers, STFT and mel in batches on the device, write in
+    threads. The waveforms the device gets are those of the per-file path, so are the LMS."""
     import torch
 
-    from m2das.audio import lms_batch_16k, resample_16k
+    from m2das.audio import lms_batch_16k
 
     writer = concurrent.futures.ThreadPoolExecutor(max(2, min(8, workers)))
     pending: list = []
 
     def flush(batch):
-        groups: dict = {}
-        for item in batch:
-            groups.setdefault((item[2], item[1].shape[0]), []).append(item)
-        waves, order = [], []
-        for (sr, _), items in groups.items():
-            stacked = torch.from_numpy(np.stack([it[1] for it in items])).to(device)
-            waves += list(resample_16k(stacked, sr))
-            order += items
-        for (job, wave, sr, _), lms in zip(order, lms_batch_16k(waves, device)):
-            def write(job=job, lms=lms, seconds=wave.shape[0] / sr, silent=not np.any(wave)):
-                try:
-                    lms = _checked(lms)
-                except Exception as e:
-                    return job.rel, "failed", str(e), 0.0, False
-                save_lms(job.out, lms)
-                return job.rel, "ok", "", seconds, silent
-            pending.append(writer.submit(write))
+        waves = [torch.from_numpy(wave) for _, wave, _, _ in batch]
+        for (job, _, seconds, silent), lms in zip(batch, lms_batch_16k(waves, device)):
+            pending.append(writer.submit(write_output, job, lms, seconds, silent))
 
     def drain(block=False):
         # bounded: when the disk is slower than the device, wait for it instead of piling up
@@ -309,12 +368,14 @@ def _convert_gpu(jobs, workers, device, batch_size, on_result):
 
     try:
         batch = []
-        for job, loaded in robust_map(_load_for_gpu, jobs, max(1, workers)):
-            _, wave, sr, reason = (job, None, 0, CRASHED) if loaded is CRASHED else loaded
+        load = functools.partial(load_16k, resampler=resampler)
+        for job, loaded in robust_map(load, jobs, max(1, workers)):
+            _, wave, seconds, silent, reason = ((job, None, 0.0, False, CRASHED) if loaded is CRASHED
+                                                else loaded)
             if wave is None:
                 on_result((job.rel, "failed", reason, 0.0, False))
                 continue
-            batch.append((job, wave, sr, reason))
+            batch.append((job, wave, seconds, silent))
             if len(batch) >= batch_size:
                 flush(batch)
                 batch = []
@@ -360,27 +421,130 @@ def write_failures(data_dir, failures) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- the recipe of a data folder
+
+
+def recipe_record(recipe: dict, other_outputs=()) -> dict:
+    """What DATA/lms_recipe.json holds: the recipe, the versions that made it, and the outputs
+    still made with another recipe (listed so that the trainer can warn about them)."""
+    import importlib.metadata
+
+    from m2das import __version__
+
+    record = {"recipe": recipe, "m2das_version": __version__,
+              OTHER_RECIPE_OUTPUTS: sorted(other_outputs)}
+    if recipe.get("resampler") == "soxr":
+        record["soxr_version"] = importlib.metadata.version("soxr")
+    return record
+
+
+def recorded_recipe(data_dir, has_outputs: bool) -> dict | None:
+    """The data folder's record; a folder with LMS files but no record predates the record and
+    was resampled by torchaudio at its defaults (the legacy recipe)."""
+    from m2das.audio import LEGACY_RESAMPLER, lms_recipe
+
+    try:
+        record = read_recipe(data_dir)
+    except ValueError as e:
+        raise PrepareError(str(e), 2) from None
+    if record is None and has_outputs:
+        record = {"recipe": lms_recipe(LEGACY_RESAMPLER), "m2das_version": "0.1.0 or older",
+                  OTHER_RECIPE_OUTPUTS: [], "inferred": True}
+    return record
+
+
+def _resampled(job: Job) -> bool:
+    """Whether the output of `job` went through the resampler (its source is not 16 kHz)."""
+    import soundfile as sf
+
+    from m2das.audio import SAMPLE_RATE
+
+    try:
+        return sf.info(job.src).samplerate != SAMPLE_RATE
+    except Exception:  # unreadable now: converting it again records why
+        return True
+
+
+def plan_recipe(jobs, done: set, data_dir: Path, recipe: dict, reconvert: bool,
+                progress: bool) -> tuple[list[Job], set[str]]:
+    """(jobs whose existing output is of another recipe and must be converted again, outputs of
+    another recipe that no input here can replace). Refuses (exit 2) a folder of another
+    recipe unless `reconvert`: its old files must not mix silently with new ones."""
+    record = recorded_recipe(data_dir, bool(done))
+    if record is None:
+        return [], set()
+    old = record["recipe"]
+    if old == recipe:
+        stale = set(record.get(OTHER_RECIPE_OUTPUTS) or []) & done
+        if stale and not reconvert:
+            _log(f"warning: {len(stale)} LMS files in {data_dir} were made with another recipe "
+                 f"(listed in {RECIPE_FILE}); rerun with --reconvert to convert them again")
+            return [], stale
+    else:
+        what = (f"{data_dir} holds {len(done)} LMS files made with {describe_recipe(old)} "
+                f"(m2das {record.get('m2das_version', '?')}); this m2das makes the paper's LMS "
+                f"with {describe_recipe(recipe)}")
+        if not reconvert:
+            raise PrepareError(f"{what}. Rerun with --reconvert to convert the affected files "
+                               f"again (16-kHz inputs are kept as they are), or pass an empty "
+                               f"DATA_DIR", 2)
+        _log(f"{what}: converting the affected files again (--reconvert)")
+        resampler_keys = {"resampler", "resampler_quality"}
+        only_resampler = ({k: v for k, v in old.items() if k not in resampler_keys}
+                          == {k: v for k, v in recipe.items() if k not in resampler_keys})
+        candidates = [j for j in jobs if j.out_rel in done]
+        with _progress(len(candidates), "recipe", progress) as bar:
+            stale = set()
+            for job in candidates:
+                if not only_resampler or _resampled(job):
+                    stale.add(job.out_rel)
+                bar.update(1)
+        stale |= done - {j.out_rel for j in jobs}  # no input here: cannot tell, cannot redo
+    redo = [j for j in jobs if j.out_rel in stale]
+    orphans = stale - {j.out_rel for j in redo}
+    if orphans:
+        _log(f"warning: {len(orphans)} LMS files of another recipe have no input in this "
+             f"AUDIO_DIR (e.g. {sorted(orphans)[0]}); they stay, listed in {RECIPE_FILE}: "
+             f"delete them, or rerun with the AUDIO_DIR they came from")
+    return (redo if reconvert else []), stale
+
+
 def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = None,
-            batch_size: int = 32, progress: bool = True, batched: bool | None = None) -> dict:
+            batch_size: int = 32, progress: bool = True, batched: bool | None = None,
+            reconvert: bool = False, resampler: str | None = None) -> dict:
     """Convert every audio file that has no output yet; record the ones that fail.
 
-    `batched` (default: on a GPU) decodes in worker processes and runs resampling
-    and STFT in batches on `device`; otherwise each worker converts whole files.
+    `batched` (default: on a GPU) decodes and resamples in worker processes and
+    runs STFT and mel in batches on `device`; otherwise each worker converts whole
+    files. Either way the LMS recipe is recorded in DATA/lms_recipe.json, and a
+    folder made with another recipe is refused unless `reconvert`, which converts
+    its affected files again. `resampler` other than the default is for benchmarks.
     """
+    from m2das.audio import RESAMPLER, lms_recipe
+
     audio_dir, data_dir = Path(audio_dir), Path(data_dir)
     if not audio_dir.is_dir():
         raise PrepareError(f"audio folder {audio_dir} does not exist; pass AUDIO_DIR or mount "
                            f"your audio there (docker run -v /path/to/audio:{DEFAULT_AUDIO_DIR})", 2)
     device = resolve_device(device)
     workers = default_workers() if workers is None else max(1, int(workers))
+    resampler = resampler or RESAMPLER
+    recipe = lms_recipe(resampler)
     jobs, clashes, ignored = find_audio(audio_dir, data_dir)
     done = existing_outputs(data_dir)
-    todo = [j for j in jobs if j.out_rel not in done]
-    summary = {"audio_files": len(jobs) + len(clashes), "ignored_non_audio": ignored,
+    redo, stale = plan_recipe(jobs, done, data_dir, recipe, reconvert, progress)
+    redo_names = {j.out_rel for j in redo}
+    if not done or (not stale and read_recipe(data_dir) is None):
+        write_json(data_dir / RECIPE_FILE, recipe_record(recipe))  # before the first new file
+    todo = [j for j in jobs if j.out_rel not in done or j.out_rel in redo_names]
+    summary = {"audio_files": len(jobs) + sum(not c[0].endswith("/") for c in clashes),
+               "ignored_non_audio": ignored,
                "skipped_existing": len(jobs) - len(todo), "converted": 0, "failed": 0,
-               "silent": 0, "hours_converted": 0.0, "device": device, "workers": workers}
+               "silent": 0, "hours_converted": 0.0, "device": device, "workers": workers,
+               "reconverted": 0, "other_recipe_outputs": len(stale)}
     _log(f"lms: {len(jobs)} audio files in {audio_dir}, {summary['skipped_existing']} already "
-         f"converted, {len(todo)} to do on {device} ({workers} workers)")
+         f"converted, {len(todo)} to do on {device} ({workers} workers"
+         f"{f', {len(redo)} of them again for the new recipe' if redo else ''})")
     failures = list(clashes)
     attempted: set = set()
     seconds = 0.0
@@ -392,6 +556,10 @@ def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = Non
         attempted.add(rel)
         if status == "ok":
             summary["converted"] += 1
+            out_rel = output_name(rel)
+            if out_rel in stale:
+                stale.discard(out_rel)
+                summary["reconverted"] += 1
             summary["silent"] += int(silent)
             seconds += secs
         else:
@@ -402,9 +570,12 @@ def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = Non
     started = time.monotonic()
     try:
         if not (device != "cpu" if batched is None else batched):
-            _convert_cpu(todo, workers, on_result)
+            _convert_cpu(todo, workers, on_result, resampler)
         else:
-            _convert_gpu(todo, workers, device, batch_size, on_result)
+            _convert_gpu(todo, workers, device, batch_size, on_result, resampler)
+        if redo or stale:  # every file of the old recipe that could be redone has been tried
+            write_json(data_dir / RECIPE_FILE, recipe_record(recipe, stale))
+        summary["other_recipe_outputs"] = len(stale)
     finally:
         bar.close()
         summary["failed"] = len(failures)
@@ -503,9 +674,12 @@ def run_stats(data_dir, num_files: int | None = None, seed: int | None = None,
     num_files = stats.DEFAULT_STATS_FILES if num_files is None else num_files
     seed = stats.DEFAULT_STATS_SEED if seed is None else seed
     with _progress(num_files, "stats", progress) as bar:
-        result = stats.compute_norm_stats([os.path.join(data_dir, n) for n in names],
-                                          num_files=num_files,
-                                          seed=seed, progress=lambda n, total: bar.update(1))
+        try:
+            result = stats.compute_norm_stats([os.path.join(data_dir, n) for n in names],
+                                              num_files=num_files, seed=seed,
+                                              progress=lambda n, total: bar.update(1))
+        except stats.NonFiniteLMS as e:
+            raise PrepareError(str(e), 2) from None
     out = data_dir / NORM_STATS
     stats.write_norm_stats(out, result)
     return {"norm_stats": str(out), "mean": result["mean"], "std": result["std"]}
@@ -555,10 +729,10 @@ def parse_steps(steps) -> list[str]:
     return [s for s in STEPS if s in steps]
 
 
-def run_prepare(audio_dir=DEFAULT_AUDIO_DIR, data_dir=DEFAULT_DATA_DIR, metadata_dir=None,
+def run_prepare(audio_dir, data_dir, metadata_dir=None,
                 device: str = "auto", workers: int | None = None, steps=STEPS,
                 url_base: str | None = None, stats_files: int | None = None,
-                batch_size: int = 32, progress: bool = True) -> dict:
+                batch_size: int = 32, progress: bool = True, reconvert: bool = False) -> dict:
     """Run the chosen steps; return the summary. Raises PrepareError (with .code) when fatal."""
     steps = parse_steps(steps)
     data_dir = Path(data_dir)
@@ -566,7 +740,8 @@ def run_prepare(audio_dir=DEFAULT_AUDIO_DIR, data_dir=DEFAULT_DATA_DIR, metadata
     summary: dict = {"steps": steps, "data_dir": str(data_dir)}
     with _lock(data_dir):
         if "lms" in steps:
-            summary.update(run_lms(audio_dir, data_dir, device, workers, batch_size, progress))
+            summary.update(run_lms(audio_dir, data_dir, device, workers, batch_size, progress,
+                                   reconvert=reconvert))
         if "list" in steps:
             summary.update(write_file_list(data_dir, progress))
         nothing_listed = summary.get("listed") == 0  # labels and stats would have no input
@@ -604,6 +779,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"  converted          {s['converted']} ({s['hours_converted']:.2f} h of audio, "
                      f"{s['silent']} silent) on {s['device']}")
         lines.append(f"  skipped (existing) {s['skipped_existing']}")
+        if s["reconverted"] or s["other_recipe_outputs"]:
+            lines.append(f"  reconverted        {s['reconverted']} (new LMS recipe), "
+                         f"{s['other_recipe_outputs']} of another recipe left")
         lines.append(f"  failed             {s['failed']}  -> {s['failures_file']}")
         lines.append(f"  LMS folder         {Path(s['data_dir']) / LMS_DIR}")
         if s["ignored_non_audio"]:
@@ -631,10 +809,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="m2das prepare",
         description="Audio folder -> LMS .npy files, files_audioset.csv, files_as_weighted.csv, "
                     "norm_stats.json. Rerun to finish an interrupted run; done files are kept.")
-    p.add_argument("audio_dir", nargs="?", default=DEFAULT_AUDIO_DIR, metavar="AUDIO_DIR",
-                   help=f"folder of AudioSet clips, any depth (default {DEFAULT_AUDIO_DIR})")
-    p.add_argument("data_dir", nargs="?", default=DEFAULT_DATA_DIR, metavar="DATA_DIR",
-                   help=f"output data folder (default {DEFAULT_DATA_DIR})")
+    p.add_argument("audio_dir", metavar="AUDIO_DIR",
+                   help=f"folder of AudioSet clips, any depth (in the container: {DEFAULT_AUDIO_DIR})")
+    p.add_argument("data_dir", metavar="DATA_DIR",
+                   help=f"output data folder (in the container: {DEFAULT_DATA_DIR})")
     p.add_argument("--metadata", metavar="DIR", default=None,
                    help="folder with eval_segments.csv, balanced_train_segments.csv, "
                         "[unbalanced_train_segments.csv], class_labels_indices.csv; "
@@ -650,6 +828,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-files", type=int, default=None,
                    help="random crops for the normalisation statistics (default 5000)")
     p.add_argument("--batch-size", type=int, default=32, help="clips per GPU batch (default 32)")
+    p.add_argument("--reconvert", action="store_true",
+                   help=f"DATA_DIR was made with another LMS recipe (see {RECIPE_FILE}): convert "
+                        f"its affected files again (without it, such a folder is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -659,12 +840,18 @@ def _raise_on_sigterm(signum, frame):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # no folders are assumed outside the container (its entry point passes them)
+        parser.print_help(sys.stderr)
+        _log("\nm2das prepare: pass AUDIO_DIR and DATA_DIR")
+        return 2
+    args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         summary = run_prepare(args.audio_dir, args.data_dir, args.metadata, args.device,
                               args.workers, args.steps, args.metadata_url, args.stats_files,
-                              args.batch_size, not args.no_progress)
+                              args.batch_size, not args.no_progress, args.reconvert)
     except PrepareError as e:
         _log(f"m2das prepare: {e}")
         return e.code

@@ -17,6 +17,22 @@ DEFAULT_STATS_FILES = 5000
 DEFAULT_STATS_SEED = 0
 
 
+class NonFiniteLMS(ValueError):
+    """An LMS crop holding NaN or inf: the file is broken, the message names it."""
+
+
+def finite_crop(x: np.ndarray, path) -> np.ndarray:
+    """`x` if every value is finite, else NonFiniteLMS naming `path`.
+
+    One isfinite over the crop (608 x 80 values), not over the file: cheap enough
+    for every sample the trainer or the stats step reads.
+    """
+    if not np.isfinite(x).all():
+        raise NonFiniteLMS(f"{path}: NaN or inf values in the LMS; delete it and rerun "
+                           f"`m2das prepare` to convert it again, or take it out of the list")
+    return x
+
+
 def crop_or_pad(lms: np.ndarray, frames: int, start: int) -> np.ndarray:
     """[1, F, T] -> [1, F, frames]: a window from `start`, zero-padded on the right if T < frames."""
     t = lms.shape[-1]
@@ -48,7 +64,8 @@ def compute_norm_stats(paths, num_files: int = DEFAULT_STATS_FILES, frames: int 
     total = total_sq = count = 0.0
     for n, i in enumerate(picks):
         lms = np.load(paths[i], mmap_mode="r")
-        x = crop_or_pad(lms, frames, crop_start(lms.shape[-1], frames, rng)).astype(np.float64)
+        x = finite_crop(crop_or_pad(lms, frames, crop_start(lms.shape[-1], frames, rng)),
+                        paths[i]).astype(np.float64)
         total += x.sum()
         total_sq += np.square(x).sum()
         count += x.size

@@ -108,7 +108,11 @@ class AudioEncoder(nn.Module):
 
 
 def load_encoder(path, device="cpu", epoch: int | None = None) -> AudioEncoder:
-    """An exported encoder, a full checkpoint or a run folder -> AudioEncoder in eval mode on `device`."""
+    """An exported encoder, a full checkpoint or a run folder -> AudioEncoder on `device`.
+
+    Frozen (eval mode, no gradients) because it is meant for features; call
+    `.train().requires_grad_(True)` on it to fine-tune.
+    """
     w = read_weights(path, epoch)
     state = {k: v for k, v in w.encoder_state(with_head=True).items()}
     dim = state["cls_token"].shape[-1]
@@ -120,4 +124,4 @@ def load_encoder(path, device="cpu", epoch: int | None = None) -> AudioEncoder:
                            num_classes=head.shape[0] if head is not None else 0)
     encoder.load_state_dict(state, strict=True)
     encoder.classes = list(w.classes)
-    return encoder.to(device).eval()
+    return encoder.to(device).eval().requires_grad_(False)

@@ -32,8 +32,6 @@ def read_eval_list(csv_path, root=None):
     """-> (paths, per-row label lists, splits, class names); ListError for a bad list."""
     import pandas as pd
 
-    from m2das.data import split_labels
-
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise ListError(f"{csv_path}: list not found")
@@ -51,7 +49,7 @@ def read_eval_list(csv_path, root=None):
     for needed in SPLITS:
         if needed not in splits:
             raise ListError(f"{csv_path}: no {needed!r} rows; the list needs train, valid and test rows")
-    labels = [split_labels(v) for v in df["label"]]
+    labels = [[c.strip() for c in v.split(",") if c.strip()] for v in df["label"]]  # as in AudioSet's lists
     unlabelled = [f for f, row in zip(df["file_name"], labels) if not row]
     if unlabelled:
         raise ListError(f"{csv_path}: {len(unlabelled)} row(s) without a label, e.g. {unlabelled[0]}; label or remove them")
@@ -139,14 +137,15 @@ def evaluate(weights, data, *, data_root=None, out=None, seed=42, lr=3e-4, epoch
     """The whole evaluation; returns the result dict that is also written as JSON."""
     import time
 
+    t0 = time.monotonic()
+    paths, labels, splits, classes = read_eval_list(data, data_root)  # before torch: bad lists fail fast
+
     import torch
 
     from m2das.embed import embed_files, pick_device
     from m2das.encoder import load_encoder
     from m2das.weights import read_weights, resolve_checkpoint
 
-    t0 = time.monotonic()
-    paths, labels, splits, classes = read_eval_list(data, data_root)
     weights_file = resolve_checkpoint(weights)
     device = pick_device(device)
     if multi_label is None:

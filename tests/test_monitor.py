@@ -1,0 +1,146 @@
+"""The training monitor and its metrics: values on inputs worked out by hand, and a real run on LMS files."""
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from m2das.metrics import average_precision, knn_accuracy, mean_average_precision, rankme
+from m2das.monitor import Monitor, center_start, record
+
+CLASSES = ["/m/a", "/m/b", "/m/c"]
+
+
+def test_average_precision_on_hand_worked_examples():
+    # ranks 1..4 hold +, -, +, -: precision at the two hits is 1/1 and 2/3.
+    assert average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx((1 + 2 / 3) / 2)
+    assert average_precision([0.1, 0.2, 0.3], [0, 0, 1]) == 1.0
+    # a tie between a positive and a negative counts as one threshold: precision 1/2.
+    assert average_precision([0.5, 0.5], [0, 1]) == 0.5
+    assert average_precision([0.5, 0.5], [1, 0]) == 0.5
+    assert math.isnan(average_precision([0.3, 0.2], [0, 0]))
+    scores = np.array([[0.9, 0.1, 0.5], [0.8, 0.9, 0.5], [0.1, 0.2, 0.5]])
+    targets = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0]])  # class 2 has no positive: left out of the mean
+    assert mean_average_precision(scores, targets) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+
+
+def test_rankme_on_known_spectra():
+    assert rankme(np.eye(6)) == pytest.approx(6, rel=1e-5)
+    assert rankme(np.outer(np.arange(1, 9), np.ones(4))) == pytest.approx(1, rel=1e-5)
+    # singular values 3 and 1: p = (0.75, 0.25), effective rank exp(entropy).
+    z = np.zeros((5, 3))
+    z[0, 0], z[1, 1] = 3, 1
+    p = np.array([0.75, 0.25])
+    assert rankme(z) == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-5)
+    wide = np.random.default_rng(0).standard_normal((4, 50))  # fewer rows than columns: the smaller Gram
+    assert rankme(wide) == pytest.approx(rankme(wide.T), rel=1e-9)
+
+
+def test_knn_accuracy_on_clusters():
+    rng = np.random.default_rng(0)
+    centres = np.eye(3) * 10
+    labels = np.repeat(np.arange(3), 10)
+    z = centres[labels] + rng.standard_normal((30, 3)) * 0.1
+    onehot = np.eye(3)[labels]
+    assert knn_accuracy(z, onehot, k=5) == 1.0
+    assert knn_accuracy(z, np.eye(3)[np.roll(labels, 10)], k=5) == 1.0  # relabelled consistently
+    assert knn_accuracy(z, np.eye(3)[rng.permutation(labels)], k=5) < 0.7  # labels unrelated to the clusters
+
+
+def test_center_crop_is_fixed():
+    assert center_start(1001, 608) == 196 and center_start(100, 608) == 0
+
+
+def write_eval_folder(root, n=24, seed=0):
+    """DATA/eval_lms/*.npy, two classes that differ in loudness, and files_as_eval.csv."""
+    rng = np.random.default_rng(seed)
+    (root / "eval_lms").mkdir(parents=True)
+    rows = ["file_name,label"]
+    for i in range(n):
+        cls = i % 2
+        lms = (rng.standard_normal((1, 80, int(rng.integers(150, 260)))) - 9 + 6 * cls).astype(np.float32)
+        np.save(root / "eval_lms" / f"e{i:03d}.npy", lms)
+        rows.append(f'eval_lms/e{i:03d}.npy,"{CLASSES[cls]}{",/m/unknown" if i == 0 else ""}"')
+    (root / "files_as_eval.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    from m2das.model import create_model
+
+    data = write_eval_folder(tmp_path / "data")
+    torch.manual_seed(0)
+    model = create_model("m2d_as_vit_tiny", input_size=[80, 208], num_classes=len(CLASSES))
+    model.norm_stats.copy_(torch.tensor([-6.0, 3.5]))
+    cfg = {"monitor_every": 2, "monitor_list": None, "data_path": str(data), "input_size": [80, 208]}
+    return model, cfg, data
+
+
+def test_monitor_metrics_on_real_lms_files_leave_random_state_alone(tiny, tmp_path):
+    model, cfg, data = tiny
+    mon = Monitor(cfg, CLASSES, torch.device("cpu"), knn_k=3)
+    assert [e for e in range(1, 7) if mon.due(e)] == [2, 4, 6]
+    assert mon.targets.shape == (24, 3) and mon.targets[0].tolist() == [1, 0, 0]  # /m/unknown ignored
+
+    model.train()
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()
+    first = mon.run(model, 2)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert json.dumps(np.random.get_state()[1].tolist()) == json.dumps(np_state[1].tolist())
+    assert model.training  # mode restored
+    assert set(first) == {"monitor_map", "monitor_rankme", "monitor_knn_acc", "monitor_seconds", "monitor_clips"}
+    assert 0 < first["monitor_map"] <= 1 and 1 <= first["monitor_rankme"] <= 24 and first["monitor_clips"] == 24
+    assert first["monitor_knn_acc"] > 0.9  # loudness separates the two classes even at random init
+    second = mon.run(model, 2)
+    assert {k: v for k, v in second.items() if k != "monitor_seconds"} == \
+           {k: v for k, v in first.items() if k != "monitor_seconds"}
+
+    # A head that ignores its input scores every clip alike: each AP is the class's prevalence (12 of 24).
+    with torch.no_grad():
+        model.offline_predictor.weight.zero_()
+    assert mon.run(model, 4)["monitor_map"] == pytest.approx(0.5)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "events"))
+    row = record(first, tmp_path, writer, epoch=2, step=10, train_seconds=100.0)
+    writer.close()
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert logged == [row] and row["step"] == 10 and 0 < row["monitor_share"] < 0.5
+    assert any((tmp_path / "events").iterdir())
+
+
+def test_monitor_time_share_against_training_steps(tiny):
+    """The monitor's cost next to the training it interrupts (printed; the paper-scale share is in the README)."""
+    model, cfg, data = tiny
+    mon = Monitor(cfg, CLASSES, torch.device("cpu"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x, y = torch.randn(8, 1, 80, 208) * 3 - 6, torch.zeros(8, 3)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for _ in range(6):
+        loss = model(x, y, gen)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    per_sample_train = (time.perf_counter() - t0) / 48
+    m = mon.run(model, 2)
+    per_clip_monitor = m["monitor_seconds"] / m["monitor_clips"]
+    print(f"monitor {per_clip_monitor * 1e3:.1f} ms/clip vs training {per_sample_train * 1e3:.1f} ms/sample")
+    assert per_clip_monitor < per_sample_train  # a forward pass without masking costs less than a training step
+
+
+def test_missing_monitor_list_is_a_one_line_error(tiny):
+    from m2das.data import DataListError
+
+    model, cfg, data = tiny
+    with pytest.raises(DataListError, match="files_as_eval.csv"):
+        Monitor({**cfg, "monitor_list": str(data / "nope.csv")}, CLASSES, torch.device("cpu"))
+    (data / "eval_lms" / "e003.npy").unlink()
+    with pytest.raises(DataListError, match="e003.npy: missing"):
+        Monitor(cfg, CLASSES, torch.device("cpu"))
+    assert Monitor({**cfg, "monitor_every": 0}, CLASSES, torch.device("cpu")).due(2) is False

@@ -305,50 +305,45 @@ def train(cfg: dict, env: dict) -> int:
             dist.destroy_process_group()
 
 
-def _train(cfg, env, device, flag_group, stop, run_dir: Path) -> int:
-    rank, world = env["rank"], env["world_size"]
+def load_data(cfg: dict, run_dir: Path, rank: int, world: int):
+    """The list, checked once per version, its statistics, and the numbers derived from its size."""
     samples = on_rank0(lambda: load_samples(cfg, run_dir), rank)
     on_rank0(lambda: validate_once(samples, cfg, run_dir), rank)
     stats = on_rank0(lambda: resolve_norm_stats(cfg, samples, run_dir), rank)
     derived = config.resolve(cfg, world, len(samples))
-    batches_per_epoch = derived["steps_per_epoch"] * cfg["accum_iter"]  # whole optimizer steps only
-    if batches_per_epoch == 0:
+    if derived["steps_per_epoch"] == 0:
         raise TrainError(f"{cfg['csv_main']}: {len(samples)} files give no full step of "
                          f"{cfg['batch_size']} x {cfg['accum_iter']} x {world}; lower --batch_size")
-    total_batches = batches_per_epoch * cfg["epochs"]
-    total_steps = derived["steps_per_epoch"] * cfg["epochs"]
     if rank == 0:  # the derived numbers, for `m2das status` and humans
         saved = read_json_file(run_dir / runfolder.CONFIG, "restore it")
         write_json(run_dir / runfolder.CONFIG, {**saved, **derived, "global_batch": derived["effective_batch_size"]})
     log(f"run folder {run_dir}; {len(samples)} files, {len(samples.classes)} classes, "
         f"{derived['steps_per_epoch']} steps/epoch, effective batch {derived['effective_batch_size']}, "
         f"lr {derived['abs_lr']:.3g}, norm stats {stats['mean']:.4f}/{stats['std']:.4f} ({stats['source']})", rank)
+    return samples, stats, derived
 
-    # Model and optimizer (same init on every rank; DDP also broadcasts it).
+
+def build_model(cfg: dict, num_classes: int, stats: dict, lr: float, device):
+    """Model, optimizer and loss scaler; the same init on every rank (DDP also broadcasts it)."""
     torch.manual_seed(cfg["seed"])
     model = create_model(cfg["model"], input_size=cfg["input_size"], patch_size=cfg["patch_size"],
-                         num_classes=len(samples.classes), mask_ratio=cfg["mask_ratio"], loss_off=cfg["loss_off"])
+                         num_classes=num_classes, mask_ratio=cfg["mask_ratio"], loss_off=cfg["loss_off"])
     model.norm_stats.copy_(torch.tensor([stats["mean"], stats["std"]]))
     model.to(device)
-    optimizer = build_optimizer(model, derived["abs_lr"], cfg["weight_decay"], device)
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if cfg["bf16"] else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and not cfg["bf16"])
+    optimizer = build_optimizer(model, lr, cfg["weight_decay"], device)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and not cfg["bf16"])
+    return model, optimizer, scaler
 
-    # Resume or start: the checkpointer owns what is saved and loaded, and when.
-    progress = Progress()
-    ckpt = Checkpointer(run_dir, {"model": model, "optimizer": optimizer, "scaler": scaler,
-                                  "rng": RNGState(device), "progress": progress},
-                        {"args": {**cfg, "output_dir": str(run_dir)}, "norm_stats": stats,
-                         "classes": samples.classes},
-                        rank=rank, epochs=cfg["epochs"], save_freq=cfg["save_freq"],
-                        interval_s=cfg["ckpt_interval_min"] * 60, log=lambda m: log(m, rank), flag_group=flag_group)
+
+def resume_or_start(ckpt: Checkpointer, cfg: dict, model, stats: dict, rank: int) -> None:
+    """Clean the folder, load the state to continue from (or --init_from weights), record the start."""
+    run_dir, progress = ckpt.run_dir, ckpt.progress
     if rank == 0:
         removed = ckpt.prepare_folder()
         if removed:
             log(f"removed {len(removed)} temporaries of killed writes: {', '.join(removed)}")
     if dist.is_initialized():
-        dist.barrier(group=flag_group)
+        dist.barrier(group=ckpt.flag_group)
     try:
         resumed_from = ckpt.resume(cfg["resume"], shows_progress(run_dir))
         if resumed_from is not None:
@@ -366,6 +361,25 @@ def _train(cfg, env, device, flag_group, stop, run_dir: Path) -> int:
         ckpt.warn_if_low_space()
         trim_log(run_dir, progress.step)
         append_jsonl(run_dir / runfolder.RESTARTS, start_record(run_dir, resumed_from, progress.step))
+
+
+def _train(cfg, env, device, flag_group, stop, run_dir: Path) -> int:
+    rank, world = env["rank"], env["world_size"]
+    samples, stats, derived = load_data(cfg, run_dir, rank, world)
+    batches_per_epoch = derived["steps_per_epoch"] * cfg["accum_iter"]  # whole optimizer steps only
+    total_batches, total_steps = batches_per_epoch * cfg["epochs"], derived["total_steps"]
+    model, optimizer, scaler = build_model(cfg, len(samples.classes), stats, derived["abs_lr"], device)
+    use_amp, amp_dtype = device.type == "cuda", (torch.bfloat16 if cfg["bf16"] else torch.float16)
+
+    # The checkpointer owns what is saved and loaded, and when.
+    progress = Progress()
+    ckpt = Checkpointer(run_dir, {"model": model, "optimizer": optimizer, "scaler": scaler,
+                                  "rng": RNGState(device), "progress": progress},
+                        {"args": {**cfg, "output_dir": str(run_dir)}, "norm_stats": stats,
+                         "classes": samples.classes},
+                        rank=rank, epochs=cfg["epochs"], save_freq=cfg["save_freq"],
+                        interval_s=cfg["ckpt_interval_min"] * 60, log=lambda m: log(m, rank), flag_group=flag_group)
+    resume_or_start(ckpt, cfg, model, stats, rank)
 
     ddp = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
@@ -465,10 +479,15 @@ def diverged_message(progress: Progress, run_dir: Path) -> str:
 
 
 def shows_progress(run_dir: Path) -> bool:
-    """Does the folder record training that a fresh start would throw away?"""
-    if runfolder.checkpoint_files(run_dir) or read_jsonl(run_dir / runfolder.LOG):
+    """Was a checkpoint ever written here (a file, a resume from one, a saved stop)?
+
+    Log lines alone do not count: a run killed before its first save has
+    nothing to resume from and rightly starts again.
+    """
+    if runfolder.checkpoint_files(run_dir):
         return True
-    return any((r.get("resumed_step") or r.get("step") or 0) > 0 for r in read_jsonl(run_dir / runfolder.RESTARTS))
+    return any((r.get("resumed_step") or 0) > 0 or (r.get("event") == runfolder.EVENT_STOPPED and r.get("step"))
+               for r in read_jsonl(run_dir / runfolder.RESTARTS))
 
 
 def trim_log(run_dir: Path, step: int) -> None:

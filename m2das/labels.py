@@ -12,6 +12,7 @@ import csv
 import importlib.util
 import io
 import os
+import re
 import shutil
 import urllib.parse
 import urllib.request
@@ -25,9 +26,16 @@ SEGMENT_FILES = ("eval_segments.csv", "balanced_train_segments.csv",
 CLASS_FILE = "class_labels_indices.csv"
 OPTIONAL_FILES = ("unbalanced_train_segments.csv",)
 METADATA_FILES = SEGMENT_FILES + (CLASS_FILE,)
-DEFAULT_URL_BASE = "http://storage.googleapis.com/us_audioset/youtube_corpus/v1/csv"
+DEFAULT_URL_BASE = "https://storage.googleapis.com/us_audioset/youtube_corpus/v1/csv"
 URL_ENV = "M2DAS_AUDIOSET_URL"
 YTID_LENGTH = 11
+SEGMENT_HEADER = "# YTID, start_seconds, end_seconds, positive_labels"
+CLASS_HEADER = "index,mid,display_name"
+# Fewest rows a downloaded list may have when its header states no count (the release: 20,371
+# eval, 22,160 balanced, 2,041,789 unbalanced segments, 527 classes).
+MIN_ROWS = {"eval_segments.csv": 10000, "balanced_train_segments.csv": 10000,
+            "unbalanced_train_segments.csv": 1000000, CLASS_FILE: 500}
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 _NAME_SEPARATORS = set("_. ")
 
 
@@ -191,14 +199,66 @@ def _open_url(url: str, timeout: float):
     return fsspec.open(url, "rb").open()
 
 
+def check_url(url_base: str) -> None:
+    """Lists are fetched over HTTPS (or from a folder, file:// or another fsspec URL), never
+    plain http across a network: a tampered list would silently mislabel the training data."""
+    parts = urllib.parse.urlsplit(url_base)
+    if parts.scheme == "http" and (parts.hostname or "") not in LOOPBACK_HOSTS:
+        raise MetadataError(f"{url_base}: plain http is refused for the AudioSet lists; use "
+                            f"https:// (or a mirror folder / file:// URL)")
+
+
+def check_downloaded_list(name: str, f, url: str) -> int:
+    """Rows of a downloaded list, after checking its header and row count; MetadataError otherwise.
+
+    A segment list must carry the release's comment header; when it states
+    num_segs, the rows must number exactly that (a cut-off download fails here).
+    """
+    text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace", newline="")
+    first, stated, rows, header_ok = None, None, 0, False
+    for line in text:
+        line = line.strip()
+        if first is None:
+            first = line
+        if name == CLASS_FILE and not header_ok and rows == 0:
+            header_ok = [c.strip() for c in line.split(",")] == CLASS_HEADER.split(",")
+            if not header_ok:
+                break
+            continue
+        if line.startswith("#"):
+            header_ok = header_ok or " ".join(line.split()) == SEGMENT_HEADER
+            found = re.search(r"num_segs=(\d+)", line)
+            stated = int(found.group(1)) if found else stated
+        elif line:
+            if not header_ok:
+                break
+            rows += 1
+    text.detach()
+    expected = CLASS_HEADER if name == CLASS_FILE else SEGMENT_HEADER
+    if not header_ok:
+        shown = (first or "")[:60]
+        raise MetadataError(f"{url}: not an AudioSet list: expected the header '{expected}', got "
+                            f"'{shown}'; check --metadata-url / {URL_ENV}, or put the release's "
+                            f"{name} into the metadata folder")
+    if stated is not None and rows != stated:
+        raise MetadataError(f"{url}: {rows} rows where its header states num_segs={stated} "
+                            f"(download cut off?); run prepare again to download it again")
+    if stated is None and rows < MIN_ROWS.get(name, 1):
+        raise MetadataError(f"{url}: only {rows} rows (the release has at least "
+                            f"{MIN_ROWS[name]}); run prepare again to download it again")
+    return rows
+
+
 def fetch_metadata(dest_dir, url_base=None, timeout: float = 30.0, warn=print) -> Path:
     """Download the release CSVs missing from `dest_dir` (once; present files are kept).
 
+    Every download is checked (check_downloaded_list) before it is kept.
     Raises MetadataError naming the files to put where when a required file cannot
-    be had; a missing unbalanced list only warns.
+    be had, or naming the list that came back wrong; a missing unbalanced list only warns.
     """
     dest_dir = Path(dest_dir)
     url_base = (url_base or os.environ.get(URL_ENV) or DEFAULT_URL_BASE).rstrip("/")
+    check_url(url_base)
     missing_required, first_error = [], None
     # required files first: when they cannot be had, the optional one is not tried
     for name in sorted(METADATA_FILES, key=lambda n: n in OPTIONAL_FILES):
@@ -212,8 +272,15 @@ def fetch_metadata(dest_dir, url_base=None, timeout: float = 30.0, warn=print) -
         url = f"{url_base}/{name}"
         warn(f"downloading {url} -> {path}")
         try:
-            with _open_url(url, timeout) as src, atomic_write(path, "wb") as dst:
+            with _open_url(url, timeout) as src, atomic_write(path, "w+b") as dst:
                 shutil.copyfileobj(src, dst, length=1 << 20)
+                dst.flush()
+                dst.seek(0)
+                check_downloaded_list(name, dst, url)  # raising here keeps nothing
+        except MetadataError as e:
+            if name not in OPTIONAL_FILES:
+                raise
+            warn(f"warning: {e}; going on without it")
         except Exception as e:  # offline, DNS, HTTP errors: all mean "not available"
             reason = " ".join(str(e).split()) or type(e).__name__
             first_error = first_error or reason

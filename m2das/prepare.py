@@ -637,9 +637,9 @@ def read_file_list(data_dir) -> list[str]:
         return [row[0] for row in reader if row and row[0]]
 
 
-def run_labels(data_dir, metadata_dir=None, url_base=None) -> dict:
+def run_labels(data_dir, metadata_dir=None, url_base=None, hold_out_eval: bool = False) -> dict:
     """files_as_weighted.csv; metadata from `metadata_dir`, else downloaded once into DATA/metadata."""
-    from m2das import labels
+    from m2das import heldout, labels
 
     data_dir = Path(data_dir)
     try:
@@ -656,6 +656,8 @@ def run_labels(data_dir, metadata_dir=None, url_base=None) -> dict:
     result = labels.write_weighted_list(out, names, label_map, class_mids)
     result.update({"weighted_list": str(out), "metadata_dir": str(metadata_dir),
                    "label_map_size": len(label_map), "classes": len(class_mids)})
+    # files_as_eval.csv for the training monitor; --hold-out-eval also drops those clips from training.
+    result.update(heldout.write_eval_list(data_dir, metadata_dir, WEIGHTED_LIST, hold_out_eval))
     if result["unknown_mids"]:
         _log(f"warning: {len(result['unknown_mids'])} label MIDs are not in "
              f"{labels.CLASS_FILE}, e.g. {result['unknown_mids'][:3]}")
@@ -732,7 +734,8 @@ def parse_steps(steps) -> list[str]:
 def run_prepare(audio_dir, data_dir, metadata_dir=None,
                 device: str = "auto", workers: int | None = None, steps=STEPS,
                 url_base: str | None = None, stats_files: int | None = None,
-                batch_size: int = 32, progress: bool = True, reconvert: bool = False) -> dict:
+                batch_size: int = 32, progress: bool = True, reconvert: bool = False,
+                hold_out_eval: bool = False) -> dict:
     """Run the chosen steps; return the summary. Raises PrepareError (with .code) when fatal."""
     steps = parse_steps(steps)
     data_dir = Path(data_dir)
@@ -748,7 +751,7 @@ def run_prepare(audio_dir, data_dir, metadata_dir=None,
         labels_error = None
         if "labels" in steps and not nothing_listed:
             try:
-                summary.update(run_labels(data_dir, metadata_dir, url_base))
+                summary.update(run_labels(data_dir, metadata_dir, url_base, hold_out_eval))
             except PrepareError as e:  # missing metadata: still finish the stats, then report
                 labels_error = e
         if "stats" in steps and not nothing_listed:
@@ -832,6 +835,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"DATA_DIR was made with another LMS recipe (see {RECIPE_FILE}): convert "
                         f"its affected files again (without it, such a folder is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--hold-out-eval", action="store_true",
+                   help="keep clips of eval_segments.csv out of files_as_weighted.csv (they are always "
+                        "listed in files_as_eval.csv, the training monitor's default list)")
     return p
 
 
@@ -851,7 +857,8 @@ def main(argv=None) -> int:
     try:
         summary = run_prepare(args.audio_dir, args.data_dir, args.metadata, args.device,
                               args.workers, args.steps, args.metadata_url, args.stats_files,
-                              args.batch_size, not args.no_progress, args.reconvert)
+                              args.batch_size, not args.no_progress, args.reconvert,
+                              hold_out_eval=args.hold_out_eval)
     except PrepareError as e:
         _log(f"m2das prepare: {e}")
         return e.code
@@ -904,7 +911,8 @@ def make_bench_clips(folder, count: int, seconds: float = 10.0, sample_rate: int
 
 
 def bench_main(argv=None) -> int:
-    """`m2das bench prepare`: files/s of the lms step on generated 10-s 44.1-kHz stereo clips."""
+    """`m2das bench prepare`: files/s of the lms step on generated 10-s 44.1-kHz stereo clips,
+    the paper's recipe (soxr HQ) next to the old one (torchaudio's Resample) in the same run."""
     import tempfile
 
     import torch
@@ -926,6 +934,10 @@ def bench_main(argv=None) -> int:
             _log("m2das bench prepare: no CUDA device visible")
             return 2
         devices.remove("cuda")
+    from m2das.audio import LEGACY_RESAMPLER, RESAMPLER, RESAMPLER_QUALITY
+
+    variants = [(f"new ({RESAMPLER} {RESAMPLER_QUALITY})", RESAMPLER),
+                (f"old ({LEGACY_RESAMPLER} Resample defaults)", LEGACY_RESAMPLER)]
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores ({default_workers()} usable), "
           f"load average {load} before the run")
@@ -938,16 +950,21 @@ def bench_main(argv=None) -> int:
         for clip in sorted(audio.iterdir())[:workers * 2]:
             (warm / clip.name).symlink_to(clip)
         for device in devices:
-            # warm-up on a few clips: worker server start, CUDA context, filter kernels
-            run_lms(warm, Path(tmp) / f"warm-{device}", device=device, workers=workers,
-                    progress=False)
-            data = Path(tmp) / f"data-{device}"
-            s = run_lms(audio, data, device=device, workers=workers, progress=False)
-            rate = s["converted"] / s["lms_seconds"]
             name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
-            print(f"{device}: {files} clips (10 s, 44.1 kHz, stereo, 16-bit wav) in "
-                  f"{s['lms_seconds']:.2f} s with {workers} workers: {rate:.1f} files/s, "
-                  f"{rate / workers:.1f} files/s per core ({name})")
+            rates = {}
+            for label, resampler in variants:
+                tag = f"{device}-{resampler}"
+                # warm-up on a few clips: worker server start, CUDA context, filter kernels
+                run_lms(warm, Path(tmp) / f"warm-{tag}", device=device, workers=workers,
+                        progress=False, resampler=resampler)
+                s = run_lms(audio, Path(tmp) / f"data-{tag}", device=device, workers=workers,
+                            progress=False, resampler=resampler)
+                rates[label] = s["converted"] / s["lms_seconds"]
+                print(f"{device}, {label}: {files} clips (10 s, 44.1 kHz, stereo, 16-bit wav) in "
+                      f"{s['lms_seconds']:.2f} s with {workers} workers: {rates[label]:.1f} "
+                      f"files/s, {rates[label] / workers:.2f} files/s per core ({name})")
+            new, old = (rates[label] for label, _ in variants)
+            print(f"{device}: the paper's recipe runs at {new / old:.2f}x the old one's speed")
     return 0
 
 

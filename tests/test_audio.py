@@ -1,12 +1,16 @@
 """The LMS against an independent numpy computation, and load_audio on real files."""
 
+import math
+
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 import torch
 
-from m2das.audio import (EPS, MIN_SAMPLES, AudioError, lms_batch_16k, lms_from_file,
-                         lms_from_waveform, load_audio, num_frames)
+from m2das.audio import (EPS, LEGACY_RESAMPLER, MIN_SAMPLES, AudioError, lms_batch_16k,
+                         lms_from_file, lms_from_waveform, load_audio, num_frames)
+from m2das.prepare import run_lms
 
 
 def slaney_hz_to_mel(f):
@@ -184,3 +188,116 @@ def test_load_audio_with_a_name_that_is_not_utf8(tmp_path):
     (tmp_path / "x.wav").rename(odd.decode("utf-8", "surrogateescape"))
     wave, sr = load_audio(odd.decode("utf-8", "surrogateescape"))
     assert sr == 8000 and wave.shape == (1, 800) and np.allclose(wave, 0.25, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the paper's LMS, file to file
+
+RATES = (8000, 22050, 44100, 48000)
+AUDIBLE = np.log(1e-4)  # bins above this are held to 1e-3; every bin to 1e-4 on average
+
+
+def paper_lms(path) -> np.ndarray:
+    """What librosa.load(path, sr=16000) and the reference's mel code give, written out here:
+    float32 samples, channel mean, soxr HQ, zeros up to ceil(n * 16000 / sr), then reference_lms."""
+    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    x = data.mean(axis=1, dtype=np.float32)
+    if sr != 16000:
+        y = soxr.resample(x, sr, 16000, quality="HQ")
+        x = np.concatenate([y, np.zeros(math.ceil(x.size * 16000 / sr) - y.size, np.float32)])
+    return reference_lms(x)
+
+
+def differences(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(max |difference| over the bins above ln(1e-4), mean |difference| over all bins)."""
+    assert ours.shape == ref.shape
+    d = np.abs(ours.astype(np.float64) - ref)
+    return float(d[ref > AUDIBLE].max()), float(d.mean())
+
+
+def broadband(seconds: float, rate: int, channels: int, seed: int) -> np.ndarray:
+    """Noise, two tones, a fade and a near-silent stretch: every band and level the check needs."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * rate)
+    t = np.arange(n) / rate
+    x = 0.2 * np.sin(2 * np.pi * 440 * t)[:, None] + 0.1 * np.sin(2 * np.pi * 7300 * t)[:, None]
+    x = x + 0.1 * rng.standard_normal((n, channels)) * np.linspace(1.0, 0.02, n)[:, None]
+    x[n // 2: n // 2 + rate // 2] *= 1e-4
+    return x.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def rate_corpus(tmp_path_factory):
+    """Every rate, mono and stereo, wav and flac: 16 real files of 6.5 s."""
+    audio = tmp_path_factory.mktemp("rates")
+    for i, rate in enumerate(RATES):
+        for channels in (1, 2):
+            for ext in ("wav", "flac"):
+                sf.write(audio / f"r{rate}_c{channels}_{ext}.{ext}",
+                         broadband(6.5, rate, channels, seed=10 * i + channels), rate,
+                         subtype="PCM_16")
+    return audio
+
+
+def _batched_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("path", ["per-file", "batched"])
+def test_prepare_output_is_the_papers_lms_at_every_rate(rate_corpus, tmp_path, path):
+    """prepare's files against soxr HQ + numpy STFT + Slaney mel written out in this test.
+
+    The batched path runs on the GPU when there is one, else on the CPU with its
+    batching forced: its STFT batches clips of different lengths.
+    """
+    data = tmp_path / "data"
+    if path == "per-file":
+        s = run_lms(rate_corpus, data, device="cpu", workers=1, progress=False)
+    else:
+        s = run_lms(rate_corpus, data, device=_batched_device(), workers=1, progress=False,
+                    batched=True, batch_size=5)
+    assert (s["converted"], s["failed"]) == (16, 0)
+    for src in sorted(rate_corpus.iterdir()):
+        ours = np.load(data / "audioset_lms" / f"{src.stem}.npy")
+        worst, mean = differences(ours, paper_lms(src))
+        assert worst <= 1e-3 and mean <= 1e-4, (src.name, worst, mean)
+
+
+def test_the_old_resampler_fails_the_same_check(rate_corpus):
+    """The check tells the recipes apart: torchaudio's default Resample misses it by far."""
+    src = rate_corpus / "r44100_c2_flac.flac"
+    wave, sr = load_audio(src)
+    worst, mean = differences(lms_from_waveform(wave, sr, resampler=LEGACY_RESAMPLER), paper_lms(src))
+    assert worst > 0.1 and mean > 1e-3
+    worst, mean = differences(lms_from_waveform(wave, sr), paper_lms(src))
+    assert worst <= 1e-3 and mean <= 1e-4
+
+
+def test_a_file_without_read_permission_says_so(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    sf.write(tmp_path / "locked.wav", np.zeros(1600, np.float32), 16000)
+    os.chmod(tmp_path / "locked.wav", 0)
+    code = ("import sys; from m2das.audio import load_audio, AudioError\n"
+            "try: load_audio(sys.argv[1])\nexcept AudioError as e: print(e)")
+    r = subprocess.run(unprivileged([sys.executable, "-c", code, str(tmp_path / "locked.wav")]),
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.startswith("permission denied"), r.stdout + r.stderr
+
+
+def unprivileged(cmd: list) -> list:
+    """`cmd` as it runs for a user without the right to read other people's files.
+
+    Root reads everything: there, the command runs without the two capabilities
+    that override file permissions (setpriv), so chmod 0 files are refused for real.
+    """
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        return cmd
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: file permissions cannot be tested")
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--", *cmd]

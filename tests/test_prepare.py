@@ -432,7 +432,8 @@ def test_bench_prepare_reports_files_per_core(capsys):
     assert bench_main(["--files", "3", "--workers", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert cpu_model() in out and f"{os.cpu_count()} cores" in out
-    assert "cpu: 3 clips (10 s, 44.1 kHz, stereo, 16-bit wav)" in out and "files/s per core" in out
+    assert "cpu, new (soxr HQ): 3 clips (10 s, 44.1 kHz, stereo, 16-bit wav)" in out
+    assert "cpu, old (torchaudio Resample defaults): 3 clips" in out and "files/s per core" in out
 
 
 def _upper_or_die(name: str) -> str:

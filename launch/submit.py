@@ -88,6 +88,7 @@ def build_parser():
     def add(group, name, **kw):
         """--name-with-hyphens, also spelled --name_with_underscores."""
         names = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
+        kw.setdefault("help", "(default: %(default)s)")
         group.add_argument(*names, **kw)
 
     a = lambda name, **kw: add(p, name, **kw)  # noqa: E731

@@ -3,6 +3,7 @@
 Commands are imported lazily so `m2das status` does not pay for importing torch.
 """
 
+import contextlib
 import importlib
 import sys
 
@@ -40,4 +41,8 @@ def main(argv=None) -> int:
         print(f"m2das: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
+    if name == "bench" and not rest:  # a benchmark must be named: usage on stderr, exit 2
+        with contextlib.redirect_stdout(sys.stderr):
+            module.main(["--help"])
+        return 2
     return int(module.main(rest) or 0)

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     def a(name, *more, **kw):
         """--flag_name, also accepted as --flag-name."""
         alias = name.replace("_", "-")
+        kw.setdefault("help", "(default: %(default)s)")
         p.add_argument(name, *more, *([alias] if alias != name else []), **kw)
 
     a("--model", type=model_name, default="m2d_as_vit_base", help=" | ".join(model_names()))

@@ -21,6 +21,7 @@ import numpy as np
 from m2das.fileio import read_jsonl
 
 SAMPLE_RATE = 16000
+DEMO_MARKER = ".m2das-demo"  # only a folder holding it is deleted when the demo reruns
 
 # Demo classes: (mid, display name, generator). Each is easy to tell apart on a mel spectrogram.
 CLASSES = [
@@ -124,16 +125,25 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="m2das demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo_out", help="folder for the corpus, data and runs (recreated)")
+    p.add_argument("--out", default="demo_out",
+                   help="folder for the corpus, data and runs (recreated if an earlier demo made it; any other "
+                        "existing folder is refused)")
     p.add_argument("--clips", type=int, default=64)
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--no_reference", action="store_true", help="skip the uninterrupted run used for the check")
+    p.add_argument("--no_reference", "--no-reference", action="store_true",
+                   help="skip the uninterrupted run used for the check")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
+    if out.exists() and not (out / DEMO_MARKER).exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"m2das demo: error: --out {out} exists and was not made by m2das demo (no {DEMO_MARKER} in it); "
+              f"pass another --out, or remove it yourself", file=sys.stderr)
+        return 2
     if out.exists():
         import shutil
 
-        shutil.rmtree(out)
+        shutil.rmtree(out)  # an earlier demo's folder: recreated
+    out.mkdir(parents=True)
+    (out / DEMO_MARKER).write_text("made by `m2das demo`; the next demo with this --out deletes this folder\n")
     t0 = time.monotonic()
 
     print(f"[demo] 1/3 synthesising {args.clips} clips of {len(CLASSES)} classes in {out / 'audio'}", flush=True)
@@ -177,6 +187,11 @@ def main(argv=None) -> int:
         identical = same_weights(final, reference / final.name)
 
     rows = read_jsonl(run_dir / "log.jsonl")
+    print("\n[demo] linear evaluation: the exported encoder next to a randomly initialised one", flush=True)
+    from m2das.demo_eval import evaluate_demo
+
+    linear_eval = evaluate_demo(out, data, final)
+
     print("\n" + "=" * 72)
     print("m2das demo summary")
     print(f"  corpus          {args.clips} clips, {len(CLASSES)} classes ({audio})")
@@ -189,6 +204,7 @@ def main(argv=None) -> int:
     if identical is not None:
         print(f"  resume check    final weights {'bit-identical to' if identical else 'DIFFER from'} "
               f"an uninterrupted run")
+    print(f"  linear eval     {linear_eval}")
     print(f"  time            {time.monotonic() - t0:.0f} s")
     print(f"  next            m2das status {run_dir}")
     print("=" * 72)

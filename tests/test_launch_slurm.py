@@ -113,7 +113,9 @@ def test_two_nodes_preempted_killed_requeued_and_node_down_finish_exactly(slurm_
     assert {r.get("host") for r in s} <= {"m2dasn1", "m2dasn2"}, s
     assert all(r.get("resumed_step", 0) > 0 for r in s[1:]), s
     assert "SIGUSR2" in s[1]["last_stop_reason"] and "killed without warning" in s[2]["last_stop_reason"]
-    assert "SIGTERM" in s[3]["last_stop_reason"] and "killed without warning" in s[4]["last_stop_reason"]
+    # SLURM signals the surviving tasks of a failed node (SIGTERM): they may still save.
+    assert "SIGTERM" in s[3]["last_stop_reason"] and s[4]["last_stop_reason"]
+    assert "DUE TO NODE FAILURE" in (run / "slurm" / f"{job}_0_log.err").read_text()
     requeues = [r for r in read_jsonl(run / "launcher.jsonl") if r.get("event") == "requeue"]
     assert [r["by"] for r in requeues] == ["submitit", "sbatch-teardown"], requeues
     assert_same_weights(load_model_tensors(run / f"checkpoint-{LONG_EPOCHS}.pth"), reference_weights_long)
@@ -122,8 +124,12 @@ def test_two_nodes_preempted_killed_requeued_and_node_down_finish_exactly(slurm_
 
 
 def test_sbatch_template_forwards_signal_and_requeues(slurm_cluster, tiny_data, reference_weights, tmp_path):
-    """slurm/m2das-venv.sbatch without submitit: USR1 to the batch shell (what --signal=B:USR1
-    delivers) is forwarded to the trainer, which saves and exits 75; the script requeues itself."""
+    """slurm/m2das-venv.sbatch without submitit, the policy asked through `python -m m2das.requeue`.
+
+    USR2 to the batch shell (what --signal=B:USR2@120 delivers) while the tasks are
+    still starting: they ignore it until the trainer's handlers are in, the shell
+    repeats it, the trainer saves and exits 75, the script requeues itself. Then
+    SIGKILL to the tasks (srun exits 137): requeued too."""
     from slurm_fixture import train_argv_for
 
     cluster, run = slurm_cluster, tmp_path / "run"
@@ -140,16 +146,23 @@ def test_sbatch_template_forwards_signal_and_requeues(slurm_cluster, tiny_data, 
     def diag():
         return (log.read_text()[-4000:] if log.exists() else "no job output") + "\n" + cluster.logs()
 
-    wait_for_progress(run, 1, 3, 240, diag)
-    cluster.run("scancel", "--batch", "--signal=USR1", job)
+    wait_for(lambda: len(job_task_pids(job)) == 2, 120, "the tasks to start", diag)
+    assert not starts(run), "the trainer is past start-up; the signal would not test it"
+    cluster.run("scancel", "--batch", "--signal=USR2", job)
     wait_requeued(cluster, job, 1, 90, diag)
+    wait_for_progress(run, 2, 3, 240, diag)
+    kill_tasks(job, 2)
+    wait_requeued(cluster, job, 2, 90, diag)
     wait_for(lambda: cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 300,
              f"job {job} to finish", diag)
     assert cluster.job(job)["JobState"] == "COMPLETED", diag()
     text = log.read_text()
-    assert "received SIGUSR1" in text and "requeueing job" in text and "training finished" in text, text
+    assert "received SIGUSR2" in text and text.count("requeueing job") == 2 and "training finished" in text, text
     s = starts(run)
-    assert len(s) == 2 and "SIGUSR1" in s[1]["last_stop_reason"] and s[1]["resumed_step"] > 0, s
+    assert len(s) == 3 and "SIGUSR2" in s[1]["last_stop_reason"] and s[1]["resumed_step"] > 0, s
+    assert "killed without warning" in s[2]["last_stop_reason"]
+    decisions = [(r["by"], r["event"]) for r in read_jsonl(run / "launcher.jsonl")]
+    assert decisions == [("sbatch-template", "requeue")] * 2 + [("sbatch-template", "finished")], decisions
     assert_same_weights(load_model_tensors(run / f"checkpoint-{TINY_EPOCHS}.pth"), reference_weights)
 
 
@@ -178,8 +191,14 @@ def test_requeue_cap_ends_the_job_with_a_message(slurm_cluster, tiny_data, tmp_p
 
 def test_srun_args_reach_the_job_step(slurm_cluster, tiny_data, tmp_path):
     """--srun-args is handed to srun (pyxis' --container-image goes the same way): with
-    srun's --label every line a task writes carries its task id."""
+    srun's --label every line a task writes carries its task id. --dry-run printed the
+    very script that was submitted."""
     cluster, run = slurm_cluster, tmp_path / "run"
+    dry = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test", "--cluster",
+                          "slurm", "--run-dir", str(run), "--time", "10", "--srun-args=--label --kill-on-bad-exit=1",
+                          "--dry-run", "--", *user_trainer_flags(tiny_data)], capture_output=True, text=True,
+                         cwd=REPO, env=dict(make_env(), SLURM_CONF=str(cluster.conf)))
+    assert dry.returncode == 0, dry.stderr
     job = submit(cluster, run, tiny_data, "--srun-args=--label --kill-on-bad-exit=1")
     diag = diagnostics(cluster, run, job)
     wait_for_progress(run, 1, 1, 240, diag)
@@ -193,3 +212,24 @@ def test_srun_args_reach_the_job_step(slurm_cluster, tiny_data, tmp_path):
         assert all(ln.startswith(f"{task}: ") for ln in lines), [ln for ln in lines if ln[:3] != f"{task}: "][:5]
     script = (run / "slurm" / f"{job}_submission.sh").read_text()
     assert "--kill-on-bad-exit=1 --label --kill-on-bad-exit=1" in script, script
+    assert dry.stdout.split("_submission.sh):\n", 1)[1] == script + "\n"
+
+
+def test_bad_flags_never_reach_the_queue(slurm_cluster, tiny_data, tmp_path):
+    """Misplaced, unknown and control-character flags: exit 2 at submit time, no job in squeue."""
+    cluster = slurm_cluster
+
+    def jobs():
+        return set(cluster.run("squeue", "-h", "-t", "all", "-o", "%i").stdout.split())
+
+    before = jobs()
+    for bad in (["--", "--epochs", "1", "--partition", "debug"], ["--epochs", "1", "--dry-run"],
+                ["--", "--epoch", "1"], ["--job-name", "two\nlines"], ["--partition", "debug\r"],
+                ["--model", "m2d_as_vit_huge"]):
+        out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test",
+                              "--cluster", "slurm", "--run-dir", str(tmp_path / "run"), *bad],
+                             env=dict(make_env(), SLURM_CONF=str(cluster.conf)), capture_output=True, text=True,
+                             timeout=60, cwd=REPO)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, (bad, out.stderr)
+    assert jobs() == before
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,57 @@
+"""Command-line conventions: defaults and exit codes in --help, both spellings of a flag,
+one-line errors, and commands that refuse instead of guessing."""
+
+import json
+
+from conftest import run_m2das
+from m2das import config
+
+
+def test_train_help_shows_defaults_and_exit_codes():
+    r = run_m2das("train", "--help")
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0
+    assert "(default: 300)" in text and "(default: m2d_as_vit_base)" in text
+    for code in ("0 finished", "2 bad input", "3 diverged", "75 stopped"):
+        assert code in text, code
+
+
+def test_train_accepts_hyphens_and_keeps_underscores_canonical(tmp_path):
+    r = run_m2das("train", "--print-config", "--batch-size", "7", "--accum_iter", "3", "--output-dir", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert (cfg["batch_size"], cfg["accum_iter"], cfg["output_dir"]) == (7, 3, str(tmp_path / "r"))
+    help_text = run_m2das("train", "--help").stdout
+    assert "--batch_size BATCH_SIZE, --batch-size BATCH_SIZE" in help_text  # underscore first
+
+
+def test_unknown_model_is_one_line_everywhere():
+    for args in (("train", "--model", "vit_huge"), ("train", "--print_config", "--model", "vit_huge")):
+        r = run_m2das(*args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert "unknown model 'vit_huge'" in r.stderr and "m2d_as_vit_tiny" in r.stderr
+
+
+def test_model_names_come_from_the_registry_without_torch():
+    import sys
+
+    from m2das.model import MODEL_SIZES
+
+    assert config.model_names() == tuple(MODEL_SIZES)
+    code = "import sys; from m2das import config; config.parse_args([]); assert 'torch' not in sys.modules"
+    import subprocess
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_bench_without_a_benchmark_is_a_usage_error():
+    r = run_m2das("bench")
+    assert r.returncode == 2 and "usage: m2das bench" in r.stderr and r.stdout == ""
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("precious")
+    r = run_m2das("demo", "--out", mine, "--clips", "4")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not made by m2das demo" in r.stderr, r.stderr
+    assert (mine / "chapter1.tex").read_text() == "precious"

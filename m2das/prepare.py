@@ -465,12 +465,11 @@ def _resampled(job: Job) -> bool:
         return True
 
 
-def plan_recipe(jobs, done: set, data_dir: Path, recipe: dict, reconvert: bool,
-                progress: bool) -> tuple[list[Job], set[str]]:
-    """(jobs whose existing output is of another recipe and must be converted again, outputs of
-    another recipe that no input here can replace). Refuses (exit 2) a folder of another
-    recipe unless `reconvert`: its old files must not mix silently with new ones."""
-    record = recorded_recipe(data_dir, bool(done))
+def plan_recipe(jobs, done: set, record: dict | None, data_dir: Path, recipe: dict,
+                reconvert: bool, progress: bool) -> tuple[list[Job], set[str]]:
+    """(jobs whose existing output is of another recipe and must be converted again, all outputs
+    of another recipe). Refuses (exit 2) a folder of another recipe unless `reconvert`: its
+    old files must not mix silently with new ones."""
     if record is None:
         return [], set()
     old = record["recipe"]
@@ -532,10 +531,12 @@ def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = Non
     recipe = lms_recipe(resampler)
     jobs, clashes, ignored = find_audio(audio_dir, data_dir)
     done = existing_outputs(data_dir)
-    redo, stale = plan_recipe(jobs, done, data_dir, recipe, reconvert, progress)
+    record = recorded_recipe(data_dir, bool(done))
+    redo, stale = plan_recipe(jobs, done, record, data_dir, recipe, reconvert, progress)
     redo_names = {j.out_rel for j in redo}
-    if not done or (not stale and read_recipe(data_dir) is None):
+    if not done or (not stale and record.get("inferred")):
         write_json(data_dir / RECIPE_FILE, recipe_record(recipe))  # before the first new file
+        record = recipe_record(recipe)
     todo = [j for j in jobs if j.out_rel not in done or j.out_rel in redo_names]
     summary = {"audio_files": len(jobs) + sum(not c[0].endswith("/") for c in clashes),
                "ignored_non_audio": ignored,
@@ -573,7 +574,8 @@ def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = Non
             _convert_cpu(todo, workers, on_result, resampler)
         else:
             _convert_gpu(todo, workers, device, batch_size, on_result, resampler)
-        if redo or stale:  # every file of the old recipe that could be redone has been tried
+        if record["recipe"] != recipe or set(record.get(OTHER_RECIPE_OUTPUTS) or []) != stale:
+            # every file of the old recipe that could be redone has been tried
             write_json(data_dir / RECIPE_FILE, recipe_record(recipe, stale))
         summary["other_recipe_outputs"] = len(stale)
     finally:

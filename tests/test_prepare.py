@@ -5,6 +5,7 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import soundfile as sf
 
 from m2das import labels
 from m2das.audio import lms_from_file
-from m2das.prepare import main, run_lms, run_prepare
+from m2das.prepare import PrepareError, main, run_lms, run_prepare
 from m2das.stats import compute_norm_stats, read_norm_stats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -505,3 +506,208 @@ def test_file_names_beyond_ascii(tmp_path):
     (row,) = read_rows(data / "prepare_failures.csv")
     assert row == {"file": "caf\\xe9.wav", "reason": "file name is not valid UTF-8; rename it (e.g. with convmv)"}
     (data / "prepare_failures.csv").read_bytes().decode("utf-8")
+
+
+# ---------------------------------------------------------------- real-world trees
+
+
+def test_a_symlink_loop_is_walked_once(tmp_path):
+    audio = tmp_path / "audio"
+    write(audio / "a" / "x.wav", tone(1, 16000), 16000)
+    write(audio / "b" / "y.wav", tone(1, 16000, seed=1), 16000)
+    (audio / "a" / "loop").symlink_to("..")  # a/loop/a/loop/... for 40 levels if followed blindly
+    (audio / "c").symlink_to("b")  # the same folder under two names: converted once
+    (audio / "d").mkdir()
+    (audio / "d" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    write(tmp_path / "elsewhere" / "z.wav", tone(1, 16000, seed=2), 16000)  # outside: followed
+    s = run_lms(audio, tmp_path / "data", device="cpu", workers=1, progress=False)
+    assert (s["audio_files"], s["converted"], s["failed"]) == (3, 3, 0)
+    outputs = sorted(p.relative_to(tmp_path / "data").as_posix()
+                     for p in (tmp_path / "data").rglob("*.npy"))
+    assert outputs == ["audioset_lms/a/x.npy", "audioset_lms/b/y.npy", "audioset_lms/d/linked/z.npy"]
+
+
+def unprivileged(cmd: list) -> list:
+    """`cmd` as it runs for a user without the right to read other people's files.
+
+    Root reads everything: there, the command runs without the two capabilities
+    that override file permissions (setpriv), so chmod 0 files are refused for real.
+    """
+    if os.geteuid() != 0:
+        return cmd
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: file permissions cannot be tested")
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--", *cmd]
+
+
+def test_unreadable_folder_and_file_are_in_the_failure_list(tmp_path):
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    write(audio / "ok.wav", tone(1, 16000), 16000)
+    write(audio / "locked" / "inside.wav", tone(1, 16000, seed=1), 16000)
+    write(audio / "secret.wav", tone(1, 16000, seed=2), 16000)
+    os.chmod(audio / "secret.wav", 0)
+    os.chmod(audio / "locked", 0)
+    try:
+        r = subprocess.run(unprivileged([sys.executable, "-m", "m2das", "prepare", str(audio), str(data),
+                                         "--steps", "lms", "--device", "cpu", "--workers", "1",
+                                         "--no-progress"]),
+                           env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                           text=True, timeout=120)
+    finally:
+        os.chmod(audio / "locked", 0o755)
+    assert r.returncode == 0, r.stderr
+    failures = {row["file"]: row["reason"] for row in read_rows(data / "prepare_failures.csv")}
+    assert set(failures) == {"locked/", "secret.wav"}
+    assert failures["locked/"].startswith("folder not readable (permission denied)")
+    assert failures["secret.wav"].startswith("permission denied")
+    assert [p.name for p in (data / "audioset_lms").rglob("*.npy")] == ["ok.npy"]
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
+def test_workers_and_forkserver_exit_after_the_main_process_is_killed(tmp_path):
+    audio = tmp_path / "audio"
+    for i in range(12):
+        write(audio / f"{i:03d}.wav", tone(10, 44100, 2, seed=i), 44100, subtype="PCM_16")
+    proc = _cli(audio, tmp_path / "data", "--steps", "lms", "--device", "cpu", "--workers", "2",
+                "--no-progress", start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list((tmp_path / "data").rglob("*.npy")):
+        time.sleep(0.01)
+    helpers = _descendants(proc.pid)
+    assert len(helpers) >= 3, "expected the forkserver and its two workers"  # + resource tracker
+    os.kill(proc.pid, signal.SIGKILL)  # the main process only, as an OOM killer would
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and [p for p in helpers if Path(f"/proc/{p}").exists()]:
+        time.sleep(0.1)
+    left = [p for p in helpers if Path(f"/proc/{p}").exists()]
+    for p in left:  # do not leave them to the next test
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"{len(left)} helper processes outlived the killed main process"
+
+
+# ---------------------------------------------------------------- the LMS recipe of a data folder
+
+
+def test_a_folder_of_the_old_recipe_is_refused_then_reconverted(tmp_path, capsys):
+    """Old folders (torchaudio resampling, no recipe record) never mix silently with new files."""
+    from m2das.audio import LEGACY_RESAMPLER
+    from m2das.data import record_recipe
+
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    write(audio / "a16k.wav", tone(7, 16000, seed=1), 16000)
+    write(audio / "b44k.wav", tone(7, 44100, 2, seed=2), 44100, subtype="PCM_16")
+    run_lms(audio, data, device="cpu", workers=1, progress=False, resampler=LEGACY_RESAMPLER)
+    (data / "lms_recipe.json").unlink()  # as written before the record existed
+    np.save(data / "audioset_lms" / "gone.npy", np.zeros((1, 80, 611), np.float32))  # its audio deleted
+    write(audio / "c48k.flac", tone(7, 48000, seed=3), 48000)  # new since then
+    old = snapshot(data)
+
+    with pytest.raises(PrepareError) as err:
+        run_lms(audio, data, device="cpu", workers=1, progress=False)
+    assert err.value.code == 2
+    assert "torchaudio" in str(err.value) and "--reconvert" in str(err.value)
+    assert snapshot(data) == old  # refused before anything was written
+    capsys.readouterr()
+    assert main([str(audio), str(data), "--steps", "lms", "--device", "cpu", "--workers", "1",
+                 "--no-progress"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+    s = run_lms(audio, data, device="cpu", workers=1, progress=False, reconvert=True)
+    assert (s["converted"], s["reconverted"], s["other_recipe_outputs"]) == (2, 1, 1)
+    lms = data / "audioset_lms"
+    assert (lms / "a16k.npy").read_bytes() == old["audioset_lms/a16k.npy"]  # 16 kHz: same either way
+    assert (lms / "b44k.npy").read_bytes() != old["audioset_lms/b44k.npy"]
+    for name in ("b44k.wav", "c48k.flac"):
+        np.testing.assert_array_equal(np.load(lms / name.replace(Path(name).suffix, ".npy")),
+                                      lms_from_file(audio / name)[0])
+    record = json.loads((data / "lms_recipe.json").read_text())
+    assert record["recipe"]["resampler"] == "soxr" and record["recipe"]["resampler_quality"] == "HQ"
+    assert record["other_recipe_outputs"] == ["audioset_lms/gone.npy"]
+    # a rerun is at peace with the folder, and says what is left
+    s = run_lms(audio, data, device="cpu", workers=1, progress=False)
+    assert (s["converted"], s["other_recipe_outputs"]) == (0, 1)
+    assert "rerun with --reconvert" in capsys.readouterr().err
+
+    # the trainer's side: the run pins the recipe and warns about the file left over
+    run = tmp_path / "run"
+    run.mkdir()
+    warning = record_recipe(run, data)
+    assert "1 LMS files" in warning and "gone.npy" in warning
+    assert json.loads((run / "lms_recipe.json").read_text())["recipe"] == record["recipe"]
+    (lms / "gone.npy").unlink()
+    s = run_lms(audio, data, device="cpu", workers=1, progress=False, reconvert=True)
+    assert s["other_recipe_outputs"] == 0
+    assert record_recipe(run, data) is None
+    # the data folder changes recipe under a running run: warned as mixing
+    record["recipe"]["resampler_quality"] = "VHQ"
+    (data / "lms_recipe.json").write_text(json.dumps(record))
+    assert "mixes recipes" in record_recipe(run, data)
+
+
+def test_prepare_without_folders_prints_its_usage(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "usage: m2das prepare" in err and "AUDIO_DIR" in err and "DATA_DIR" in err
+
+
+def test_stats_step_names_a_file_with_nan(tmp_path, capsys):
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    write(audio / "a.wav", tone(7, 16000), 16000)
+    run_prepare(audio, data, device="cpu", workers=1, steps="lms,list", progress=False)
+    lms = np.load(data / "audioset_lms" / "a.npy")
+    lms[0, 3, 100:700] = np.nan  # inside every 608-frame crop
+    np.save(data / "audioset_lms" / "a.npy", lms)
+    capsys.readouterr()
+    assert main([str(audio), str(data), "--steps", "stats", "--stats-files", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a.npy: NaN or inf" in err[0]
+    assert not (data / "norm_stats.json").exists()
+
+
+# ---------------------------------------------------------------- AudioSet lists
+
+
+def test_metadata_is_fetched_over_https_only():
+    assert labels.DEFAULT_URL_BASE.startswith("https://")
+    with pytest.raises(labels.MetadataError, match="plain http is refused"):
+        labels.fetch_metadata("/nonexistent", "http://storage.googleapis.com/us_audioset")
+    labels.check_url("http://127.0.0.1:8000/csv")  # loopback: never crosses a network
+
+
+def test_a_bad_downloaded_list_is_refused_with_one_line(tmp_path, capsys):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "class_labels_indices.csv").symlink_to(SHARED / "class_labels_indices.csv")
+    (mirror / "balanced_train_segments.csv").symlink_to(SHARED / "balanced_train_segments.csv")
+    (mirror / "eval_segments.csv").write_text("<html><body>Access denied</body></html>\n")
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    write(audio / "--PJHxphWEs_30.000.wav", tone(1, 16000), 16000)
+    run_prepare(audio, data, device="cpu", workers=1, steps="lms,list", progress=False)
+    args = [str(audio), str(data), "--steps", "labels", "--metadata-url", mirror.as_uri()]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("m2das prepare:")]
+    assert len(err) == 1 and "eval_segments.csv: not an AudioSet list" in err[0]
+    assert "<html>" in err[0]
+    assert not (data / "metadata" / "eval_segments.csv").exists()  # nothing bad is kept
+    # a download cut short: fewer rows than its header states
+    head = (SHARED / "eval_segments.csv").read_text().splitlines()[:1000]
+    (mirror / "eval_segments.csv").write_text("\n".join(head) + "\n")
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("m2das prepare:")]
+    assert len(err) == 1 and "997 rows where its header states num_segs=20371" in err[0]
+    assert not (data / "metadata" / "eval_segments.csv").exists()
+    (mirror / "eval_segments.csv").unlink()
+    (mirror / "eval_segments.csv").symlink_to(SHARED / "eval_segments.csv")
+    assert main(args) == 0  # the good list is taken
+    assert (data / "metadata" / "eval_segments.csv").read_bytes() == (SHARED / "eval_segments.csv").read_bytes()

@@ -135,6 +135,8 @@ def collect(run_dir, now=None, queue=True) -> dict:
     except (OSError, ValueError):
         cfg = {}
     logs = read_jsonl(run / runfolder.LOG)
+    monitored = [r for r in logs if "monitor_map" in r]  # quality rows of m2das.monitor carry no loss
+    logs = [r for r in logs if "monitor_map" not in r]
     restarts = read_jsonl(run / runfolder.RESTARTS)
     launcher = read_jsonl(run / runfolder.LAUNCHER)
 
@@ -146,6 +148,8 @@ def collect(run_dir, now=None, queue=True) -> dict:
     out = {"run_dir": str(run), "epochs": epochs, "world_size": world, "model": cfg.get("model"),
            "epoch": last.get("epoch"), "step": step, "total_steps": total_steps,
            "loss": last.get("loss"), "last_log_time": _ts(last.get("time"))}
+    out["monitor"] = {k: v for k, v in monitored[-1].items() if k.startswith("monitor_") or k in ("epoch", "step")} \
+        if monitored else None
 
     # Speed: the newest rows of the current start only (a restart's gap is not training time).
     starts = [r for r in restarts if r.get("event", runfolder.EVENT_START) == runfolder.EVENT_START]
@@ -250,6 +254,11 @@ def render(s: dict, now=None) -> str:
         lines.append("progress   no training step logged yet")
     if s["loss"] is not None:
         lines.append(f"loss       {s['loss']:.4f} (last log line)")
+    m = s.get("monitor")
+    if m:
+        knn = f", kNN acc {m['monitor_knn_acc']:.3f}" if m.get("monitor_knn_acc") is not None else ""
+        lines.append(f"quality    mAP {m['monitor_map']:.4f}, RankMe {m['monitor_rankme']:.1f}{knn} after epoch "
+                     f"{m['epoch']} ({m.get('monitor_clips')} held-out clips, {m['monitor_seconds']:.1f} s)")
     if s["samples_per_s_rank0"] is not None:
         world = s["world_size"] or 1
         lines.append(f"speed      {s['samples_per_s_rank0']:.1f} samples/s per rank x {world} ranks"

@@ -144,3 +144,18 @@ def test_missing_monitor_list_is_a_one_line_error(tiny):
     with pytest.raises(DataListError, match="e003.npy: missing"):
         Monitor(cfg, CLASSES, torch.device("cpu"))
     assert Monitor({**cfg, "monitor_every": 0}, CLASSES, torch.device("cpu")).due(2) is False
+
+
+def test_status_shows_quality_and_keeps_the_loss_of_training_rows(tmp_path):
+    from m2das.fileio import append_jsonl
+    from m2das.status import collect, render
+
+    (tmp_path / "config.json").write_text(json.dumps({"epochs": 4, "world_size": 1}))
+    append_jsonl(tmp_path / "log.jsonl", {"time": time.time(), "epoch": 1, "step": 20, "total_steps": 40,
+                                         "loss": 1.25, "samples_per_s": 10.0})
+    record({"monitor_map": 0.4321, "monitor_rankme": 55.5, "monitor_knn_acc": 0.5, "monitor_seconds": 3.0,
+            "monitor_clips": 24}, tmp_path, None, epoch=2, step=20)
+    s = collect(tmp_path)
+    assert s["loss"] == 1.25 and s["step"] == 20 and s["monitor"]["monitor_map"] == 0.4321
+    text = render(s)
+    assert "mAP 0.4321, RankMe 55.5, kNN acc 0.500 after epoch 2" in text and "loss       1.2500" in text

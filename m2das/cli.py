@@ -11,6 +11,7 @@ COMMANDS = {
     "train": ("m2das.train", "Pre-train M2D-AS (single process, torchrun, or a launcher rank)."),
     "prepare": ("m2das.prepare", "Audio folder -> LMS .npy files, lists, labels, weights, norm stats."),
     "demo": ("m2das.demo", "Synthesise a tiny corpus, train, interrupt, resume: the whole job in minutes."),
+    "pack": ("m2das.pack", "Data folder -> a few large time-major shards + index: one read per crop, any fsspec URL."),
     "status": ("m2das.status", "Progress of a run folder: step, checkpoints, speed, restarts, ETA."),
     "bench": ("m2das.bench", "Benchmarks: `bench train`, `bench prepare`."),
     "export": ("m2das.export", "Run or checkpoint -> encoder-only weights for the M2D runtime and EVAR."),

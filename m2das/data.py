@@ -7,6 +7,7 @@ mid-epoch sees exactly the batches an uninterrupted run would have seen.
 
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,18 +148,86 @@ class LMSDataset(Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def crop(self, i: int, rng: np.random.Generator):
+        """(crop of sample i, the name to blame if it holds NaN/inf)."""
+        lms = np.load(self.samples.root / self.samples.files[i], mmap_mode="r")  # reads the crop only
+        return crop_or_pad(lms, self.frames, crop_start(lms.shape[-1], self.frames, rng)), \
+            self.samples.root / self.samples.files[i]
+
     def __getitem__(self, key):
         epoch, position, i = key
-        lms = np.load(self.samples.root / self.samples.files[i], mmap_mode="r")  # reads the crop only
         rng = np.random.default_rng([self.seed, epoch, position])
-        path = self.samples.root / self.samples.files[i]
+        x, path = self.crop(i, rng)
         try:
-            x = finite_crop(crop_or_pad(lms, self.frames, crop_start(lms.shape[-1], self.frames, rng)), path)
+            x = finite_crop(x, path)
         except NonFiniteLMS as e:  # a broken file, not a learning-rate problem: stop with exit 2
             raise DataListError(str(e)) from None
         y = np.zeros(len(self.samples.classes), dtype=np.float32)
         y[self.samples.labels_of(i)] = 1.0
         return torch.from_numpy(np.array(x, dtype=np.float32)), torch.from_numpy(y)
+
+
+class PackedDataset(LMSDataset):
+    """LMSDataset over a packed folder: the same crop start and padding, one contiguous read per crop."""
+
+    def __init__(self, samples, frames: int, seed: int):
+        from m2das.packed import ShardReader
+
+        super().__init__(samples, frames, seed)
+        self.reader = ShardReader(samples.root)
+
+    def crop(self, i: int, rng: np.random.Generator):
+        from m2das.packed import PackError, read_crop
+
+        start = crop_start(int(self.samples.frames[i]), self.frames, rng)
+        try:
+            return read_crop(self.samples, self.reader, i, start, self.frames), self.samples.describe(i)
+        except (PackError, OSError) as e:
+            raise DataListError(str(e)) from None
+
+
+def read_samples(data_path, csv_path, classes: list | None = None):
+    """What to train on: a packed folder's index (it is its own list), else the CSV list.
+
+    `m2das train --data_path PACKED_DIR` needs no other data flag; a --csv_main
+    other than the default cannot pick from a packed folder (pack that list instead).
+    """
+    from m2das import packed
+
+    if not packed.is_packed(data_path):
+        return read_list(csv_path, data_path, classes)
+    if csv_path is not None and str(csv_path) != str(Path(data_path) / "files_as_weighted.csv"):
+        raise DataListError(f"{data_path} is a packed folder, it carries its own list: drop --csv_main {csv_path}, "
+                            f"or pack that list with `m2das pack DATA_DIR --list {csv_path}`")
+    try:
+        return packed.load_packed(data_path, classes)
+    except packed.PackError as e:
+        raise DataListError(str(e)) from None
+
+
+def make_dataset(samples, frames: int, seed: int) -> LMSDataset:
+    from m2das.packed import PackedSamples
+
+    return (PackedDataset if isinstance(samples, PackedSamples) else LMSDataset)(samples, frames, seed)
+
+
+def validate_packed(samples, stamp: dict | None, log=None) -> dict:
+    """Seconds for millions of samples: the index (CRC32-checked on load), every shard's size, and
+    the CRC32 of the shards that changed since last verified. Returns the new stamp for
+    RUN/validated.json; raises DataListError naming the first damaged shard.
+    """
+    from m2das import packed
+
+    same = stamp if stamp and stamp.get("index_crc32") == samples.manifest["index"]["crc32"] else {}
+    t0 = time.monotonic()
+    try:
+        shards = packed.verify_shards(samples, same.get("shards"))
+    except packed.PackError as e:
+        raise DataListError(str(e)) from None
+    if log is not None:
+        log(f"checked {samples.root}: {len(samples)} samples in {len(shards)} shards, "
+            f"{time.monotonic() - t0:.1f} s")
+    return packed.stamp_of(samples, shards)
 
 
 class ResumableSampler(Sampler):

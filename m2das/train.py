@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from m2das import config, runfolder
 from m2das.checkpoint import Checkpointer, CheckpointError, Progress, RNGState, load_weights
-from m2das.data import DataListError, LMSDataset, ResumableSampler, default_workers, make_loader, read_list, validate
+from m2das.data import (DataListError, ResumableSampler, default_workers, make_dataset, make_loader, read_samples,
+                        validate, validate_packed)
 from m2das.fileio import append_jsonl, atomic_write, read_jsonl, write_json
 from m2das.model import create_model
 from m2das.runfolder import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_RESUMABLE, RunLock, RunLocked
@@ -152,22 +153,33 @@ def load_samples(cfg: dict, run_dir: Path):
     classes_path = run_dir / runfolder.CLASSES
     classes = read_json_file(classes_path, "it pins the label vocabulary: restore it, or delete it to take the "
                              "list's classes again") if classes_path.exists() else None
-    samples = read_list(cfg["csv_main"], cfg["data_path"], classes)
+    samples = read_samples(cfg["data_path"], cfg["csv_main"], classes)  # a CSV list or a packed folder's index
     if classes is None:
         write_json(classes_path, samples.classes)
+    if getattr(samples, "norm_stats", None) and not (run_dir / NORM_STATS_FILE).exists():
+        write_norm_stats(run_dir / NORM_STATS_FILE, samples.norm_stats)  # a packed folder carries its own
     if cfg["weighted"] and samples.weights is None:
         raise TrainError(f"{cfg['csv_main']}: --weighted needs a weight column (file_name,label,weight)")
     return samples
 
 
 def validate_once(samples, cfg: dict, run_dir: Path) -> None:
-    """Validation reads every file header: skip it when this exact list was already validated."""
+    """Validation reads every file header: skip it when this exact list was already validated.
+
+    A packed folder is stamped by its index and shard fingerprints (m2das.data.validate_packed).
+    """
+    if cfg["skip_validation"]:
+        return
+    stamp_path = run_dir / runfolder.VALIDATED
+    if hasattr(samples, "manifest"):
+        previous = None
+        with contextlib.suppress(OSError, ValueError):
+            previous = json.loads(stamp_path.read_text())
+        write_json(stamp_path, validate_packed(samples, previous, log))
+        return
     st = os.stat(cfg["csv_main"])
     stamp = {"csv": str(Path(cfg["csv_main"]).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
              "root": str(Path(cfg["data_path"]).resolve()), "rows": len(samples)}
-    stamp_path = run_dir / runfolder.VALIDATED
-    if cfg["skip_validation"]:
-        return
     with contextlib.suppress(OSError, ValueError):  # only a cache: unreadable means "check again"
         if json.loads(stamp_path.read_text()) == stamp:
             return
@@ -386,7 +398,7 @@ def _train(cfg, env, device, flag_group, stop, run_dir: Path) -> int:
         gradient_as_bucket_view=True)
     sampler = ResumableSampler(len(samples), cfg["batch_size"], rank, world, cfg["seed"],
                                samples.weights if cfg["weighted"] else None)
-    loader = make_loader(LMSDataset(samples, cfg["input_size"][1], cfg["seed"]), sampler, cfg["batch_size"],
+    loader = make_loader(make_dataset(samples, cfg["input_size"][1], cfg["seed"]), sampler, cfg["batch_size"],
                          default_workers(cfg["num_workers"], world), pin_memory=device.type == "cuda")
     writer = tensorboard_writer(run_dir, rank, progress.step)
     metrics = Metrics(device)

@@ -29,7 +29,7 @@ def write_demo_split(data_dir, out_csv) -> Path:
 def evaluate_demo(out_dir, data_dir, checkpoint) -> str:
     """Export, evaluate trained and random-init encoders; returns the summary line."""
     from m2das.export import export
-    from m2das.linear_eval import evaluate, summary_line
+    from m2das.linear_eval import evaluate, format_score, summary_line
 
     out_dir = Path(out_dir)
     weights = export(checkpoint, out_dir / "export")
@@ -42,5 +42,5 @@ def evaluate_demo(out_dir, data_dir, checkpoint) -> str:
         print(summary_line(r), flush=True)
         results[name] = r
     t, r = results["trained"], results["random"]
-    return (f"test {t['metric']} {t['test']:.3f} trained vs {r['test']:.3f} random init "
+    return (f"test {t['metric']} {format_score(t['test'], 3)} trained vs {format_score(r['test'], 3)} random init "
             f"({t['counts']['test']} test clips; {out_dir / 'eval_trained.json'})")

@@ -91,13 +91,13 @@ def random_encoder_like(encoder, model_name: str, seed: int):
     return encoder
 
 
-def train_linear(x_train, y_train, x_valid, y_valid, multi_label: bool, lr: float, epochs: int, patience: int,
-                 batch_size: int, seed: int, device="cpu"):
+def train_linear(x_train, y_train, x_valid, y_valid, n_classes: int, multi_label: bool, lr: float, epochs: int,
+                 patience: int, batch_size: int, seed: int, device="cpu"):
     """Adam on one linear layer; returns (best layer, best validation score, its epoch, epochs run)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    layer = torch.nn.Linear(x_train.shape[1], y_train.shape[1] if multi_label else int(y_train.max()) + 1)
+    layer = torch.nn.Linear(x_train.shape[1], n_classes)
     bound = 1.0 / np.sqrt(x_train.shape[1])
     with torch.no_grad():
         layer.weight.uniform_(-bound, bound, generator=gen)
@@ -107,7 +107,7 @@ def train_linear(x_train, y_train, x_valid, y_valid, multi_label: bool, lr: floa
     xt, yt = torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device)
     xv = torch.from_numpy(x_valid).to(device)
     loss_fn = torch.nn.BCEWithLogitsLoss() if multi_label else torch.nn.CrossEntropyLoss()
-    best, best_epoch, best_state, epoch = -np.inf, 0, None, 0
+    best, best_epoch, best_state, epoch = -np.inf, 0, copy_state(layer), 0
     for epoch in range(1, epochs + 1):
         for idx in torch.randperm(len(xt), generator=gen).split(batch_size):
             idx = idx.to(device)
@@ -116,13 +116,23 @@ def train_linear(x_train, y_train, x_valid, y_valid, multi_label: bool, lr: floa
             opt.step()
         with torch.no_grad():
             score = score_of(layer(xv).cpu().numpy(), y_valid, multi_label)
-        if score > best:
-            best, best_epoch = score, epoch
-            best_state = {k: v.clone() for k, v in layer.state_dict().items()}
+        if np.isnan(score):  # no validation clip has a label the score can use: keep the latest layer
+            best_state, best_epoch = copy_state(layer), epoch
+        elif score > best:
+            best, best_epoch, best_state = score, epoch, copy_state(layer)
         elif epoch - best_epoch >= patience:
             break
     layer.load_state_dict(best_state)
     return layer, float(best), best_epoch, epoch
+
+
+def finite_or_none(value: float):
+    """JSON has no NaN: a score with nothing to score (no positive label in the split) is null."""
+    return float(value) if np.isfinite(value) else None
+
+
+def copy_state(layer) -> dict:
+    return {k: v.detach().clone() for k, v in layer.state_dict().items()}
 
 
 def score_of(scores: np.ndarray, targets: np.ndarray, multi_label: bool) -> float:
@@ -181,12 +191,14 @@ def evaluate(weights, data, *, data_root=None, out=None, seed=42, lr=3e-4, epoch
     mean, std = emb[train].mean(0), emb[train].std(0) + 1e-8
     x = ((emb - mean) / std).astype(np.float32)
     layer, valid_score, best_epoch, ran = train_linear(
-        x[train], targets[train], x[valid], targets[valid], multi_label, lr, epochs, patience, batch_size, seed, device)
+        x[train], targets[train], x[valid], targets[valid], len(classes), multi_label, lr, epochs, patience,
+        batch_size, seed, device)
     with torch.no_grad():
         test_scores = layer(torch.from_numpy(x[test]).to(device)).cpu().numpy()
     metric = "mAP" if multi_label else "accuracy"
     result = {
-        "metric": metric, "test": score_of(test_scores, targets[test], multi_label), "valid": valid_score,
+        "metric": metric, "test": finite_or_none(score_of(test_scores, targets[test], multi_label)),
+        "valid": finite_or_none(valid_score),
         "weights": str(weights_file), "random_init": random_init, "list": str(data),
         "counts": {s: int((split == s).sum()) for s in SPLITS}, "classes": len(classes),
         "multi_label": multi_label, "feature_dim": int(emb.shape[1]),
@@ -204,10 +216,15 @@ def evaluate(weights, data, *, data_root=None, out=None, seed=42, lr=3e-4, epoch
     return result
 
 
+def format_score(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def summary_line(r: dict) -> str:
     c = r["counts"]
     s = r["settings"]
-    return (f"linear eval: test {r['metric']} {r['test']:.4f} (valid {r['valid']:.4f}) on {r['list']}: "
+    fmt = format_score
+    return (f"linear eval: test {r['metric']} {fmt(r['test'])} (valid {fmt(r['valid'])}) on {r['list']}: "
             f"{c['train']}/{c['valid']}/{c['test']} train/valid/test, {r['classes']} classes, "
             f"{'random-init ' if r['random_init'] else ''}encoder {r['weights']}; seed {s['seed']}, lr {s['lr']:g}, "
             f"best epoch {s['best_epoch']} of {s['epochs_run']}; {r['out']}")

@@ -99,7 +99,7 @@ case $command in
         if local_cluster "$@" && ! has_option --foreground "$@"; then
             set -- --foreground "$@"
         fi
-        if ! has_option --data_path "$@"; then
+        if ! has_option --data_path "$@" && ! has_option --data-path "$@"; then
             set -- "$@" --data_path "$data_dir"
         fi
         exec python "$launch_dir/submit.py" "$@"

@@ -41,6 +41,10 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"m2das: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if name == "train":  # a stop signal during the seconds torch takes to import is held, not fatal
+        from m2das.signals import hold_early
+
+        hold_early()
     module = importlib.import_module(COMMANDS[name][0])
     if name == "bench" and not rest:  # a benchmark must be named: usage on stderr, exit 2
         with contextlib.redirect_stdout(sys.stderr):

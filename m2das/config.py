@@ -70,7 +70,7 @@ def _exit_codes_epilog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
-        prog="m2das train",
+        prog="m2das train", allow_abbrev=False,  # a typo is an error, not another flag's prefix
         description="M2D-AS pre-training. Defaults are the paper's run (300 epochs, 512 per GPU, "
                     "seed 3, loss_off 1). Rerunning the same command resumes the run. Flags are spelled "
                     "with underscores, as in the paper's command line; hyphens are accepted too.",

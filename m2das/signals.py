@@ -4,11 +4,30 @@ Nothing is saved inside a handler: a save in the middle of backward or
 optimizer.step would capture a half-updated state. The handlers that were
 installed before ours (for instance submitit's requeue handler) are kept and
 called after the checkpoint is safely on disk.
+
+A stop signal that arrives while the trainer is still starting (importing
+torch, joining the process group) is held by `hold_early`, which `m2das train`
+installs first thing, and handed to the StopRequest when it is installed: the
+process neither dies from it (SIGUSR2's default is to terminate) nor loses it.
 """
 
 import signal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+_early = {"signum": None, "previous": {}}
+
+
+def _hold(signum, _frame):
+    if _early["signum"] is None:
+        _early["signum"] = signum
+
+
+def hold_early(signals=STOP_SIGNALS) -> None:
+    """Remember the first stop signal until a StopRequest is installed (call before heavy imports)."""
+    for s in signals:
+        _early["previous"][s] = signal.getsignal(s)
+        signal.signal(s, _hold)
 
 
 class StopRequest:
@@ -19,8 +38,13 @@ class StopRequest:
 
     def install(self) -> "StopRequest":
         for s in self.signals:
-            self.previous[s] = signal.getsignal(s)
+            current = signal.getsignal(s)
+            # Behind the early hold: the handler before it is the one to hand over to.
+            self.previous[s] = _early["previous"].get(s, current) if current is _hold else current
             signal.signal(s, self._on_signal)
+        if self.signum is None and _early["signum"] in self.signals:
+            self.signum = _early["signum"]
+        _early["signum"] = None
         return self
 
     def _on_signal(self, signum, _frame):

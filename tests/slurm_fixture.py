@@ -230,12 +230,16 @@ class SlurmCluster:
         return "\n".join(parts)
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    reason = slurm_unavailable_reason()
+def skip_if(reason):
+    """Skip with the reason printed (it shows in CI logs even without -rs)."""
     if reason:
         print(f"SKIP: {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    skip_if(slurm_unavailable_reason())
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=os.cpu_count() or 2)
     old = os.environ.get("SLURM_CONF")
     try:
@@ -566,10 +570,7 @@ def job_task_pids(job_id, step="0"):
 
 @pytest.fixture(scope="session")
 def slurm_two_nodes(tmp_path_factory):
-    reason = two_node_unavailable_reason()
-    if reason:
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
+    skip_if(two_node_unavailable_reason())
     cluster = TwoNodeCluster(tmp_path_factory.mktemp("slurm2"))
     try:
         cluster.start()

@@ -175,6 +175,8 @@ def test_submit_runs_the_launcher(tmp_path):
     assert Path(python).parent == BIN
     r = run(tmp_path, "submit", "--runs-dir", "/mine", "--", "--data_path=/x", **env)
     assert json.loads(r.stdout)[0] == ["--runs-dir", "/r", "--runs-dir", "/mine", "--", "--data_path=/x"]
+    r = run(tmp_path, "submit", "--", "--data-path", "/y", **env)  # the hyphen spelling is the same flag
+    assert json.loads(r.stdout)[0] == ["--runs-dir", "/r", "--", "--data-path", "/y"]
 
 
 def test_submit_local_runs_in_the_foreground(tmp_path):

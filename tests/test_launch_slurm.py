@@ -119,6 +119,14 @@ def test_two_nodes_preempted_killed_requeued_and_node_down_finish_exactly(slurm_
     requeues = [r for r in read_jsonl(run / "launcher.jsonl") if r.get("event") == "requeue"]
     assert [r["by"] for r in requeues] == ["submitit", "sbatch-teardown"], requeues
     assert_same_weights(load_model_tensors(run / f"checkpoint-{LONG_EPOCHS}.pth"), reference_weights_long)
+    # Killed starts leave no step twice: not in log.jsonl, not in what TensorBoard shows.
+    logged = [r["step"] for r in read_jsonl(run / "log.jsonl")]
+    assert logged == list(range(1, logged[-1] + 1)), logged
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run / "events"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == logged
     done = status_of(run, cluster)
     assert "state      finished" in done and "5 (4 restarts)" in done, done
 

@@ -214,14 +214,17 @@ class BackgroundWriter:
         self._thread = None
         self.error = None
 
-    def submit(self, state: dict, path) -> None:
+    def submit(self, state: dict, path, then=None) -> None:
+        """Write `state` to `path`, then call `then(path, state)` (an upload), all off the training thread."""
         self.wait()
-        self._thread = threading.Thread(target=self._write, args=(state, path), daemon=True)
+        self._thread = threading.Thread(target=self._write, args=(state, path, then), daemon=True)
         self._thread.start()
 
-    def _write(self, state, path):
+    def _write(self, state, path, then):
         try:
             save_file(state, path)
+            if then is not None:
+                then(Path(path), state)
         except SaveFailed as e:  # reported on the next wait()
             self.error = e
 
@@ -247,8 +250,9 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir, states: dict, meta: dict, *, rank: int, epochs: int, save_freq: int,
-                 interval_s: float, log, flag_group=None):
+                 interval_s: float, log, flag_group=None, publish=None):
         self.run_dir = Path(run_dir)
+        self.publish = publish  # publish(path, step): mirror a completed file (object storage), or None
         self.states, self.meta = states, meta
         self.progress: Progress = states["progress"]
         self.rank, self.epochs, self.save_freq, self.interval_s = rank, epochs, save_freq, interval_s
@@ -340,7 +344,9 @@ class Checkpointer:
             path = self.run_dir / runfolder.epoch_checkpoint_name(p.epoch)
             if not path.exists():
                 if self.rank == 0:
-                    save_file(self.state_dict(), path)
+                    state = self.state_dict()
+                    save_file(state, path)
+                    self._published(path, state)
                     self.log(f"saved {path} (due before the last stop)")
 
     # when
@@ -389,7 +395,9 @@ class Checkpointer:
             except SaveFailed as e:
                 self._interval_failed(e)
             try:
-                save_file(self.state_dict(), path)
+                state = self.state_dict()
+                save_file(state, path)
+                self._published(path, state)
             except SaveFailed as e:
                 error = str(e)
                 append_jsonl(self.run_dir / runfolder.RESTARTS, {"time": time.time(),
@@ -405,7 +413,17 @@ class Checkpointer:
             self.writer.wait()
         except SaveFailed as e:
             self._interval_failed(e)
-        self.writer.submit(to_cpu(self.state_dict()), self.run_dir / runfolder.LAST)
+        self.writer.submit(to_cpu(self.state_dict()), self.run_dir / runfolder.LAST, self._published)
+
+    def _published(self, path: Path, state: dict) -> None:
+        """Hand a completed file to the mirror; its failure is a failed save (the local file stays)."""
+        if self.publish is None:
+            return
+        try:
+            self.publish(path, int(state["step"]))
+        except Exception as e:  # network and storage errors come in many types
+            raise SaveFailed(f"{path.name} is saved in {path.parent} but could not be uploaded "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
     def _interval_failed(self, e: SaveFailed) -> None:
         self.log(f"warning: interval save failed, training goes on and retries at the next interval: {e}")

@@ -85,7 +85,8 @@ class RunLocked(Exception):
     """Another live trainer holds the run folder."""
 
 
-def _me() -> dict:
+def holder_record() -> dict:
+    """Who takes a lock: written into it so a refused trainer can name the holder."""
     return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": os.environ.get("SLURM_JOB_ID"),
             "started": time.time(), "token": uuid.uuid4().hex}
 
@@ -131,6 +132,12 @@ def describe(holder: dict, age: float | None = None) -> str:
     return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}{job}{beat}"
 
 
+def locked_message(where, holder: dict, age) -> str:
+    return (f"{where} is in use by another trainer ({describe(holder, age)}); wait for it, cancel it, or use "
+            f"another --output_dir. A holder that died without cleaning up is ignored after {STALE_AFTER_S:.0f} s "
+            f"without heartbeat ({LOCK}, M2DAS_LOCK_STALE_S)")
+
+
 def live_holder(run_dir, job_id=None):
     """A description of the live trainer holding `run_dir`, or None (free or stale). For launchers."""
     holder, age = read_lock(run_dir)
@@ -145,7 +152,7 @@ class RunLock:
     def __init__(self, run_dir):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK
-        self.me = _me()
+        self.me = holder_record()
         self.took_over = None
         self._stop = threading.Event()
         self._thread = None
@@ -161,10 +168,7 @@ class RunLock:
                 continue  # released between our link and our read: try again
             why = stale_reason(holder, age, job_id=self.me["job_id"], host=self.me["host"])
             if why is None:
-                raise RunLocked(f"{self.run_dir} is in use by another trainer ({describe(holder, age)}); "
-                                f"wait for it, cancel it, or use another --output_dir. A holder that died "
-                                f"without cleaning up is ignored after {STALE_AFTER_S:.0f} s without "
-                                f"heartbeat ({LOCK}, M2DAS_LOCK_STALE_S)")
+                raise RunLocked(locked_message(self.run_dir, holder, age))
             self._break(holder, why)
         raise RunLocked(f"{self.path}: could not take the lock after repeated races with another trainer")
 

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from m2das import config, runfolder
+from m2das import config, remote, runfolder
 from m2das.checkpoint import Checkpointer, CheckpointError, Progress, RNGState, load_weights
 from m2das.data import (DataListError, ResumableSampler, default_workers, make_dataset, make_loader, read_samples,
                         validate, validate_packed)
 from m2das.fileio import append_jsonl, atomic_write, read_jsonl, write_json
 from m2das.model import create_model
+from m2das.remote import RemoteError, RemoteRunFolder
 from m2das.runfolder import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_RESUMABLE, RunLock, RunLocked
 from m2das.schedule import ema_decay, learning_rate
 from m2das.signals import StopRequest
@@ -108,24 +109,39 @@ def read_json_file(path: Path, role: str):
         raise TrainError(f"{path}: cannot be read ({type(e).__name__}: {e}); {role}") from None
 
 
+def take_run_dir(cfg: dict, world_size: int):
+    """(local folder, lock, mirror): a local run folder is locked in place; a URL (object storage)
+    is locked there and staged in a local folder that the mirror uploads."""
+    try:
+        if remote.is_url(cfg["output_dir"]):
+            mirror = RemoteRunFolder(cfg["output_dir"], remote.staging_for(cfg["output_dir"])).acquire()
+            try:
+                fetched = mirror.hydrate()
+            except BaseException:
+                mirror.release()
+                raise
+            log(f"run folder {mirror.url}, staged in {mirror.staging}; fetched {', '.join(fetched) or 'nothing'}")
+            return mirror.staging, mirror, mirror
+        run_dir = Path(cfg["output_dir"]) if cfg["output_dir"] else config.default_output_dir(cfg, world_size)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir, RunLock(run_dir).acquire(), None
+    except (RunLocked, RemoteError) as e:
+        raise TrainError(str(e)) from None
+
+
 def open_run_dir(cfg: dict, world_size: int):
-    """Fix the run folder, take its lock, check config.json; returns (run_dir, lock).
+    """Fix the run folder, take its lock, check config.json; returns (run_dir, lock, mirror).
 
     A restart may change only resume-safe flags (config.RESUME_SAFE_KEYS) and
     only when the folder is named with --output_dir; anything else needs
     --force_config.
     """
-    run_dir = Path(cfg["output_dir"]) if cfg["output_dir"] else config.default_output_dir(cfg, world_size)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        lock = RunLock(run_dir).acquire()
-    except RunLocked as e:
-        raise TrainError(str(e)) from None
+    run_dir, lock, mirror = take_run_dir(cfg, world_size)
     try:
         if lock.took_over:
             log(f"took over the run folder from a dead holder ({lock.took_over})")
         saved_path = run_dir / runfolder.CONFIG
-        record = {**cfg, "output_dir": str(run_dir), "world_size": world_size}
+        record = {**cfg, "output_dir": cfg["output_dir"] if mirror else str(run_dir), "world_size": world_size}
         if saved_path.exists():
             saved = read_json_file(saved_path, "restore it, or pass --force_config to rewrite it from these flags")
             hard, safe = config.config_differences(saved, cfg)
@@ -145,7 +161,7 @@ def open_run_dir(cfg: dict, world_size: int):
     except BaseException:
         lock.release()
         raise
-    return run_dir, lock
+    return run_dir, lock, mirror
 
 
 def load_samples(cfg: dict, run_dir: Path):
@@ -298,19 +314,29 @@ def train(cfg: dict, env: dict) -> int:
     device = pick_device(cfg, env["local_rank"])
     flag_group = init_distributed(env, device)
     stop = StopRequest().install()
-    lock = None
+    lock = mirror = None
     try:
         rank, world = env["rank"], env["world_size"]
 
         def open_and_keep_lock():
-            nonlocal lock
-            run_dir, lock = open_run_dir(cfg, world)
+            nonlocal lock, mirror
+            run_dir, lock, mirror = open_run_dir(cfg, world)
             return str(run_dir)
 
         run_dir = Path(on_rank0(open_and_keep_lock, rank))
-        return _train(cfg, env, device, flag_group, stop, run_dir)
+        if remote.is_url(cfg["output_dir"]) and rank != 0 and env["local_rank"] == 0 and \
+                not (run_dir / runfolder.CONFIG).exists():  # another node: its own read-only copy
+            RemoteRunFolder(cfg["output_dir"], run_dir).hydrate()
+        if dist.is_initialized():
+            dist.barrier(group=flag_group)
+        return _train(cfg, env, device, flag_group, stop, run_dir, mirror)
     finally:
         stop.restore()
+        if mirror is not None:
+            try:
+                mirror.publish_small_files()
+            except OSError as e:
+                log(f"warning: could not upload the logs to {mirror.url}: {e}")
         if lock is not None:
             lock.release()
         if dist.is_initialized():
@@ -375,7 +401,7 @@ def resume_or_start(ckpt: Checkpointer, cfg: dict, model, stats: dict, rank: int
         append_jsonl(run_dir / runfolder.RESTARTS, start_record(run_dir, resumed_from, progress.step))
 
 
-def _train(cfg, env, device, flag_group, stop, run_dir: Path) -> int:
+def _train(cfg, env, device, flag_group, stop, run_dir: Path, mirror) -> int:
     rank, world = env["rank"], env["world_size"]
     samples, stats, derived = load_data(cfg, run_dir, rank, world)
     batches_per_epoch = derived["steps_per_epoch"] * cfg["accum_iter"]  # whole optimizer steps only
@@ -387,10 +413,11 @@ def _train(cfg, env, device, flag_group, stop, run_dir: Path) -> int:
     progress = Progress()
     ckpt = Checkpointer(run_dir, {"model": model, "optimizer": optimizer, "scaler": scaler,
                                   "rng": RNGState(device), "progress": progress},
-                        {"args": {**cfg, "output_dir": str(run_dir)}, "norm_stats": stats,
-                         "classes": samples.classes},
+                        {"args": {**cfg, "output_dir": cfg["output_dir"] if mirror else str(run_dir)},
+                         "norm_stats": stats, "classes": samples.classes},
                         rank=rank, epochs=cfg["epochs"], save_freq=cfg["save_freq"],
-                        interval_s=cfg["ckpt_interval_min"] * 60, log=lambda m: log(m, rank), flag_group=flag_group)
+                        interval_s=cfg["ckpt_interval_min"] * 60, log=lambda m: log(m, rank), flag_group=flag_group,
+                        publish=mirror.publish_checkpoint if mirror else None)
     resume_or_start(ckpt, cfg, model, stats, rank)
 
     ddp = model if world == 1 else torch.nn.parallel.DistributedDataParallel(

@@ -1,0 +1,223 @@
+"""Run folders in object storage (`--output_dir s3://bucket/runs/NAME`, or any fsspec URL).
+
+The trainer works in a local staging folder with every guarantee of a local
+run folder, and this module mirrors it to the URL so that a job on another
+node resumes from there:
+
+- At start, the small files, the rolling checkpoints and the newest epoch
+  checkpoint are fetched into the staging folder; the local checkpointer then
+  ranks, verifies and loads them as usual.
+- Epoch checkpoints are uploaded under their own names (`checkpoint-E.pth`,
+  written once, so a plain PUT is atomic). The rolling checkpoint is replaced
+  often and object stores cannot rename: each one is uploaded as a uniquely
+  named object under `objects/`, then the small pointer `last.pth.json` is
+  written last (the one before it is kept as `last.prev.pth.json`). Objects
+  no pointer names are deleted only after both pointers are written, so at
+  every instant the objects both pointers name exist.
+- The lock is an object created with a conditional PUT (create only if
+  absent, which S3 and compatible servers honour), refreshed by a heartbeat
+  and judged stale by the same rules as the local lock.
+
+Credentials come from each backend's usual environment variables and
+configuration files (for S3: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL,
+~/.aws/...), never from flags. Torch-free: `m2das status` uses it too.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from m2das import runfolder
+
+SMALL_FILES = (runfolder.CONFIG, runfolder.CLASSES, runfolder.NORM_STATS, runfolder.VALIDATED, runfolder.LOG,
+               runfolder.RESTARTS, runfolder.LAUNCHER)
+POINTER_SUFFIX = ".json"  # last.pth.json names the object that holds last.pth
+OBJECTS_DIR = "objects"
+
+
+def is_url(path) -> bool:
+    """A location fsspec must open (s3://, gs://, ...); plain paths and file:// stay local."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def staging_for(url: str) -> Path:
+    """The local working copy of a remote run folder: the same path on every node (M2DAS_STAGING_DIR)."""
+    base = Path(os.environ.get("M2DAS_STAGING_DIR") or Path(tempfile.gettempdir()) / "m2das-staging")
+    return base / hashlib.sha1(url.rstrip("/").encode()).hexdigest()[:16]
+
+
+class RemoteError(Exception):
+    """Object storage refused or failed; one line naming the URL."""
+
+
+def _fs(url: str):
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise RemoteError(f"{url}: no storage backend for this URL ({e}); install its fsspec package "
+                          f"(s3fs for s3://, gcsfs for gs://)") from None
+
+
+class RemoteRunFolder:
+    def __init__(self, url: str, staging: Path | None = None):
+        self.url = url.rstrip("/")
+        self.fs, self.root = _fs(self.url)
+        self.staging = Path(staging) if staging else Path(tempfile.mkdtemp(prefix="m2das-run-"))
+        self._lock_token = None
+        self._stop = threading.Event()
+        self.took_over = None
+
+    def _key(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def _read_pointer(self, name: str):
+        with contextlib.suppress(FileNotFoundError, ValueError, OSError):
+            return json.loads(self.fs.cat_file(self._key(name + POINTER_SUFFIX)))
+        return None
+
+    # -- start-up ------------------------------------------------------------------------
+    def hydrate(self, checkpoints: bool = True) -> list:
+        """Fetch what a restart needs into the staging folder; returns the names fetched."""
+        self.staging.mkdir(parents=True, exist_ok=True)
+        fetched = []
+        try:
+            for name in SMALL_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    data = self.fs.cat_file(self._key(name))
+                    (self.staging / name).write_bytes(data)
+                    fetched.append(name)
+            if not checkpoints:
+                return fetched
+            for name in (runfolder.LAST, runfolder.PREVIOUS):
+                pointer = self._read_pointer(name)
+                if pointer is not None:
+                    self._download(f"{OBJECTS_DIR}/{pointer['object']}", self.staging / name)
+                    fetched.append(name)
+            epochs = [int(m.group(1)) for m in (runfolder.EPOCH_CHECKPOINT_RE.match(Path(p).name)
+                                                for p in self._list()) if m]
+            if epochs:
+                name = runfolder.epoch_checkpoint_name(max(epochs))
+                self._download(name, self.staging / name)
+                fetched.append(name)
+        except OSError as e:
+            raise RemoteError(f"{self.url}: cannot read the run folder ({type(e).__name__}: {e})") from None
+        return fetched
+
+    def _list(self) -> list:
+        try:
+            return self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+
+    def _download(self, name: str, dest: Path) -> None:
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+        self.fs.get_file(self._key(name), str(tmp))
+        os.replace(tmp, dest)
+
+    # -- publishing ----------------------------------------------------------------------
+    def publish_checkpoint(self, path: Path, step: int) -> None:
+        """Upload a checkpoint the local checkpointer has just completed (raises OSError/RemoteError)."""
+        path = Path(path)
+        if path.name != runfolder.LAST:
+            self.fs.put_file(str(path), self._key(path.name))
+            self._prune_local_epoch_checkpoints(keep=path)
+        else:
+            obj = f"last-{step:09d}-{uuid.uuid4().hex[:8]}.pth"
+            self.fs.put_file(str(path), self._key(f"{OBJECTS_DIR}/{obj}"))
+            previous = self._read_pointer(runfolder.LAST)
+            if previous is not None:
+                self.fs.pipe_file(self._key(runfolder.PREVIOUS + POINTER_SUFFIX), json.dumps(previous).encode())
+            self.fs.pipe_file(self._key(runfolder.LAST + POINTER_SUFFIX),
+                              json.dumps({"object": obj, "step": step, "bytes": path.stat().st_size}).encode())
+            keep = {obj} | ({previous["object"]} if previous else set())
+            for key in self.fs.ls(self._key(OBJECTS_DIR), detail=False):
+                if Path(key).name not in keep:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(key)
+        self.publish_small_files()
+
+    def _prune_local_epoch_checkpoints(self, keep: Path) -> None:
+        """Staging keeps only the newest epoch checkpoint; the others are safe in the bucket."""
+        for p in runfolder.checkpoint_files(self.staging):
+            if runfolder.EPOCH_CHECKPOINT_RE.match(p.name) and p != keep:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+    def publish_small_files(self) -> None:
+        for name in SMALL_FILES:
+            local = self.staging / name
+            if local.exists():
+                self.fs.put_file(str(local), self._key(name))
+        events = self.staging / runfolder.EVENTS_DIR
+        if events.is_dir():
+            for f in events.iterdir():
+                if f.is_file():
+                    self.fs.put_file(str(f), self._key(f"{runfolder.EVENTS_DIR}/{f.name}"))
+
+    # -- the lock ------------------------------------------------------------------------
+    def acquire(self) -> "RemoteRunFolder":
+        me = {**runfolder.holder_record(), "url": self.url}
+        key = self._key(runfolder.LOCK)
+        for _ in range(5):
+            try:
+                with self.fs.open(key, "xb") as f:  # conditional PUT: only if absent
+                    f.write(json.dumps(me).encode())
+                self._lock_token = me["token"]
+                self._start_heartbeat(key, me)
+                return self
+            except FileExistsError:
+                pass
+            holder, age = self._read_lock(key)
+            if holder is None:
+                continue
+            why = runfolder.stale_reason(holder, age, job_id=me["job_id"], host=me["host"])
+            if why is None:
+                raise runfolder.RunLocked(runfolder.locked_message(self.url, holder, age))
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(key)
+            self.took_over = f"{runfolder.describe(holder)}: {why}"
+        raise runfolder.RunLocked(f"{key}: could not take the lock after repeated races with another trainer")
+
+    def _read_lock(self, key: str):
+        try:
+            info = self.fs.info(key)
+            holder = json.loads(self.fs.cat_file(key))
+        except FileNotFoundError:
+            return None, None
+        except (OSError, ValueError):
+            return {}, 0.0
+        modified = info.get("LastModified") or info.get("mtime") or info.get("created")
+        when = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or time.time())
+        return holder, time.time() - when
+
+    def _start_heartbeat(self, key: str, me: dict) -> None:
+        def beat():
+            while not self._stop.wait(runfolder.HEARTBEAT_S):
+                with contextlib.suppress(OSError):
+                    self.fs.pipe_file(key, json.dumps(me).encode())
+
+        threading.Thread(target=beat, name="m2das-remote-lock-heartbeat", daemon=True).start()
+
+    def release(self) -> None:
+        self._stop.set()
+        key = self._key(runfolder.LOCK)
+        holder, _ = self._read_lock(key)
+        if holder and holder.get("token") == self._lock_token:
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(key)
+
+
+def fetch_for_reading(url: str, checkpoints: bool = True) -> Path:
+    """A local copy of a remote run folder: its small files (for status), and its checkpoints (for export)."""
+    folder = RemoteRunFolder(url)
+    folder.hydrate(checkpoints=checkpoints)
+    return folder.staging

@@ -1,0 +1,61 @@
+"""Run folders in object storage, against a real S3-compatible server on 127.0.0.1."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import TINY_TRAIN, run_m2das, write_lms_folder
+from m2das import EXIT_BAD_INPUT, EXIT_RESUMABLE, remote, runfolder
+
+
+@pytest.fixture
+def bucket(s3_server, tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    name = f"m2das-{tmp_path.name.lower().replace('_', '-')[-40:]}"
+    fs.mkdir(name)
+    return fs, f"s3://{name}"
+
+
+def args(data, out, *extra):
+    return ["train", *TINY_TRAIN, "--data_path", data, "--output_dir", out, "--batch_size", "4",
+            "--epochs", "2", "--save_freq", "1", *extra]
+
+
+def test_a_run_in_object_storage_stops_moves_node_resumes_and_equals_a_local_run(bucket, tmp_path, s3_server):
+    fs, url = bucket
+    data = write_lms_folder(tmp_path / "data", n_files=24)
+    local = tmp_path / "local"
+    assert run_m2das(*args(data, local)).returncode == 0
+    run_url = f"{url}/runs/tiny"
+    staging = tmp_path / "staging"
+    env = {**s3_server, "M2DAS_STAGING_DIR": str(staging), "M2DAS_TEST_SIGTERM_AT_STEP": "9"}
+    r = run_m2das(*args(data, run_url, "--ckpt_interval_min", "0"), env=env)
+    assert r.returncode == EXIT_RESUMABLE, r.stdout + r.stderr
+    # What is in the bucket: pointers, one object per pointer, the epoch checkpoint, the logs; no lock.
+    names = {p.split("/runs/tiny/")[1] for p in fs.find(run_url)}
+    assert {"last.pth.json", "last.prev.pth.json", "checkpoint-1.pth", "config.json", "restarts.jsonl"} <= names
+    assert len([n for n in names if n.startswith("objects/")]) == 2 and runfolder.LOCK not in names
+    pointer = json.loads(fs.cat_file(f"{run_url}/last.pth.json"))
+    assert pointer["step"] == 9
+    # A second trainer is refused by the lock in the bucket.
+    holder = remote.RemoteRunFolder(run_url).acquire()
+    try:
+        r = run_m2das(*args(data, run_url), env={**env, "M2DAS_TEST_SIGTERM_AT_STEP": "0"})
+        assert r.returncode == EXIT_BAD_INPUT and "in use by another trainer" in r.stderr, r.stdout + r.stderr
+    finally:
+        holder.release()
+    # The requeued job lands on another node: nothing local survives.
+    shutil.rmtree(staging)
+    r = run_m2das(*args(data, run_url), env={**env, "M2DAS_TEST_SIGTERM_AT_STEP": "0"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resumed from" in r.stdout and "at step 9" in r.stdout
+    with fs.open(f"{run_url}/checkpoint-2.pth", "rb") as f:
+        in_bucket = torch.load(f)["model"]
+    expected = torch.load(local / "checkpoint-2.pth")["model"]
+    assert all(torch.equal(in_bucket[k], expected[k]) for k in expected)
+    events = [json.loads(line)["event"] for line in fs.cat_file(f"{run_url}/restarts.jsonl").decode().splitlines()]
+    assert events[-1] == runfolder.EVENT_FINISHED

@@ -113,7 +113,7 @@ def write_shard(out: Path, number: int, paths: list, first: int, limit: int, dty
             frames.append(int(t))
             size += len(data)
             i += 1
-            if kill_at == number and len(frames) == 2:  # fault injection for tests: die mid-shard
+            if kill_at == number and len(frames) == 1:  # fault injection for tests: die mid-shard
                 f.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
     return {"name": name, "first": first, "count": len(frames), "bytes": size, "crc32": crc, "frames": frames}

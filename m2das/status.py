@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from m2das import requeue, runfolder
+from m2das import remote, requeue, runfolder
 from m2das.fileio import read_jsonl
 
 RECENT_LOG_ROWS = 20
@@ -306,6 +306,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-queue", "--no_queue", action="store_true", help="do not ask squeue/sacct")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     run = Path(args.run_dir)
+    if remote.is_url(args.run_dir):  # object storage: read a copy of its small files
+        try:
+            run = remote.fetch_for_reading(args.run_dir, checkpoints=False)
+        except remote.RemoteError as e:
+            print(f"m2das status: error: {e}", file=sys.stderr)
+            return 2
     if not run.is_dir():
         print(f"m2das status: error: {run} is not a folder; pass the run folder the launcher printed",
               file=sys.stderr)
@@ -315,6 +321,7 @@ def main(argv=None) -> int:
               "is it a run folder?", file=sys.stderr)
         return 2
     s = collect(run, queue=not args.no_queue)
+    s["run_dir"] = args.run_dir
     try:
         print(json.dumps(s, indent=2, sort_keys=True) if args.json else render(s), flush=True)
     except BrokenPipeError:  # `m2das status RUN | head`: the reader left, which is fine

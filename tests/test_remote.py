@@ -59,3 +59,5 @@ def test_a_run_in_object_storage_stops_moves_node_resumes_and_equals_a_local_run
     assert all(torch.equal(in_bucket[k], expected[k]) for k in expected)
     events = [json.loads(line)["event"] for line in fs.cat_file(f"{run_url}/restarts.jsonl").decode().splitlines()]
     assert events[-1] == runfolder.EVENT_FINISHED
+    r = run_m2das("status", run_url, "--no-queue", env=s3_server)
+    assert r.returncode == 0 and "finished" in r.stdout and run_url in r.stdout, r.stdout + r.stderr

@@ -171,9 +171,159 @@ def checkpoint_main(argv) -> int:
     return 0
 
 
+GPU_SAMPLES_PER_S = 4300  # an H100's training throughput, the rate the loader must feed
+
+
+def _io_counters() -> dict:
+    """read_bytes (fetched from storage) and rchar (returned by read syscalls) of this process."""
+    rows = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return {"read_bytes": int(rows["read_bytes"]), "rchar": int(rows["rchar"])}
+
+
+def _drop_from_cache(paths) -> None:
+    """Evict these files from the page cache (sync, then POSIX_FADV_DONTNEED per file): no root needed,
+    and other processes' cached files stay cached."""
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _time_reads(dataset, order, files, cold: bool) -> dict:
+    """One process reading crops as a DataLoader worker does (__getitem__, no collation)."""
+    if cold:
+        _drop_from_cache(files)
+    before, t0 = _io_counters(), time.perf_counter()
+    for position, i in enumerate(order):
+        dataset[(0, position, int(i))]
+    seconds = time.perf_counter() - t0
+    after = _io_counters()
+    n = len(order)
+    return {"samples_per_s": n / seconds, "read_bytes": (after["read_bytes"] - before["read_bytes"]) / n,
+            "rchar": (after["rchar"] - before["rchar"]) / n}
+
+
+def _synthetic_data(folder: Path, n_files: int, frames: int) -> Path:
+    """n_files LMS files [1, 80, frames] (AudioSet's 10-s clips), their list and norm stats."""
+    import numpy as np
+
+    from m2das.fileio import write_json
+    from m2das.stats import NORM_STATS_FILE
+
+    rng = np.random.default_rng(0)
+    (folder / "audioset_lms").mkdir(parents=True)
+    rows = ["file_name,label,weight"]
+    for i in range(n_files):
+        np.save(folder / "audioset_lms" / f"clip{i:05d}.npy",
+                (rng.standard_normal((1, 80, frames)) * 4 - 7).astype(np.float32))
+        rows.append(f"audioset_lms/clip{i:05d}.npy,/m/{i % 7},1.0")
+    (folder / "files_as_weighted.csv").write_text("\n".join(rows) + "\n")
+    write_json(folder / NORM_STATS_FILE, {"mean": -7.0, "std": 4.0})
+    return folder
+
+
+def _time_index(folder: Path, rows: int, shards: int) -> dict:
+    """Validation of a packed folder with `rows` samples in `shards` shards (sparse files, known good)."""
+    import numpy as np
+
+    from m2das import packed
+    from m2das.data import validate_packed
+    from m2das.fileio import write_json
+
+    folder.mkdir()
+    alphabet = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", dtype=np.uint8)
+    ids = alphabet[np.random.default_rng(0).integers(0, 64, (rows, 11))]  # random YouTube-like IDs
+    column = lambda text: np.tile(np.frombuffer(text, dtype=np.uint8), (rows, 1))  # noqa: E731
+    names = np.hstack([column(b"audioset_lms/"), ids, column(b"_30.000.npy\n")]).tobytes()[:-1]
+    per_shard = -(-rows // shards)
+    packed.write_index(folder / packed.INDEX, {
+        "names": np.frombuffer(names, dtype=np.uint8), "shard": np.arange(rows, dtype=np.int32) // per_shard,
+        "offset": (np.arange(rows, dtype=np.int64) % per_shard) * 320320, "frames": np.full(rows, 1001, np.int32),
+        "label_offsets": np.arange(rows + 1, dtype=np.int64), "label_ids": np.zeros(rows, np.int32),
+        "weights": np.ones(rows)})
+    blob = (folder / packed.INDEX).read_bytes()
+    entries = []
+    for k in range(shards):
+        path = folder / packed.shard_name(k)
+        with open(path, "wb") as f:
+            f.truncate(per_shard * 320320)
+        entries.append({"name": path.name, "samples": per_shard, "bytes": per_shard * 320320, "crc32": 0})
+    write_json(folder / packed.MANIFEST, {
+        "format": packed.FORMAT, "version": packed.VERSION, "dtype": "float32", "n_mels": 80, "samples": rows,
+        "classes": ["/m/0"], "weighted": True, "norm_stats": None, "shards": entries,
+        "index": {"name": packed.INDEX, "bytes": len(blob), "crc32": __import__("zlib").crc32(blob)}})
+    write_json(folder / packed.VERIFIED, {e["name"]: packed.fingerprint(folder / e["name"]) for e in entries})
+    t0 = time.perf_counter()
+    samples = packed.load_packed(folder)
+    loaded = time.perf_counter() - t0
+    validate_packed(samples, None)
+    return {"load_s": loaded, "total_s": time.perf_counter() - t0, "index_mb": len(blob) / 1e6}
+
+
+def data_main(argv) -> int:
+    """Loose .npy files vs packed shards: samples/s per loader worker and bytes read per sample,
+    cold and warm page cache, on synthetic AudioSet-shaped clips; then validation of a packed index."""
+    import math
+    import tempfile
+
+    import numpy as np
+
+    from m2das.data import LMSDataset, read_list, read_samples, validate
+    from m2das.pack import pack
+
+    p = argparse.ArgumentParser(prog="m2das bench data", description=data_main.__doc__)
+    p.add_argument("--files", type=int, default=400, help="synthetic clips [1, 80, 1001] (default 400)")
+    p.add_argument("--crop", type=int, default=608, help="frames per crop (default 608, the paper's)")
+    p.add_argument("--dir", default=".", help="folder on the disk to measure (default: the current one; "
+                   "not a tmpfs, or nothing is ever read from a disk)")
+    p.add_argument("--index-rows", "--index_rows", dest="index_rows", type=int, default=2_000_000,
+                   help="samples in the synthetic index whose validation is timed (default 2,000,000)")
+    args = p.parse_args(argv)
+    print(f"machine: {machine(torch.device('cpu'))}")
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix=".m2das-bench-data-") as tmp:
+        data = _synthetic_data(Path(tmp) / "data", args.files, 1001)
+        crop_bytes = 80 * args.crop * 4
+        variants = {"loose .npy": (LMSDataset(read_list(data / "files_as_weighted.csv", data), args.crop, 0),
+                                   sorted((data / "audioset_lms").glob("*.npy")))}
+        for dtype in ("float32", "float16"):
+            out = Path(tmp) / f"packed-{dtype}"
+            pack(data, out, shard_size=64 << 20, dtype=dtype)
+            samples = read_samples(out, None)
+            variants[f"packed {dtype}"] = (__import__("m2das.data", fromlist=["x"]).make_dataset(
+                samples, args.crop, 0), sorted(out.glob("shard-*.bin")))
+        order = np.random.default_rng(1).permutation(args.files)
+        print(f"{args.files} clips [1, 80, 1001] float32, random crops of {args.crop} frames "
+              f"({crop_bytes / 1e3:.0f} KB as float32); cold = sync + POSIX_FADV_DONTNEED on the files")
+        print(f"{'data':<16}{'cache':<7}{'samples/s/worker':>17}{'disk KB/sample':>16}{'x crop':>8}"
+              f"{'read() KB/sample':>18}{'workers for ' + str(GPU_SAMPLES_PER_S) + '/s':>20}")
+        for name, (dataset, files) in variants.items():
+            for cache in ("cold", "warm"):
+                r = _time_reads(dataset, order, files, cache == "cold")
+                size = crop_bytes // (2 if "float16" in name else 1)
+                print(f"{name:<16}{cache:<7}{r['samples_per_s']:>17.0f}{r['read_bytes'] / 1e3:>16.0f}"
+                      f"{r['read_bytes'] / size:>8.2f}{r['rchar'] / 1e3:>18.0f}"
+                      f"{math.ceil(GPU_SAMPLES_PER_S / r['samples_per_s']):>20}")
+        print("disk: /proc/self/io read_bytes (x crop: relative to the crop's bytes in that dtype); read(): rchar "
+              "(memory-mapped .npy reads do not count there); one process = one DataLoader worker")
+        files = variants["loose .npy"][1]
+        _drop_from_cache(files)
+        t0 = time.perf_counter()
+        validate(read_list(data / "files_as_weighted.csv", data), "list", 80)
+        per_file = (time.perf_counter() - t0) / len(files)
+        r = _time_index(Path(tmp) / "index", args.index_rows, 320)
+        print(f"validation: loose, every file header (cold) {per_file * 1e6:.0f} us/file = "
+              f"{per_file * args.index_rows:.0f} s for {args.index_rows:,} files; packed index of "
+              f"{args.index_rows:,} samples in 320 shards ({r['index_mb']:.0f} MB): {r['total_s']:.1f} s "
+              f"(index load {r['load_s']:.1f} s, shard sizes and fingerprints)")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: m2das bench {train,prepare} [options]"
+    usage = "usage: m2das bench {train,prepare,checkpoint,data} [options]"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0
@@ -181,6 +331,8 @@ def main(argv=None) -> int:
         return train_main(argv[1:])
     if argv[0] == "checkpoint":
         return checkpoint_main(argv[1:])
+    if argv[0] == "data":
+        return data_main(argv[1:])
     if argv[0] == "prepare":
         from m2das.prepare import bench_main
 

@@ -31,3 +31,14 @@ def test_bench_checkpoint_reports_what_the_integrity_check_costs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "full state:" in r.stdout and "CRC32 check" in r.stdout and "GB/s" in r.stdout
     assert not list(tmp_path.iterdir()), "the benchmark cleans up its file"
+
+
+def test_bench_data_compares_loose_and_packed_reads(tmp_path):
+    r = run_m2das("bench", "data", "--files", "12", "--index-rows", "1000", "--dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = {" ".join(line.split()[:3]): line.split() for line in r.stdout.splitlines()
+            if line.startswith(("loose", "packed"))}
+    assert set(rows) == {f"{d} {c}" for d in ("loose .npy", "packed float32", "packed float16")
+                         for c in ("cold", "warm")}
+    assert "validation:" in r.stdout and "machine:" in r.stdout
+    assert not list(tmp_path.iterdir()), "the benchmark cleans up its files"

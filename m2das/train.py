@@ -30,6 +30,8 @@ from m2das.data import (DataListError, ResumableSampler, default_workers, make_d
                         validate, validate_packed)
 from m2das.fileio import append_jsonl, atomic_write, read_jsonl, write_json
 from m2das.model import create_model
+from m2das.monitor import Monitor
+from m2das.monitor import record as record_quality
 from m2das.remote import RemoteError, RemoteRunFolder
 from m2das.runfolder import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_RESUMABLE, RunLock, RunLocked
 from m2das.schedule import ema_decay, learning_rate
@@ -429,6 +431,8 @@ def _train(cfg, env, device, flag_group, stop, run_dir: Path, mirror) -> int:
                          default_workers(cfg["num_workers"], world), pin_memory=device.type == "cuda")
     writer = tensorboard_writer(run_dir, rank, progress.step)
     metrics = Metrics(device)
+    monitor = Monitor(cfg, samples.classes, device, rank, world)  # quality checks: no training randomness
+    monitor_clock = time.monotonic()
 
     def end(event: str, message: str, code: int) -> int:
         log(message, rank)
@@ -479,6 +483,15 @@ def _train(cfg, env, device, flag_group, stop, run_dir: Path, mirror) -> int:
                     return end(runfolder.EVENT_DIVERGED, diverged_message(progress, run_dir), EXIT_DIVERGED)
                 if progress.step % cfg["log_every"] == 0:
                     report(metrics, run_dir, writer, rank, epoch, progress.step, total_steps, lr, tau)
+            if epoch_ended and monitor.due(progress.epoch) and not stop.requested:
+                quality = monitor.run(ddp, progress.epoch)  # every rank encodes its share
+                if rank == 0:
+                    row = record_quality(quality, run_dir, writer, progress.epoch, progress.step,
+                                         time.monotonic() - monitor_clock)
+                    log(f"quality after epoch {progress.epoch}: mAP {row['monitor_map']:.4f}, RankMe "
+                        f"{row['monitor_rankme']:.1f}, kNN {row['monitor_knn_acc']:.3f} "
+                        f"({row['monitor_seconds']:.1f} s, {100 * row['monitor_share']:.2f}% of training time)")
+                monitor_clock = time.monotonic()
             outcome = ckpt.step_boundary(stop.requested, epoch_ended)
             if outcome is not None:
                 kind, detail = outcome

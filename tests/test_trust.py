@@ -183,3 +183,18 @@ def test_written_files_are_readable_by_others_under_umask_022(tmp_path):
     assert any(p.suffix == ".npy" for p in files) and any(p.suffix == ".csv" for p in files)
     modes = {p.relative_to(data).as_posix(): oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_the_quality_monitor_reports_and_leaves_exact_resume_untouched(data, reference, tmp_path):
+    run = tmp_path / "run"
+    monitored = args(data, run, "--monitor_every", "1", "--monitor_list", data / "files_as_weighted.csv")
+    r = run_m2das(*monitored, env=stop_at(30))  # mid-way through epoch 2, after epoch 1's check
+    assert r.returncode == EXIT_RESUMABLE, r.stdout + r.stderr
+    r = run_m2das(*monitored)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_same_weights(reference, final_model(run))  # the same as a run without the monitor
+    rows = [row for row in read_jsonl(run / runfolder.LOG) if "monitor_map" in row]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    for row in rows:
+        assert 0 < row["monitor_map"] <= 1 and 1 <= row["monitor_rankme"] and 0 < row["monitor_share"] < 1
+    assert "quality after epoch 2: mAP" in r.stdout and "% of training time" in r.stdout

@@ -5,8 +5,11 @@ which worker loads a sample or when the process started, so a run resumed
 mid-epoch sees exactly the batches an uninterrupted run would have seen.
 """
 
+import atexit
+import contextlib
 import os
 import signal
+import weakref
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -277,6 +280,32 @@ def quiet_worker(_worker_id: int):
         signal.signal(s, signal.SIG_IGN)
 
 
+_LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker processes are stopped before the interpreter exits.
+
+    When an error leaves the training loop (a NaN crop, a missing file) the
+    iterator can outlive it in a reference cycle; at exit multiprocessing then
+    SIGTERMs its workers, which ignore SIGTERM (quiet_worker), and waits for
+    them for ever. Stopping them first, the DataLoader's own way, ends the run.
+    """
+
+    def __iter__(self):
+        it = super().__iter__()
+        if self.num_workers > 0:
+            _LIVE_ITERATORS.add(it)
+        return it
+
+
+@atexit.register  # runs before multiprocessing's own exit hook, which was registered earlier
+def _stop_loader_workers() -> None:
+    for it in list(_LIVE_ITERATORS):
+        with contextlib.suppress(Exception):
+            it._shutdown_workers()
+
+
 def make_loader(dataset: LMSDataset, sampler: ResumableSampler, batch_size: int, num_workers: int,
                 pin_memory: bool):
     kwargs = dict(batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
@@ -284,7 +313,7 @@ def make_loader(dataset: LMSDataset, sampler: ResumableSampler, batch_size: int,
     if num_workers > 0:
         kwargs.update(worker_init_fn=quiet_worker, prefetch_factor=4, multiprocessing_context="fork"
                       if os.name == "posix" else None)
-    return torch.utils.data.DataLoader(dataset, **kwargs)
+    return _Loader(dataset, **kwargs)
 
 
 def default_workers(requested: int, world_size: int) -> int:

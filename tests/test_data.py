@@ -91,3 +91,44 @@ def test_list_without_labels_column_is_a_clear_error(tmp_path):
     csv.write_text("file_name\naudioset_lms/a.npy\n")
     with pytest.raises(DataListError, match="missing column"):
         read_list(csv, tmp_path)
+
+
+def test_a_file_with_no_frames_is_rejected_at_validation(tmp_path):
+    data = write_lms_folder(tmp_path / "data", n_files=6)
+    np.save(data / "audioset_lms" / "clip002.npy", np.zeros((1, 80, 0), np.float32))  # T = 0
+    samples = read_list(data / "files_as_weighted.csv", data)
+    with pytest.raises(DataListError) as err:
+        validate(samples, data / "files_as_weighted.csv", 80)
+    msg = str(err.value)
+    assert "1 unusable entry" in msg and "clip002.npy: expected float32 [1, 80, T] with T >= 1" in msg
+
+
+def test_all_zero_weights_are_refused_before_sampling(tmp_path):
+    data = write_lms_folder(tmp_path / "data", n_files=6)
+    csv = data / "files_as_weighted.csv"
+    rows = csv.read_text().splitlines()
+    csv.write_text("\n".join([rows[0]] + [r.rsplit(",", 1)[0] + ",0" for r in rows[1:]]) + "\n")
+    samples = read_list(csv, data)
+    validate(samples, csv, 80)  # uniform sampling does not read the weights
+    with pytest.raises(DataListError, match="every weight is 0"):
+        validate(samples, csv, 80, weighted=True)
+    with pytest.raises(DataListError, match="every weight is 0"):
+        ResumableSampler(len(samples), 2, 0, 1, seed=0, weights=samples.weights)
+
+
+def test_a_nan_crop_stops_training_with_exit_2_naming_the_file(tmp_path):
+    """Checked in the DataLoader worker, one isfinite per crop; not mistaken for divergence (exit 3)."""
+    from conftest import TINY_TRAIN
+
+    data = write_lms_folder(tmp_path / "data", n_files=8)
+    victim = data / "audioset_lms" / "clip005.npy"
+    lms = np.load(victim)
+    lms[:] = np.nan
+    np.save(victim, lms)
+    (data / "norm_stats.json").write_text('{"mean": -7.0, "std": 4.0}\n')
+    r = run_m2das("train", *TINY_TRAIN, "--num_workers", "1", "--data_path", data, "--output_dir",
+                  tmp_path / "run", "--batch_size", "2", "--epochs", "1", timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "learning rate" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and f"{victim}: NaN or inf values in the LMS" in errors[0]

@@ -1,5 +1,6 @@
 """`m2das prepare` end to end on real audio files, real AudioSet metadata and real processes."""
 
+import contextlib
 import csv
 import functools
 import http.server
@@ -575,24 +576,31 @@ def _descendants(pid: int) -> list[int]:
 
 def test_workers_and_forkserver_exit_after_the_main_process_is_killed(tmp_path):
     audio = tmp_path / "audio"
-    for i in range(12):
+    for i in range(6):
         write(audio / f"{i:03d}.wav", tone(10, 44100, 2, seed=i), 44100, subtype="PCM_16")
-    proc = _cli(audio, tmp_path / "data", "--steps", "lms", "--device", "cpu", "--workers", "2",
-                "--no-progress", start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not list((tmp_path / "data").rglob("*.npy")):
-        time.sleep(0.01)
-    helpers = _descendants(proc.pid)
-    assert len(helpers) >= 3, "expected the forkserver and its two workers"  # + resource tracker
-    os.kill(proc.pid, signal.SIGKILL)  # the main process only, as an OOM killer would
-    proc.communicate(timeout=30)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and [p for p in helpers if Path(f"/proc/{p}").exists()]:
-        time.sleep(0.1)
-    left = [p for p in helpers if Path(f"/proc/{p}").exists()]
-    for p in left:  # do not leave them to the next test
-        os.kill(p, signal.SIGKILL)
-    assert not left, f"{len(left)} helper processes outlived the killed main process"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "m2das", "prepare", audio, tmp_path / "data",
+                             "--steps", "lms", "--device", "cpu", "--workers", "2", "--no-progress"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    helpers = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list((tmp_path / "data").rglob("*.npy")):
+            time.sleep(0.01)
+        helpers = _descendants(proc.pid)
+        assert len(helpers) >= 3, "expected the forkserver and its two workers"  # + resource tracker
+        os.kill(proc.pid, signal.SIGKILL)  # the main process only, as an OOM killer would
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and [p for p in helpers if Path(f"/proc/{p}").exists()]:
+            time.sleep(0.05)
+        left = [p for p in helpers if Path(f"/proc/{p}").exists()]
+        assert not left, f"{len(left)} helper processes outlived the killed main process"
+    finally:
+        for pid in [proc.pid, *helpers]:  # never leave them to the next test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- the LMS recipe of a data folder

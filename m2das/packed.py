@@ -101,7 +101,7 @@ def read_chunks(path, size: int):
         return
     fs, inner = _fs(path)
     for start in range(0, size, CHUNK):
-        yield fs.cat_file(inner, start, min(start + CHUNK, size))
+        yield fs.cat_file(inner, start=start, end=min(start + CHUNK, size))
 
 
 def fingerprint(path) -> list:
@@ -312,7 +312,7 @@ class ShardReader:
             if self._fs is None:
                 self._fs = _fs(self.root)
             fs, inner = self._fs
-            data = fs.cat_file(inner.rstrip("/") + "/" + name, start, start + length)
+            data = fs.cat_file(inner.rstrip("/") + "/" + name, start=start, end=start + length)
         else:
             fd = self._fds.get(name)
             if fd is None:

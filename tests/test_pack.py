@@ -157,3 +157,26 @@ def test_a_packed_folder_is_its_own_list(tmp_path):
     os.remove(data / "packed" / packed.INDEX)
     with pytest.raises(DataListError, match="index.npz: cannot be read"):
         read_samples(data / "packed", None)
+
+
+def test_a_packed_folder_in_s3_reads_and_trains_like_a_local_one(tmp_path, s3_server):
+    import fsspec
+
+    data = data_folder(tmp_path / "data", n_files=8)
+    pack(data, "--shard-size", "100K")
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("m2das-test-data")
+    fs.put(str(data / "packed") + "/", "m2das-test-data/packed", recursive=True)
+    url = "s3://m2das-test-data/packed"
+    local, remote = read_samples(data / "packed", None), read_samples(url, None)
+    a, b = make_dataset(local, 208, 3), make_dataset(remote, 208, 3)
+    for i in range(len(local)):  # range requests give the same crops
+        assert torch.equal(a[(0, i, i)][0], b[(0, i, i)][0])
+    stamp = validate_packed(remote, None)
+    assert validate_packed(remote, stamp) == stamp
+    r = train(url, tmp_path / "run", "--num_workers", "1")  # the trainer, and a worker process, over S3
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "checkpoint-1.pth").exists()
+    fs.pipe("m2das-test-data/packed/shard-00001.bin", b"\0" * 10)  # replaced by a short object
+    with pytest.raises(DataListError, match="shard-00001.bin: damaged shard"):
+        validate_packed(remote, stamp)

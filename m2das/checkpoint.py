@@ -143,7 +143,7 @@ def verify_integrity(path) -> None:
         raise CheckpointError(f"{path}: damaged (CRC32 mismatch in {bad}: bytes changed after it was written)")
 
 
-def _load(path, mmap: bool = False, allowed=()) -> dict:
+def safe_load(path, mmap: bool = False, allowed=(), require_model: bool = True) -> dict:
     """torch.load that runs no code: only tensors, plain types and the `allowed` classes."""
     try:
         with torch.serialization.safe_globals(list(allowed)):
@@ -158,7 +158,7 @@ def _load(path, mmap: bool = False, allowed=()) -> dict:
                                   f"m2das loads only tensors and plain types") from None
         detail = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "")
         raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {detail})") from None
-    if not isinstance(state, dict) or "model" not in state:
+    if require_model and (not isinstance(state, dict) or "model" not in state):
         raise CheckpointError(f"{path}: not an M2D / m2das checkpoint (no 'model' entry)")
     return state
 
@@ -166,7 +166,7 @@ def _load(path, mmap: bool = False, allowed=()) -> dict:
 def load_file(path, mmap: bool = False) -> dict:
     """A full-state m2das checkpoint, integrity-checked; anything else is a CheckpointError."""
     verify_integrity(path)
-    state = _load(path, mmap=mmap, allowed=PUBLISHED_ALLOWED)  # so a published file gets the right advice
+    state = safe_load(path, mmap=mmap, allowed=PUBLISHED_ALLOWED)  # so a published file gets the right advice
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a full-state m2das checkpoint (no optimizer position); "
                               f"to continue pre-training from published weights use --init_from {path}")
@@ -180,7 +180,7 @@ def load_weights(path) -> dict:
     """
     if zipfile.is_zipfile(path):
         verify_integrity(path)
-    state = _load(path, allowed=PUBLISHED_ALLOWED)
+    state = safe_load(path, allowed=PUBLISHED_ALLOWED)
     return state["model"]
 
 
@@ -329,7 +329,7 @@ class Checkpointer:
         tried, ranked = [], []
         for path in runfolder.checkpoint_files(self.run_dir):
             try:
-                peek = _load(path, mmap=True)  # reads the small pickle; tensors stay on disk
+                peek = safe_load(path, mmap=True)  # reads the small pickle; tensors stay on disk
                 if peek.get("format") != FORMAT:
                     raise CheckpointError(f"{path}: not a full-state m2das checkpoint")
                 ranked.append((int(peek["step"]), path.name != runfolder.PREVIOUS, path))

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from m2das import runfolder
+from m2das.weights import folder_name
 
 # Flags that change what is trained; a restart with any of them different is
 # a different run. The rest (workers, logging, resume, ...) may change freely.
@@ -176,8 +177,8 @@ def short_config(cfg: dict, world_size: int) -> str:
 def run_name(cfg: dict, world_size: int, date: datetime.date | None = None) -> str:
     """{model}-{F}x{T}p{pf}x{pt}p16k-{YYMMDD}-{config}: the form the published runtime parses."""
     date = date or datetime.date.today()
-    (f, t), (pf, pt) = cfg["input_size"], cfg["patch_size"]
-    return f"{cfg['model']}-{f}x{t}p{pf}x{pt}p16k-{date:%y%m%d}-{short_config(cfg, world_size)}"
+    return folder_name(cfg["model"], cfg["input_size"], cfg["patch_size"], f"{date:%y%m%d}",
+                       short_config(cfg, world_size))
 
 
 def default_output_dir(cfg: dict, world_size: int) -> Path:
@@ -186,8 +187,7 @@ def default_output_dir(cfg: dict, world_size: int) -> Path:
     Without this a plain rerun the next day would start over in a new folder.
     """
     runs = Path(cfg["runs_dir"])
-    (f, t), (pf, pt) = cfg["input_size"], cfg["patch_size"]
-    pattern = f"{cfg['model']}-{f}x{t}p{pf}x{pt}p16k-*-{short_config(cfg, world_size)}"
+    pattern = folder_name(cfg["model"], cfg["input_size"], cfg["patch_size"], "*", short_config(cfg, world_size))
     unfinished = [d for d in sorted(runs.glob(pattern))
                   if not runfolder.final_weights(d, cfg["epochs"]).exists()]
     return unfinished[-1] if unfinished else runs / run_name(cfg, world_size)

@@ -93,21 +93,15 @@ def epochs_in(run_dir: Path) -> list:
 
 
 def _load(path: Path):
-    """torch.load that runs no code; published M2D files pickle an argparse.Namespace, which is allowed."""
-    import torch
+    """The checkpointer's loader, which runs no code (published files may hold an argparse.Namespace)."""
+    from m2das.checkpoint import PUBLISHED_ALLOWED, CheckpointError, safe_load
 
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: no such file") from None
-    except Exception as e:
-        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if unsafe:
-            raise WeightsError(f"{path}: refused, loading it would run code (it needs {unsafe.group(1)}); "
-                               f"m2das loads only tensors and plain types") from None
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise WeightsError(f"{path}: not a readable torch weight file ({first[:200]})") from None
+        return safe_load(path, allowed=PUBLISHED_ALLOWED, require_model=False)
+    except CheckpointError as e:
+        raise WeightsError(str(e)) from None
 
 
 def read_weights(path, epoch: int | None = None) -> WeightFile:

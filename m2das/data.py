@@ -214,17 +214,21 @@ def make_dataset(samples, frames: int, seed: int) -> LMSDataset:
     return (PackedDataset if isinstance(samples, PackedSamples) else LMSDataset)(samples, frames, seed)
 
 
-def validate_packed(samples, stamp: dict | None, log=None) -> dict:
+def validate_packed(samples, stamp: dict | None, log=None, freq_bins: int | None = None) -> dict:
     """Seconds for millions of samples: the index (CRC32-checked on load), every shard's size, and
     the CRC32 of the shards that changed since last verified. Returns the new stamp for
     RUN/validated.json; raises DataListError naming the first damaged shard.
     """
     from m2das import packed
 
+    if freq_bins is not None and freq_bins != samples.n_mels:
+        raise DataListError(f"{packed.join(samples.root, packed.MANIFEST)}: packed LMS have {samples.n_mels} mel "
+                            f"bins, the model expects {freq_bins}; set --input_size {samples.n_mels}xT")
     same = stamp if stamp and stamp.get("index_crc32") == samples.manifest["index"]["crc32"] else {}
     t0 = time.monotonic()
+    shown = (lambda k, n, name: log(f"  {name}: CRC32 matches the index ({k}/{n} shards)")) if log else None
     try:
-        shards = packed.verify_shards(samples, same.get("shards"))
+        shards = packed.verify_shards(samples, same.get("shards"), shown)
     except packed.PackError as e:
         raise DataListError(str(e)) from None
     if log is not None:

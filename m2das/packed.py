@@ -239,7 +239,8 @@ def verify_shards(samples: PackedSamples, known: dict | None = None, progress=No
 
     `known` maps shard names to fingerprints at which the CRC32 matched (from
     `m2das pack`, a previous validation or the run folder's stamp). Returns the
-    fingerprints now known good. Raises PackError naming the first damaged shard.
+    fingerprints now known good; `progress(k, n, name)` follows each CRC32 read.
+    Raises PackError naming the first damaged shard.
     """
     known = dict(known or {})
     local_cache = None if is_url(samples.root) else join(samples.root, VERIFIED)
@@ -263,9 +264,9 @@ def verify_shards(samples: PackedSamples, known: dict | None = None, progress=No
             if crc != entry["crc32"]:
                 raise damaged(path, f"CRC32 {crc:08x}, the index records {entry['crc32']:08x}", samples.root)
             checked += 1
+            if progress is not None:
+                progress(k + 1, len(shards), entry["name"])
         good[entry["name"]] = fp
-        if progress is not None:
-            progress(k + 1, len(shards), checked)
     if local_cache and checked:
         try:
             from m2das.fileio import write_json

@@ -41,10 +41,12 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"m2das: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    if name == "train":  # a stop signal during the seconds torch takes to import is held, not fatal
+    if name == "train":
+        from m2das import config
         from m2das.signals import hold_early
 
-        hold_early()
+        config.parse_args(rest)  # --help and flag errors answer before torch is imported
+        hold_early()  # a stop signal during the seconds torch takes to import is held, not fatal
     module = importlib.import_module(COMMANDS[name][0])
     if name == "bench" and not rest:  # a benchmark must be named: usage on stderr, exit 2
         with contextlib.redirect_stdout(sys.stderr):

@@ -295,3 +295,22 @@ def test_a_run_folder_held_by_a_live_trainer_is_refused(tmp_path):
         out = launcher("--preset", "cpu-test", "--cluster", "local", "--run-dir", run)
     assert out.returncode == 2 and "in use by a live trainer" in out.stderr and out.stderr.count("\n") == 1
     assert not (run / "logs").exists()
+
+
+@pytest.mark.slow
+def test_bad_input_in_a_rank_is_not_rerun_and_status_shows_why(tiny_data, tmp_path):
+    """Exit 2 from the ranks (here: the run folder was started with another configuration)
+    ends the supervisor at once with 2; `m2das status` shows the error line."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "m2d_as_vit_base", "epochs": 300}))
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test", "--cluster",
+                          "local", "--foreground", "--run-dir", str(run), "--", *user_trainer_flags(tiny_data)],
+                         env=make_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr
+    events = [e for e in read_jsonl(run / "launcher.jsonl") if e.get("by") == "supervisor"]
+    assert [(e["event"], e["exit_codes"]) for e in events] == [("failed", [2, 2])], events
+    assert "m2das train: error:" in out.stdout  # rank 0's own line, on the launcher's stdout
+    status = subprocess.run([sys.executable, "-m", "m2das", "status", str(run)], capture_output=True, text=True,
+                            cwd=REPO, timeout=60)
+    assert re.search(r"^error      m2das train: error: .*another configuration", status.stdout, re.M), status.stdout

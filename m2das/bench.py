@@ -227,6 +227,8 @@ def _synthetic_data(folder: Path, n_files: int, frames: int) -> Path:
 
 def _time_index(folder: Path, rows: int, shards: int) -> dict:
     """Validation of a packed folder with `rows` samples in `shards` shards (sparse files, known good)."""
+    import zlib
+
     import numpy as np
 
     from m2das import packed
@@ -254,7 +256,7 @@ def _time_index(folder: Path, rows: int, shards: int) -> dict:
     write_json(folder / packed.MANIFEST, {
         "format": packed.FORMAT, "version": packed.VERSION, "dtype": "float32", "n_mels": 80, "samples": rows,
         "classes": ["/m/0"], "weighted": True, "norm_stats": None, "shards": entries,
-        "index": {"name": packed.INDEX, "bytes": len(blob), "crc32": __import__("zlib").crc32(blob)}})
+        "index": {"name": packed.INDEX, "bytes": len(blob), "crc32": zlib.crc32(blob)}})
     write_json(folder / packed.VERIFIED, {e["name"]: packed.fingerprint(folder / e["name"]) for e in entries})
     t0 = time.perf_counter()
     samples = packed.load_packed(folder)
@@ -271,7 +273,7 @@ def data_main(argv) -> int:
 
     import numpy as np
 
-    from m2das.data import LMSDataset, read_list, read_samples, validate
+    from m2das.data import LMSDataset, make_dataset, read_list, read_samples, validate
     from m2das.pack import pack
 
     p = argparse.ArgumentParser(prog="m2das bench data", description=data_main.__doc__)
@@ -292,8 +294,7 @@ def data_main(argv) -> int:
             out = Path(tmp) / f"packed-{dtype}"
             pack(data, out, shard_size=64 << 20, dtype=dtype)
             samples = read_samples(out, None)
-            variants[f"packed {dtype}"] = (__import__("m2das.data", fromlist=["x"]).make_dataset(
-                samples, args.crop, 0), sorted(out.glob("shard-*.bin")))
+            variants[f"packed {dtype}"] = (make_dataset(samples, args.crop, 0), sorted(out.glob("shard-*.bin")))
         order = np.random.default_rng(1).permutation(args.files)
         print(f"{args.files} clips [1, 80, 1001] float32, random crops of {args.crop} frames "
               f"({crop_bytes / 1e3:.0f} KB as float32); cold = sync + POSIX_FADV_DONTNEED on the files")

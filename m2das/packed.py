@@ -36,6 +36,7 @@ FORMAT = "m2das-packed"
 VERSION = 1
 DTYPES = ("float32", "float16")
 CHUNK = 8 << 20  # bytes per read when checksumming a shard
+MAX_OPEN = 256  # shard files one process keeps open (AudioSet at the default 2 GB: about 320 shards)
 
 
 class PackError(ValueError):
@@ -290,7 +291,7 @@ class ShardReader:
     """Byte ranges of a packed folder's shards, opened lazily by whichever process reads.
 
     Picklable: a DataLoader worker gets the root only and opens its own file
-    descriptors (or fsspec filesystem), one per shard it touches. Locally each
+    descriptors (or fsspec filesystem), one per shard it touches, at most MAX_OPEN. Locally each
     read is one pread, with readahead off (POSIX_FADV_RANDOM) so a cold read
     fetches the crop and not the neighbouring samples; remotely one range request.
     Nothing is cached beyond the open handles, so memory stays bounded.
@@ -317,6 +318,8 @@ class ShardReader:
         else:
             fd = self._fds.get(name)
             if fd is None:
+                if len(self._fds) >= MAX_OPEN:  # many small shards: stay under the open-file limit
+                    os.close(self._fds.pop(next(iter(self._fds))))
                 fd = self._fds[name] = os.open(os.path.join(self.root, name), os.O_RDONLY)
                 if hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)

@@ -56,7 +56,8 @@ def test_training_on_packed_data_equals_training_on_loose_files(tmp_path):
     assert json.loads((pk / "classes.json").read_text()) == json.loads((loose / "classes.json").read_text())
 
 
-def test_packed_crops_equal_loose_crops_for_every_length(tmp_path):
+def test_packed_crops_equal_loose_crops_for_every_length(tmp_path, monkeypatch):
+    monkeypatch.setattr(packed, "MAX_OPEN", 2)  # more shards than open files: the reader closes the oldest
     data = data_folder(tmp_path / "data", n_files=12)
     pack(data, "--shard-size", "100K")
     loose = read_samples(data, data / "files_as_weighted.csv")
@@ -68,6 +69,7 @@ def test_packed_crops_equal_loose_crops_for_every_length(tmp_path):
         for i in range(len(loose)):
             (xa, ya), (xb, yb) = a[(2, i, i)], b[(2, i, i)]
             assert xa.numpy().tobytes() == xb.numpy().tobytes() and torch.equal(ya, yb)
+    assert len(b.reader._fds) == 2
 
 
 def test_a_killed_pack_rerun_equals_a_clean_pack(tmp_path):

@@ -1,7 +1,8 @@
 """`m2das prepare`: a folder of AudioSet audio -> a training-ready data folder.
 
 Steps (each restartable, each usable alone):
-  lms     audio -> DATA/audioset_lms/<same relative path>.npy, float32 [1, 80, T]
+  lms     audio -> DATA/audioset_lms/<same relative path>.npy, float32 [1, 80, T],
+          and DATA/lms_recipe.json: how they were made (another recipe is never mixed in)
   list    DATA/files_audioset.csv: every output that exists and loads
   labels  DATA/files_as_weighted.csv: labels and sampling weights from AudioSet's lists
   stats   DATA/norm_stats.json: normalisation mean/std (read by the trainer)

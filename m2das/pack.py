@@ -15,6 +15,7 @@ rounding error is at most 2**-8 = 0.0039 (half an ulp of float16 in [8, 16)).
 """
 
 import argparse
+import collections
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import signal
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ from m2das.stats import NORM_STATS_FILE
 
 DEFAULT_OUT = "packed"  # DATA_DIR/packed
 DEFAULT_SHARD_SIZE = "2G"  # AudioSet in float32 (640 GB) -> about 320 shards
+READERS = 8  # LMS files read at once while packing (I/O-bound: threads suffice)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -90,32 +93,52 @@ def kept_shard(out: Path, entry: dict | None, first: int, plan: dict) -> bool:
 
 
 def sample_bytes(path, dtype: np.dtype) -> tuple:
-    """(frames, time-major bytes) of one LMS file."""
-    lms = np.load(path, allow_pickle=False)
+    """(frames, time-major bytes) of one LMS file; NaN/inf refused here, not mid-training."""
+    from m2das.stats import NonFiniteLMS, finite_crop
+
+    try:
+        lms = finite_crop(np.load(path, allow_pickle=False), path)
+    except NonFiniteLMS as e:
+        raise PackError(str(e)) from None
     tm = np.ascontiguousarray(lms[0].T).astype(dtype.newbyteorder("<"), copy=False)
-    if dtype != np.float32 and not np.isfinite(tm).all() and np.isfinite(lms).all():
+    if dtype != np.float32 and not np.isfinite(tm).all():
         raise PackError(f"{path}: values beyond the float16 range; pack with --dtype float32")
     return lms.shape[-1], tm.tobytes()
 
 
-def write_shard(out: Path, number: int, paths: list, first: int, limit: int, dtype, kill_at: int) -> dict:
+def read_ahead(pool, paths: list, first: int, dtype, window: int):
+    """sample_bytes of paths[first:], in order, with up to `window` files being read at once."""
+    pending, i = collections.deque(), first
+    try:
+        while True:
+            while len(pending) < window and i < len(paths):
+                pending.append(pool.submit(sample_bytes, paths[i], dtype))
+                i += 1
+            if not pending:
+                return
+            yield pending.popleft().result()
+    finally:  # the shard is full: reads past its end are dropped
+        for future in pending:
+            future.cancel()
+
+
+def write_shard(out: Path, number: int, paths: list, first: int, limit: int, dtype, pool, kill_at: int) -> dict:
     """Samples from `first` until the next one would pass `limit` bytes (at least one) -> one shard."""
     name = packed.shard_name(number)
     frames, size, crc = [], 0, 0
     with atomic_write(out / name) as f:
-        i = first
-        while i < len(paths):
-            t, data = sample_bytes(paths[i], dtype)
+        samples = read_ahead(pool, paths, first, dtype, 2 * READERS)
+        for t, data in samples:
             if frames and size + len(data) > limit:
                 break
             f.write(data)
             crc = zlib.crc32(data, crc)
             frames.append(int(t))
             size += len(data)
-            i += 1
             if kill_at == number and len(frames) == 1:  # fault injection for tests: die mid-shard
                 f.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
+        samples.close()
     return {"name": name, "first": first, "count": len(frames), "bytes": size, "crc32": crc, "frames": frames}
 
 
@@ -161,6 +184,7 @@ def pack(data_dir, out=None, list_path=None, shard_size: int = parse_size(DEFAUL
     journal, entries = read_journal(out), []
     kill_at = int(os.environ.get("M2DAS_TEST_PACK_KILL_IN_SHARD", -1))
     first, t0, written_bytes = 0, time.monotonic(), 0
+    pool = ThreadPoolExecutor(max_workers=READERS)  # file reads overlap; writes stay in list order
     while first < len(paths):
         k = len(entries)
         previous = journal[k] if k < len(journal) else None
@@ -170,7 +194,7 @@ def pack(data_dir, out=None, list_path=None, shard_size: int = parse_size(DEFAUL
             if k < len(journal):  # everything from here on is rewritten
                 journal = journal[:k]
                 write_journal(out, entries)
-            entry = {**write_shard(out, k, paths, first, shard_size, dt, kill_at), **plan}
+            entry = {**write_shard(out, k, paths, first, shard_size, dt, pool, kill_at), **plan}
             with open(out / JOURNAL, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry, sort_keys=True) + "\n")
                 f.flush()
@@ -181,6 +205,7 @@ def pack(data_dir, out=None, list_path=None, shard_size: int = parse_size(DEFAUL
         first += entry["count"]
         rate = written_bytes / max(time.monotonic() - t0, 1e-9) / 1e6
         log(f"{entry['name']} {what}: {first}/{len(paths)} samples, {rate:.0f} MB/s")
+    pool.shutdown()
     write_journal(out, entries)  # drops lines past the last shard (a shorter list since)
     for extra in sorted(out.glob("shard-*.bin"))[len(entries):]:
         extra.unlink()

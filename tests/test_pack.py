@@ -146,6 +146,11 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     r = run_m2das("pack", data)
     assert r.returncode == 2 and "clip002.npy: missing" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (data / "packed").exists()
+    bad = np.zeros((1, 80, 200), dtype=np.float32)
+    bad[0, 3, 7] = np.nan
+    np.save(data / "audioset_lms" / "clip002.npy", bad)
+    r = run_m2das("pack", data)
+    assert r.returncode == 2 and "clip002.npy: NaN or inf" in r.stderr.strip().splitlines()[-1]
     r = run_m2das("pack", tmp_path / "nowhere")
     assert r.returncode == 2 and "no such data folder" in r.stderr
 

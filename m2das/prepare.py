@@ -189,8 +189,7 @@ def convert_one(job: Job, resampler: str | None = None) -> tuple[str, str, str, 
     Per-file problems are returned, not raised; a failure to write (disk full,
     permissions) raises, because it would fail for every file after it.
     """
-    loaded = load_16k(job, resampler)
-    job, wave, seconds, silent, reason = loaded
+    job, wave, seconds, silent, reason = load_16k(job, resampler)
     if wave is None:
         return job.rel, "failed", reason, 0.0, False
     from m2das.audio import lms_batch_16k

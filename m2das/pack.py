@@ -182,6 +182,7 @@ def pack(data_dir, out=None, list_path=None, shard_size: int = parse_size(DEFAUL
         stale.unlink()
     plan = {"dtype": dtype, "n_mels": N_MELS, "shard_size": shard_size}
     journal, entries = read_journal(out), []
+    write_journal(out, journal)  # without a torn last line, so appends start on a line of their own
     kill_at = int(os.environ.get("M2DAS_TEST_PACK_KILL_IN_SHARD", -1))
     first, t0, written_bytes = 0, time.monotonic(), 0
     pool = ThreadPoolExecutor(max_workers=READERS)  # file reads overlap; writes stay in list order
@@ -191,14 +192,16 @@ def pack(data_dir, out=None, list_path=None, shard_size: int = parse_size(DEFAUL
         if kept_shard(out, previous, first, plan):
             entry, what = previous, "kept (verified)"
         else:
-            if k < len(journal):  # everything from here on is rewritten
-                journal = journal[:k]
-                write_journal(out, entries)
             entry = {**write_shard(out, k, paths, first, shard_size, dt, pool, kill_at), **plan}
-            with open(out / JOURNAL, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            if k < len(journal):  # a damaged or foreign shard replaced; later ones are still checked
+                journal[k] = entry
+                write_journal(out, journal)
+            else:
+                journal.append(entry)
+                with open(out / JOURNAL, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(entry, sort_keys=True) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
             written_bytes += entry["bytes"]
             what = "written"
         entries.append(entry)

@@ -86,6 +86,7 @@ def test_a_killed_pack_rerun_equals_a_clean_pack(tmp_path):
         f.write(b"\xff\xff\xff\xff")
     r = pack(data, "--out", resumed, "--shard-size", "100K")
     assert "shard-00000.bin kept (verified)" in r.stderr and "shard-00001.bin written" in r.stderr
+    assert "shard-00002.bin kept (verified)" in r.stderr and "shard-00004.bin written" in r.stderr
     assert folder_bytes(resumed) == folder_bytes(clean)
     r = pack(data, "--out", resumed, "--shard-size", "100K")  # a finished pack: everything kept
     assert " written:" not in r.stderr

@@ -179,14 +179,36 @@ class PackedDataset(LMSDataset):
         super().__init__(samples, frames, seed)
         self.reader = ShardReader(samples.root)
 
+    _ready: dict = {}  # (index, crop start) -> crop fetched ahead by __getitems__
+
     def crop(self, i: int, rng: np.random.Generator):
         from m2das.packed import PackError, read_crop
 
         start = crop_start(int(self.samples.frames[i]), self.frames, rng)
+        x = self._ready.get((i, start))
         try:
-            return read_crop(self.samples, self.reader, i, start, self.frames), self.samples.describe(i)
+            x = read_crop(self.samples, self.reader, i, start, self.frames) if x is None else x
         except (PackError, OSError) as e:
             raise DataListError(str(e)) from None
+        return x, self.samples.describe(i)
+
+    def __getitems__(self, keys):
+        """A batch at once (the DataLoader calls this): over a URL its range requests run concurrently,
+        not one round trip per sample. The crops are the ones __getitem__ draws."""
+        from m2das.packed import PackError, is_url, read_crops
+
+        if not is_url(self.samples.root):
+            return [self[key] for key in keys]
+        wanted = [(i, crop_start(int(self.samples.frames[i]), self.frames,
+                                 np.random.default_rng([self.seed, epoch, position]))) for epoch, position, i in keys]
+        try:
+            self._ready = dict(zip(wanted, read_crops(self.samples, self.reader, wanted, self.frames)))
+        except (PackError, OSError) as e:
+            raise DataListError(str(e)) from None
+        try:
+            return [self[key] for key in keys]
+        finally:
+            self._ready = {}
 
 
 def read_samples(data_path, csv_path, classes: list | None = None):

@@ -331,23 +331,56 @@ class ShardReader:
                 parts.append(part)
                 done += len(part)
             data = b"".join(parts) if len(parts) != 1 else parts[0]
+        return self._checked(data, name, start, length)
+
+    def read_many(self, requests: list) -> list:
+        """read() of many (name, start, length); over a URL, concurrent range requests (fsspec cat_ranges)."""
+        if not is_url(self.root):
+            return [self.read(*r) for r in requests]
+        if self._pid != os.getpid() or self._fs is None:
+            self._pid, self._fds, self._fs = os.getpid(), {}, _fs(self.root)
+        fs, inner = self._fs
+        blobs = fs.cat_ranges([inner.rstrip("/") + "/" + name for name, _, _ in requests],
+                              [start for _, start, _ in requests], [start + n for _, start, n in requests],
+                              on_error="raise")
+        return [self._checked(data, *r) for data, r in zip(blobs, requests)]
+
+    def _checked(self, data: bytes, name: str, start: int, length: int) -> bytes:
         if len(data) != length:
             raise PackError(f"{join(self.root, name)}: ends before byte {start + length}; the shard is damaged, "
                             f"pack again with `m2das pack`")
         return data
 
 
-def read_crop(samples: PackedSamples, reader: ShardReader, i: int, start: int, frames: int) -> np.ndarray:
-    """[1, n_mels, frames] float32 of sample i from frame `start`: one contiguous read.
+def crop_range(samples: PackedSamples, i: int, start: int, frames: int) -> tuple:
+    """(shard name, byte offset, bytes, rows) of the crop of sample i from frame `start`."""
+    row = samples.n_mels * samples.dtype.itemsize
+    n = min(frames, int(samples.frames[i]) - start)
+    return (samples.manifest["shards"][int(samples.shard[i])]["name"], int(samples.offset[i]) + start * row,
+            n * row, n)
 
-    The same window and right zero padding as m2das.stats.crop_or_pad on the
-    [1, n_mels, T] file, so float32 packs give bit-identical crops.
+
+def to_crop(samples: PackedSamples, data: bytes, rows: int, frames: int) -> np.ndarray:
+    """Time-major bytes -> [1, n_mels, frames] float32, zero-padded on the right.
+
+    The same window and padding as m2das.stats.crop_or_pad on the [1, n_mels, T]
+    file, so float32 packs give bit-identical crops.
     """
-    t, n_mels, dtype = int(samples.frames[i]), samples.n_mels, samples.dtype
-    n = min(frames, t - start)
-    row = n_mels * dtype.itemsize
-    data = reader.read(samples.manifest["shards"][int(samples.shard[i])]["name"],
-                       int(samples.offset[i]) + start * row, n * row)
-    out = np.zeros((1, n_mels, frames), dtype=np.float32)
-    out[0, :, :n] = np.frombuffer(data, dtype=dtype).reshape(n, n_mels).T
+    out = np.zeros((1, samples.n_mels, frames), dtype=np.float32)
+    out[0, :, :rows] = np.frombuffer(data, dtype=samples.dtype).reshape(rows, samples.n_mels).T
     return out
+
+
+def read_crop(samples: PackedSamples, reader: ShardReader, i: int, start: int, frames: int) -> np.ndarray:
+    """[1, n_mels, frames] float32 of sample i from frame `start`: one contiguous read."""
+    name, offset, length, rows = crop_range(samples, i, start, frames)
+    return to_crop(samples, reader.read(name, offset, length), rows, frames)
+
+
+def read_crops(samples: PackedSamples, reader: ShardReader, wanted: list, frames: int) -> list:
+    """read_crop for each (i, start) of a batch; over a URL all range requests are in flight at once."""
+    if not is_url(samples.root):
+        return [read_crop(samples, reader, i, start, frames) for i, start in wanted]
+    ranges = [crop_range(samples, i, start, frames) for i, start in wanted]
+    blobs = reader.read_many([(name, offset, length) for name, offset, length, _ in ranges])
+    return [to_crop(samples, data, rows, frames) for data, (_, _, _, rows) in zip(blobs, ranges)]

@@ -180,6 +180,9 @@ def test_a_packed_folder_in_s3_reads_and_trains_like_a_local_one(tmp_path, s3_se
     a, b = make_dataset(local, 208, 3), make_dataset(remote, 208, 3)
     for i in range(len(local)):  # range requests give the same crops
         assert torch.equal(a[(0, i, i)][0], b[(0, i, i)][0])
+    keys = [(1, p, i) for p, i in enumerate(reversed(range(len(local))))]
+    batch = b.__getitems__(keys)  # what the DataLoader calls: concurrent range requests
+    assert all(torch.equal(x, a[k][0]) and torch.equal(y, a[k][1]) for (x, y), k in zip(batch, keys))
     stamp = validate_packed(remote, None)
     assert validate_packed(remote, stamp) == stamp
     r = train(url, tmp_path / "run", "--num_workers", "1")  # the trainer, and a worker process, over S3

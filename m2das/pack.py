@@ -16,6 +16,9 @@ rounding error is at most 2**-8 = 0.0039 (half an ulp of float16 in [8, 16)).
 
 import argparse
 import collections
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -79,9 +82,20 @@ def write_journal(out: Path, entries: list) -> None:
         f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in entries)
 
 
-def kept_shard(out: Path, entry: dict | None, first: int, plan: dict) -> bool:
-    """Is the journal's shard the one this pack would write, and are its bytes intact?"""
+def sources_digest(paths: list) -> str:
+    """Names, sizes and modification times of a shard's LMS files: a re-prepared file is packed again."""
+    h = hashlib.sha1()
+    for path in paths:
+        st = os.stat(path)
+        h.update(f"{path.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def kept_shard(out: Path, entry: dict | None, first: int, plan: dict, paths: list) -> bool:
+    """Is the journal's shard the one this pack would write, from the same files, with its bytes intact?"""
     if entry is None or entry.get("first") != first or any(entry.get(k) != v for k, v in plan.items()):
+        return False
+    if entry.get("sources") != sources_digest(paths[first:first + entry.get("count", 0)]):
         return False
     path = out / entry["name"]
     try:
@@ -139,7 +153,8 @@ def write_shard(out: Path, number: int, paths: list, first: int, limit: int, dty
                 f.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
         samples.close()
-    return {"name": name, "first": first, "count": len(frames), "bytes": size, "crc32": crc, "frames": frames}
+    return {"name": name, "first": first, "count": len(frames), "bytes": size, "crc32": crc, "frames": frames,
+            "sources": sources_digest(paths[first:first + len(frames)])}
 
 
 def norm_stats_for(data_dir: Path, paths: list) -> dict:
@@ -167,7 +182,6 @@ def pack(data_dir, out=None, list_path=None, shard_size: int = parse_size(DEFAUL
     list_path = Path(list_path) if list_path else data_dir / WEIGHTED_LIST
     if not data_dir.is_dir():
         raise PackError(f"{data_dir}: no such data folder; make it with `m2das prepare AUDIO_DIR {data_dir}`")
-    dt = np.dtype(dtype)
     samples = read_list(list_path, data_dir)
     t0 = time.monotonic()
     validate(samples, list_path, N_MELS, workers=workers,
@@ -178,8 +192,30 @@ def pack(data_dir, out=None, list_path=None, shard_size: int = parse_size(DEFAUL
         f"({dtype}, shards of at most {shard_size / 1e6:.3g} MB)")
 
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # temporaries of a killed pack
-        stale.unlink()
+    with one_pack_at_a_time(out):
+        for stale in out.glob(".*.tmp"):  # temporaries of a killed pack
+            stale.unlink()
+        return write_all(out, data_dir, samples, paths, stats, shard_size, dtype)
+
+
+@contextlib.contextmanager
+def one_pack_at_a_time(out: Path):
+    """An flock on the folder itself (no lock file to ship): two packs would delete each other's temporaries."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PackError(f"{out}: another `m2das pack` is writing this folder; wait for it or "
+                            f"choose another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_all(out: Path, data_dir: Path, samples, paths: list, stats: dict, shard_size: int, dtype: str) -> dict:
+    """The shards (kept or written), then the index and manifest."""
+    dt = np.dtype(dtype)
     plan = {"dtype": dtype, "n_mels": N_MELS, "shard_size": shard_size}
     journal, entries = read_journal(out), []
     write_journal(out, journal)  # without a torn last line, so appends start on a line of their own
@@ -189,7 +225,7 @@ def pack(data_dir, out=None, list_path=None, shard_size: int = parse_size(DEFAUL
     while first < len(paths):
         k = len(entries)
         previous = journal[k] if k < len(journal) else None
-        if kept_shard(out, previous, first, plan):
+        if kept_shard(out, previous, first, plan, paths):
             entry, what = previous, "kept (verified)"
         else:
             entry = {**write_shard(out, k, paths, first, shard_size, dt, pool, kill_at), **plan}

@@ -191,3 +191,25 @@ def test_a_packed_folder_in_s3_reads_and_trains_like_a_local_one(tmp_path, s3_se
     fs.pipe("m2das-test-data/packed/shard-00001.bin", b"\0" * 10)  # replaced by a short object
     with pytest.raises(DataListError, match="shard-00001.bin: damaged shard"):
         validate_packed(remote, stamp)
+
+
+def test_a_re_prepared_file_is_packed_again_and_a_busy_folder_refused(tmp_path):
+    import fcntl
+
+    data = data_folder(tmp_path / "data", n_files=6)
+    pack(data, "--shard-size", "100K")
+    target = data / "audioset_lms" / "clip003.npy"
+    np.save(target, np.full((1, 80, 170), -3.0, dtype=np.float32))  # prepare --reconvert wrote it anew
+    r = pack(data, "--shard-size", "100K")
+    assert "shard-00002.bin written" in r.stderr  # clip003 lies in shard 2; the others are kept
+    assert "shard-00001.bin kept (verified)" in r.stderr and "shard-00003.bin kept (verified)" in r.stderr
+    samples = read_samples(data / "packed", None)
+    x, _ = make_dataset(samples, 208, 0)[(0, 0, 3)]
+    assert torch.all(x[..., :170] == -3.0) and torch.all(x[..., 170:] == 0)
+    fd = os.open(data / "packed", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        r = run_m2das("pack", data)
+    finally:
+        os.close(fd)
+    assert r.returncode == 2 and "another `m2das pack` is writing" in r.stderr

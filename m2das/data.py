@@ -402,7 +402,11 @@ def record_recipe(run_dir, data_path) -> str | None:
     if others:
         warnings.append(f"{len(others)} LMS files in {data_path} were made with another recipe (e.g. "
                         f"{others[0]}); rerun `m2das prepare --reconvert` on it")
-    if not warnings and current["recipe"] != lms_recipe():
+    if not warnings and current.get("inferred"):
+        warnings.append(f"{data_path} has no {RECIPE_FILE}: its LMS were made by another tool or before "
+                        f"m2das recorded recipes ({describe_recipe(current['recipe'])}, not the paper's "
+                        f"{describe_recipe(lms_recipe())}); `m2das prepare --reconvert` brings it up to date")
+    elif not warnings and current["recipe"] != lms_recipe():
         warnings.append(f"{data_path} holds LMS made with {describe_recipe(current['recipe'])}, not the "
                         f"paper's {describe_recipe(lms_recipe())}; `m2das prepare --reconvert` converts it")
     return "; ".join(warnings) or None

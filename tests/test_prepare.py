@@ -619,6 +619,9 @@ def test_a_folder_of_the_old_recipe_is_refused_then_reconverted(tmp_path, capsys
     np.save(data / "audioset_lms" / "gone.npy", np.zeros((1, 80, 611), np.float32))  # its audio deleted
     write(audio / "c48k.flac", tone(7, 48000, seed=3), 48000)  # new since then
     old = snapshot(data)
+    old_copy = tmp_path / "old_data"
+    shutil.copytree(data, old_copy)
+    (tmp_path / "old_run").mkdir()
 
     with pytest.raises(PrepareError) as err:
         run_lms(audio, data, device="cpu", workers=1, progress=False)
@@ -649,6 +652,7 @@ def test_a_folder_of_the_old_recipe_is_refused_then_reconverted(tmp_path, capsys
     # the trainer's side: the run pins the recipe and warns about the file left over
     run = tmp_path / "run"
     run.mkdir()
+    assert "no lms_recipe.json" in record_recipe(tmp_path / "old_run", old_copy)
     warning = record_recipe(run, data)
     assert "1 LMS files" in warning and "gone.npy" in warning
     assert json.loads((run / "lms_recipe.json").read_text())["recipe"] == record["recipe"]

@@ -542,7 +542,8 @@ def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = Non
                "ignored_non_audio": ignored,
                "skipped_existing": len(jobs) - len(todo), "converted": 0, "failed": 0,
                "silent": 0, "hours_converted": 0.0, "device": device, "workers": workers,
-               "reconverted": 0, "other_recipe_outputs": len(stale)}
+               "reconverted": 0, "other_recipe_outputs": len(stale),
+               "recipe": describe_recipe(recipe)}
     _log(f"lms: {len(jobs)} audio files in {audio_dir}, {summary['skipped_existing']} already "
          f"converted, {len(todo)} to do on {device} ({workers} workers"
          f"{f', {len(redo)} of them again for the new recipe' if redo else ''})")
@@ -788,7 +789,8 @@ def format_summary(s: dict) -> str:
             lines.append(f"  reconverted        {s['reconverted']} (new LMS recipe), "
                          f"{s['other_recipe_outputs']} of another recipe left")
         lines.append(f"  failed             {s['failed']}  -> {s['failures_file']}")
-        lines.append(f"  LMS folder         {Path(s['data_dir']) / LMS_DIR}")
+        lines.append(f"  LMS folder         {Path(s['data_dir']) / LMS_DIR} ({s['recipe']}, "
+                     f"recorded in {RECIPE_FILE})")
         if s["ignored_non_audio"]:
             lines.append(f"  ignored non-audio  {s['ignored_non_audio']} (by extension)")
     if "listed" in s:

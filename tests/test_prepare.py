@@ -576,8 +576,9 @@ def _descendants(pid: int) -> list[int]:
 
 def test_workers_and_forkserver_exit_after_the_main_process_is_killed(tmp_path):
     audio = tmp_path / "audio"
-    for i in range(6):
-        write(audio / f"{i:03d}.wav", tone(10, 44100, 2, seed=i), 44100, subtype="PCM_16")
+    clip = tone(0.5, 22050, 2)
+    for i in range(300):  # a second or more of work left when the first output appears
+        write(audio / f"{i:03d}.wav", clip, 22050, subtype="PCM_16")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "m2das", "prepare", audio, tmp_path / "data",
                              "--steps", "lms", "--device", "cpu", "--workers", "2", "--no-progress"],
@@ -589,9 +590,11 @@ def test_workers_and_forkserver_exit_after_the_main_process_is_killed(tmp_path):
         while time.monotonic() < deadline and not list((tmp_path / "data").rglob("*.npy")):
             time.sleep(0.01)
         helpers = _descendants(proc.pid)
+        assert proc.poll() is None, "the run ended before it could be killed"
         assert len(helpers) >= 3, "expected the forkserver and its two workers"  # + resource tracker
         os.kill(proc.pid, signal.SIGKILL)  # the main process only, as an OOM killer would
         proc.wait(timeout=30)
+        assert len(list((tmp_path / "data").rglob("*.npy"))) < 300, "killed too late to tell"
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and [p for p in helpers if Path(f"/proc/{p}").exists()]:
             time.sleep(0.05)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from m2das import config, remote, runfolder
 from m2das.checkpoint import Checkpointer, CheckpointError, Progress, RNGState, load_weights
 from m2das.data import (DataListError, ResumableSampler, default_workers, make_dataset, make_loader, read_samples,
-                        validate, validate_packed)
+                        record_recipe, validate, validate_packed)
 from m2das.fileio import append_jsonl, atomic_write, read_jsonl, write_json
 from m2das.model import create_model
 from m2das.monitor import Monitor
@@ -349,6 +349,9 @@ def load_data(cfg: dict, run_dir: Path, rank: int, world: int):
     """The list, checked once per version, its statistics, and the numbers derived from its size."""
     samples = on_rank0(lambda: load_samples(cfg, run_dir), rank)
     on_rank0(lambda: validate_once(samples, cfg, run_dir), rank)
+    mixed = on_rank0(lambda: record_recipe(run_dir, cfg["data_path"]), rank)  # pins the LMS recipe on first start
+    if mixed:
+        log(f"warning: {mixed}", rank)
     stats = on_rank0(lambda: resolve_norm_stats(cfg, samples, run_dir), rank)
     derived = config.resolve(cfg, world, len(samples))
     if derived["steps_per_epoch"] == 0:

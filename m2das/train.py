@@ -197,12 +197,12 @@ def validate_once(samples, cfg: dict, run_dir: Path) -> None:
         return
     st = os.stat(cfg["csv_main"])
     stamp = {"csv": str(Path(cfg["csv_main"]).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-             "root": str(Path(cfg["data_path"]).resolve()), "rows": len(samples)}
+             "root": str(Path(cfg["data_path"]).resolve()), "rows": len(samples), "weighted": cfg["weighted"]}
     with contextlib.suppress(OSError, ValueError):  # only a cache: unreadable means "check again"
         if json.loads(stamp_path.read_text()) == stamp:
             return
     log(f"checking {len(samples)} listed files under {cfg['data_path']} ...")
-    validate(samples, cfg["csv_main"], cfg["input_size"][0],
+    validate(samples, cfg["csv_main"], cfg["input_size"][0], weighted=cfg["weighted"],
              progress=lambda n, total: log(f"  checked {n}/{total}") if total >= 20000 else None)
     write_json(stamp_path, stamp)
 

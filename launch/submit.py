@@ -343,7 +343,18 @@ class TrainJob:
             os.environ.setdefault("OMP_NUM_THREADS", str(self.cpu_threads))
         from m2das import train
 
-        rc = int(train.main(list(self.train_argv)) or 0)
+        try:
+            rc = int(train.main(list(self.train_argv)) or 0)
+        except SystemExit as e:  # submitit's requeue path ends a task this way
+            code = e.code if isinstance(e.code, int) else 1
+            requeue.record_task_exit(self.run_dir, env.job_id, restart, env.global_rank, code)
+            raise
+        except BaseException:
+            requeue.record_task_exit(self.run_dir, env.job_id, restart, env.global_rank, 1)
+            raise
+        # srun reports one code; once this task exits 2 it kills the others (137/143): the
+        # teardown's decision adds each task's own code.
+        requeue.record_task_exit(self.run_dir, env.job_id, restart, env.global_rank, rc)
         decision = requeue.decide([rc], restart, self.max_requeues)
         if decision.action in (requeue.DIVERGED, requeue.FAILED):
             raise RuntimeError(f"{decision.reason}. See {self.run_dir}/{runfolder.LOG} and the task logs in "

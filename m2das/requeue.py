@@ -128,6 +128,33 @@ def already_decided(run_dir, job_id, restart_count) -> bool:
     return any(r.get("start_id") == sid for r in read_jsonl(Path(run_dir) / runfolder.LAUNCHER))
 
 
+# srun returns one code for all tasks, and once one task exits 2 (bad input) it kills the
+# others, so srun says 137 or 143 and the start would look "killed". Each task therefore
+# leaves its own code here (RUN/logs/task-exits/JOB.RESTART.RANK) for the decision.
+TASK_EXITS = "task-exits"
+
+
+def _task_exits_dir(run_dir) -> Path:
+    return Path(run_dir) / runfolder.LOGS_DIR / TASK_EXITS
+
+
+def record_task_exit(run_dir, job_id, restart_count, rank, code) -> None:
+    folder = _task_exits_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{start_id(job_id, restart_count)}.{int(rank)}").write_text(f"{int(code)}\n")
+
+
+def task_exits(run_dir, job_id, restart_count) -> list:
+    """The exit codes the tasks of one start recorded (those that lived to record one)."""
+    codes = []
+    for path in sorted(_task_exits_dir(run_dir).glob(f"{start_id(job_id, restart_count)}.*")):
+        try:
+            codes.append(int(path.read_text()))
+        except (OSError, ValueError):
+            pass
+    return codes
+
+
 def record(run_dir, decision: Decision, by: str, job_id, restart_count, **extra) -> None:
     """One line in RUN/launcher.jsonl: the event is the decision's action."""
     row = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -148,7 +175,8 @@ def _cli(argv) -> int:
     p = argparse.ArgumentParser(
         prog="python -m m2das.requeue",
         description="The requeue policy for batch scripts. `decide` prints one word (requeue, requeue_cap, "
-                    "finished, diverged, failed, stopped) and records it in RUN/launcher.jsonl; `port` prints "
+                    "finished, diverged, failed, stopped) and records it in RUN/launcher.jsonl; `task-exit` "
+                    "records one task's exit code for it; `port` prints "
                     "MASTER_PORT for SLURM_JOB_ID and SLURM_RESTART_COUNT; `defaults` prints SIGNAL LEAD_S "
                     "MAX_REQUEUES.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -163,12 +191,20 @@ def _cli(argv) -> int:
     d.add_argument("--signalled", action="store_true", help="a stop signal reached the batch shell")
     d.add_argument("--once", action="store_true",
                    help="say `decided` and record nothing when this start already has a decision")
-    d.add_argument("codes", nargs="+", type=int, help="exit codes (srun's)")
+    d.add_argument("codes", nargs="+", type=int, help="exit codes (srun's); the tasks' recorded ones are added")
+    t = sub.add_parser("task-exit", help="record one task's exit code (SLURM_PROCID) for `decide`")
+    t.add_argument("--run", default=os.environ.get("M2DAS_RUN", ""), help="the run folder (default $M2DAS_RUN)")
+    t.add_argument("code", type=int)
     sub.add_parser("port", help="MASTER_PORT of this start")
     sub.add_parser("defaults", help="SIGNAL LEAD_S MAX_REQUEUES")
     args = p.parse_args(argv)
     if args.cmd == "port":
         print(master_port(os.environ.get("SLURM_JOB_ID", "0"), os.environ.get("SLURM_RESTART_COUNT") or 0))
+        return 0
+    if args.cmd == "task-exit":
+        if args.run:
+            record_task_exit(args.run, os.environ.get("SLURM_JOB_ID", ""), os.environ.get("SLURM_RESTART_COUNT") or 0,
+                             os.environ.get("SLURM_PROCID", 0), args.code)
         return 0
     if args.cmd == "defaults":
         print(SIGNAL, LEAD_S, MAX_REQUEUES)
@@ -182,9 +218,10 @@ def _cli(argv) -> int:
         print(f"python -m m2das.requeue: error: --max-requeues {args.max_requeues!r}: expected a whole number",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    decision = decide(args.codes, args.restart, cap, signalled=args.signalled,
+    codes = args.codes + task_exits(args.run, args.job_id, args.restart)
+    decision = decide(codes, args.restart, cap, signalled=args.signalled,
                       last_event=last_event(args.run, job_id=args.job_id, restart_count=args.restart))
-    record(args.run, decision, args.by, args.job_id, args.restart, exit_codes=args.codes)
+    record(args.run, decision, args.by, args.job_id, args.restart, exit_codes=codes)
     print(f"m2das: job {args.job_id} restart {args.restart}: {decision.reason}", file=sys.stderr)
     print(decision.action)
     return 0

@@ -563,7 +563,7 @@ def job_task_pids(job_id, step="0"):
             cmd = (d / "cmdline").read_bytes()
         except OSError:
             continue
-        if want <= env and b"slurmstepd" not in cmd and b"python" in cmd:
+        if want <= env and Path(cmd.split(b"\0")[0].decode()).name.startswith("python"):
             pids.append(int(d.name))
     return sorted(pids)
 

@@ -241,3 +241,29 @@ def test_bad_flags_never_reach_the_queue(slurm_cluster, tiny_data, tmp_path):
         assert out.returncode == 2 and out.stderr.count("\n") == 1, (bad, out.stderr)
     assert jobs() == before
     assert not (tmp_path / "run").exists()
+
+
+def test_bad_input_in_a_task_is_never_requeued(slurm_cluster, tiny_data, tmp_path):
+    """Both SLURM routes: the tasks exit 2 (the run folder was started with another
+    configuration); srun, having killed the slower task, says 137 or 143, but each task's own
+    code reaches the policy and the job is not requeued."""
+    cluster = slurm_cluster
+    runs = {}
+    for route in ("submitit", "template"):
+        run = runs[route] = tmp_path / route
+        run.mkdir()
+        (run / "config.json").write_text('{"model": "m2d_as_vit_base", "epochs": 300}')
+    job = submit(cluster, runs["submitit"], tiny_data)
+    env = dict(make_env(), SLURM_CONF=str(cluster.conf), M2DAS_RUN=str(runs["template"]),
+               M2DAS_DATA=str(tiny_data), M2DAS_VENV=str(Path(sys.executable).parent.parent))
+    from slurm_fixture import train_argv_for
+
+    tjob = cluster_run_env(["sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
+                            "--time=10", f"--output={tmp_path}/job-%j.out", str(REPO / "slurm" / "m2das-venv.sbatch"),
+                            *train_argv_for(runs["template"], tiny_data)], env).strip().split(";")[0]
+    for j, run in ((job, runs["submitit"]), (tjob, runs["template"])):
+        wait_for(lambda: cluster.job(j).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 180,
+                 f"job {j} to end", diagnostics(cluster, run, j))
+        assert cluster.job(j)["Restarts"] == "0"
+        decisions = [r for r in read_jsonl(run / "launcher.jsonl") if r.get("start_id")]
+        assert [r["event"] for r in decisions] == ["failed"] and 2 in decisions[0]["exit_codes"], decisions

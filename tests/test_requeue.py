@@ -109,3 +109,15 @@ def test_submitit_route_uses_the_same_signal_and_lead(tmp_path):
     assert f"#SBATCH --signal={requeue.SIGNAL}@{requeue.LEAD_S}\n" in out.stdout
     assert "-m m2das.requeue decide --once --by sbatch-teardown" in out.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_task_exit_codes_reach_the_decision(tmp_path):
+    """srun says 143 after killing the slower task; the other task's own 2 makes it `failed`."""
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "9", "SLURM_RESTART_COUNT": "0", "M2DAS_RUN": str(tmp_path)}
+    for rank, code in ((0, 2), (1, 143)):
+        subprocess.run([sys.executable, "-m", "m2das.requeue", "task-exit", str(code)], check=True, cwd=REPO,
+                       env={**env, "SLURM_PROCID": str(rank)})
+    assert requeue.task_exits(tmp_path, "9", 0) == [2, 143]
+    assert requeue.task_exits(tmp_path, "9", 1) == []  # another start's
+    out = cli(tmp_path, 143, SLURM_JOB_ID="9", SLURM_RESTART_COUNT="0")
+    assert out.stdout.strip() == FAILED, out.stderr

@@ -7,8 +7,9 @@ opens as many files as there are shards. The format is described in m2das/packed
 
 Restartable: shards are written in list order, each to a temporary name and
 renamed (m2das.fileio.atomic_write), then recorded in the journal. A rerun
-verifies each recorded shard (size and CRC32) and keeps it, rewrites the rest,
-and gives the same bytes as an uninterrupted pack. The manifest is written last.
+keeps each recorded shard whose LMS files are unchanged (names, sizes, times)
+and whose bytes still match (size, CRC32), rewrites the rest, and gives the same
+bytes as an uninterrupted pack. The manifest is written last.
 
 float16 (opt-in) halves the bytes; on LMS values (ln-mel in [-16, 10]) the
 rounding error is at most 2**-8 = 0.0039 (half an ulp of float16 in [8, 16)).

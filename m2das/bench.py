@@ -290,9 +290,12 @@ def data_main(argv) -> int:
         crop_bytes = 80 * args.crop * 4
         variants = {"loose .npy": (LMSDataset(read_list(data / "files_as_weighted.csv", data), args.crop, 0),
                                    sorted((data / "audioset_lms").glob("*.npy")))}
+        pack_rates = {}
         for dtype in ("float32", "float16"):
             out = Path(tmp) / f"packed-{dtype}"
+            t0 = time.perf_counter()
             pack(data, out, shard_size=64 << 20, dtype=dtype)
+            pack_rates[dtype] = args.files / (time.perf_counter() - t0)
             samples = read_samples(out, None)
             variants[f"packed {dtype}"] = (make_dataset(samples, args.crop, 0), sorted(out.glob("shard-*.bin")))
         order = np.random.default_rng(1).permutation(args.files)
@@ -309,6 +312,8 @@ def data_main(argv) -> int:
                       f"{math.ceil(GPU_SAMPLES_PER_S / r['samples_per_s']):>20}")
         print("disk: /proc/self/io read_bytes (x crop: relative to the crop's bytes in that dtype); read(): rchar "
               "(memory-mapped .npy reads do not count there); one process = one DataLoader worker")
+        print("m2das pack (warm cache, header check and fsynced shards included): " + ", ".join(
+            f"{dtype} {rate:.0f} files/s" for dtype, rate in pack_rates.items()))
         files = variants["loose .npy"][1]
         _drop_from_cache(files)
         t0 = time.perf_counter()

@@ -219,7 +219,14 @@ def read_samples(data_path, csv_path, classes: list | None = None):
     """
     from m2das import packed
 
-    if not packed.is_packed(data_path):
+    try:
+        found = packed.is_packed(data_path)
+    except packed.PackError as e:
+        raise DataListError(str(e)) from None
+    if not found and packed.is_url(data_path):
+        raise DataListError(f"{data_path}: no {packed.MANIFEST} there; from a URL only packed folders are read "
+                            f"(`m2das pack DATA_DIR`, then upload DATA_DIR/packed)")
+    if not found:
         return read_list(csv_path, data_path, classes)
     if csv_path is not None and str(csv_path) != str(Path(data_path) / "files_as_weighted.csv"):
         raise DataListError(f"{data_path} is a packed folder, it carries its own list: drop --csv_main {csv_path}, "

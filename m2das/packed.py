@@ -79,11 +79,17 @@ def read_whole(path) -> bytes:
 
 
 def is_packed(data_path) -> bool:
-    """Does `data_path` hold a packed folder (its manifest)?"""
+    """Does `data_path` hold a packed folder (its manifest)? PackError when a URL cannot be reached."""
+    if not is_url(data_path):
+        return os.path.exists(join(data_path, MANIFEST))
     try:
         return exists(join(data_path, MANIFEST))
-    except (OSError, ValueError, ImportError):
-        return False
+    except ImportError as e:
+        raise PackError(f"{data_path}: no fsspec backend for it ({e}); install it, e.g. pip install s3fs "
+                        f"for s3://, gcsfs for gs://") from None
+    except (OSError, ValueError) as e:
+        raise PackError(f"{data_path}: cannot be reached ({type(e).__name__}: {e}); check the URL and the "
+                        f"store's credentials in the environment") from None
 
 
 def crc32_of(chunks) -> int:
@@ -256,7 +262,7 @@ def verify_shards(samples: PackedSamples, known: dict | None = None, progress=No
         path = samples.shard_path(k)
         try:
             fp = fingerprint(path)
-        except (OSError, FileNotFoundError):
+        except OSError:
             raise damaged(path, "missing", samples.root) from None
         if fp[0] != entry["bytes"]:
             raise damaged(path, f"{fp[0]} bytes, the index records {entry['bytes']}", samples.root)

@@ -162,6 +162,8 @@ def test_a_packed_folder_is_its_own_list(tmp_path):
     assert packed.is_packed(data / "packed") and not packed.is_packed(data)
     with pytest.raises(DataListError, match="carries its own list"):
         read_samples(data / "packed", tmp_path / "other.csv")
+    with pytest.raises(DataListError, match="from a URL only packed folders are read"):
+        read_samples("memory://m2das-test/nothing-here", None)
     os.remove(data / "packed" / packed.INDEX)
     with pytest.raises(DataListError, match="index.npz: cannot be read"):
         read_samples(data / "packed", None)

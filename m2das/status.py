@@ -101,11 +101,20 @@ def queue_info(job_id) -> dict | None:
     return None
 
 
+def _error_rank(line: str) -> int:
+    """How telling an error line is: the trainer's own > an exception > a scheduler's note."""
+    if re.search(r"m2das \w+: error:", line):
+        return 3
+    if re.match(r"\s*(\w+\.)*\w*(Error|Exception)\b", line):
+        return 2
+    return 1 if ERROR_LINE.search(line) and "most recent call last" not in line else 0
+
+
 def last_error_line(run: Path) -> dict | None:
-    """The newest line that reads like an error in the rank logs (local: logs/, SLURM: slurm/)."""
+    """The most telling, newest error line in the rank logs (local: logs/, SLURM: slurm/)."""
     files = list((run / runfolder.LOGS_DIR).glob("rank*.log")) + list((run / "slurm").glob("*_log.err")) + \
         list((run / "slurm").glob("*_log.out"))
-    best = None
+    best, best_key = None, None
     for f in files:
         try:
             st = f.stat()
@@ -114,9 +123,11 @@ def last_error_line(run: Path) -> dict | None:
                 lines = fh.read().decode("utf-8", "replace").splitlines()
         except OSError:
             continue
-        hits = [ln.strip() for ln in lines if ERROR_LINE.search(ln) and "most recent call last" not in ln]
-        if hits and (best is None or st.st_mtime > best["mtime"]):
-            best = {"file": str(f), "line": hits[-1][:300], "mtime": st.st_mtime}
+        for i, ln in enumerate(lines):
+            rank = _error_rank(ln)
+            key = (rank, st.st_mtime, i)
+            if rank and (best_key is None or key > best_key):
+                best, best_key = {"file": str(f), "line": ln.strip()[:300], "mtime": st.st_mtime}, key
     return best
 
 

@@ -267,3 +267,5 @@ def test_bad_input_in_a_task_is_never_requeued(slurm_cluster, tiny_data, tmp_pat
         assert cluster.job(j)["Restarts"] == "0"
         decisions = [r for r in read_jsonl(run / "launcher.jsonl") if r.get("start_id")]
         assert [r["event"] for r in decisions] == ["failed"] and 2 in decisions[0]["exit_codes"], decisions
+    shown = status_of(runs["submitit"], cluster)  # the crash's own line, from the task logs
+    assert re.search(r"^error      .*(another configuration|exit 2)", shown, re.M), shown

@@ -40,7 +40,7 @@ def train(data, run, *extra):
                      "--epochs", "1", *extra)
 
 
-def test_training_on_packed_data_equals_training_on_loose_files(tmp_path):
+def test_training_on_packed_data_equals_loose_files_and_resumes_exactly(tmp_path):
     data = data_folder(tmp_path / "data")
     pack(data, "--shard-size", "150K")  # several shards, a few samples each
     loose, pk = tmp_path / "loose", tmp_path / "packed"
@@ -54,6 +54,13 @@ def test_training_on_packed_data_equals_training_on_loose_files(tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "float32 packed batches must equal loose ones bit for bit"
     assert json.loads((pk / "classes.json").read_text()) == json.loads((loose / "classes.json").read_text())
+    stopped = tmp_path / "stopped"  # exact resume on packed data: SIGTERM in step 3, rerun, same weights
+    r = run_m2das("train", *TINY_TRAIN, "--data_path", data / "packed", "--output_dir", stopped, "--batch_size", "2",
+                  "--epochs", "1", env={"M2DAS_TEST_SIGTERM_AT_STEP": "3"})
+    assert r.returncode == 75, r.stderr
+    assert train(data / "packed", stopped).returncode == 0
+    c = torch.load(stopped / "checkpoint-1.pth", map_location="cpu", weights_only=False)["model"]
+    assert all(torch.equal(b[k], c[k]) for k in b)
 
 
 def test_packed_crops_equal_loose_crops_for_every_length(tmp_path, monkeypatch):

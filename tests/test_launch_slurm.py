@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 
 from slurm_fixture import (LONG_EPOCHS, REPO, TINY_EPOCHS, assert_same_weights, job_task_pids,  # noqa: F401
-                           load_model_tensors, make_env, read_jsonl, reference_weights, reference_weights_long,
-                           slurm_cluster, slurm_two_nodes, starts, tiny_data, user_trainer_flags, wait_for,
-                           wait_for_progress)
+                           load_model_tensors, make_env, read_jsonl, reference_weights, slurm_cluster,
+                           slurm_two_nodes, starts, tiny_data, user_trainer_flags, wait_for, wait_for_progress)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -68,12 +67,33 @@ def kill_tasks(job, expected):
     subprocess.run(["kill", "-9", *map(str, pids)], check=True)
 
 
+@pytest.fixture(scope="module")
+def two_node_reference(slurm_two_nodes, tiny_data, tmp_path_factory):
+    """Weights of an undisturbed two-node run of the same configuration (through slurm/m2das-venv.sbatch)."""
+    from slurm_fixture import train_argv_for
+
+    cluster, folder = slurm_two_nodes, tmp_path_factory.mktemp("two_node_reference")
+    run = folder / "run"
+    env = dict(make_env(), SLURM_CONF=str(cluster.conf), M2DAS_RUN=str(run), M2DAS_DATA=str(tiny_data),
+               M2DAS_VENV=str(Path(sys.executable).parent.parent))
+    job = cluster_run_env(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
+                           "--cpus-per-task=1", "--time=10", f"--output={folder}/job-%j.out",
+                           str(REPO / "slurm" / "m2das-venv.sbatch"), *train_argv_for(run, tiny_data, LONG_EPOCHS)],
+                          env).strip().split(";")[0]
+    wait_for(lambda: cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 300,
+             f"reference job {job}", lambda: (folder / f"job-{job}.out").read_text()[-3000:] + cluster.logs())
+    assert cluster.job(job)["JobState"] == "COMPLETED", (folder / f"job-{job}.out").read_text()[-3000:]
+    assert {r["host"] for r in starts(run)} == {"m2dasn1"} and len(starts(run)) == 1
+    return load_model_tensors(run / f"checkpoint-{LONG_EPOCHS}.pth")
+
+
 def test_two_nodes_preempted_killed_requeued_and_node_down_finish_exactly(slurm_two_nodes, tiny_data,
-                                                                          reference_weights_long, tmp_path):
+                                                                          two_node_reference, tmp_path):
     """One gloo rank on each of two hosts (own network namespace, name and address each).
 
     Four disturbances of one job, each caught by a different route of the one
-    requeue policy or by SLURM itself; the weights are those of an undisturbed run.
+    requeue policy or by SLURM itself; the weights are those of an undisturbed
+    two-node run.
     """
     cluster, run = slurm_two_nodes, tmp_path / "run"
     t0 = time.time()
@@ -118,7 +138,7 @@ def test_two_nodes_preempted_killed_requeued_and_node_down_finish_exactly(slurm_
     assert "DUE TO NODE FAILURE" in (run / "slurm" / f"{job}_0_log.err").read_text()
     requeues = [r for r in read_jsonl(run / "launcher.jsonl") if r.get("event") == "requeue"]
     assert [r["by"] for r in requeues] == ["submitit", "sbatch-teardown"], requeues
-    assert_same_weights(load_model_tensors(run / f"checkpoint-{LONG_EPOCHS}.pth"), reference_weights_long)
+    assert_same_weights(load_model_tensors(run / f"checkpoint-{LONG_EPOCHS}.pth"), two_node_reference)
     # Killed starts leave no step twice: not in log.jsonl, not in what TensorBoard shows.
     logged = [r["step"] for r in read_jsonl(run / "log.jsonl")]
     assert logged == list(range(1, logged[-1] + 1)), logged

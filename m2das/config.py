@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_freq", type=int, default=50, help="write checkpoint-{epoch}.pth every N epochs")
     a("--seed", type=int, default=3)
     a("--loss_off", type=float, default=1.0, help="weight of the offline (AudioSet label) loss")
-    a("--data_path", default="data", help="data root: the list's file names are relative to it")
+    a("--data_path", default="data", help="data root: the list's file names are relative to it; or a packed "
+      "folder (m2das pack), local or an fsspec URL, which needs no other data flag")
     a("--csv_main", default=None, help="list with file_name,label[,weight] (default DATA_PATH/files_as_weighted.csv)")
     a("--output_dir", default=None, help="run folder (default runs/{model}-{F}x{T}p{pf}x{pt}p16k-{YYMMDD}-{config})")
     a("--runs_dir", default="runs", help="parent of the default run folder")

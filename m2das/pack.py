@@ -263,7 +263,7 @@ def finish(out: Path, data_dir: Path, samples, entries: list, stats: dict, dtype
     arrays = {"names": np.frombuffer("\n".join(samples.files).encode("utf-8"), dtype=np.uint8),
               "shard": shard, "offset": offset.astype(np.int64), "frames": frames,
               "label_offsets": samples.label_offsets.astype(np.int64), "label_ids": samples.label_ids.astype(np.int32),
-              "weights": (samples.weights if samples.weights is not None else np.zeros(len(samples))).astype(np.float64)}
+              "weights": np.zeros(len(samples)) if samples.weights is None else samples.weights.astype(np.float64)}
     packed.write_index(out / INDEX, arrays)
     blob = (out / INDEX).read_bytes()
     write_json(out / NORM_STATS_FILE, stats)

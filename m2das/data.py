@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from m2das.fileio import is_url
 from m2das.lmsfile import LMS_DIR, OTHER_RECIPE_OUTPUTS, RECIPE_FILE, WrongShape, check_lms_file, describe_recipe, read_recipe
 from m2das.stats import NonFiniteLMS, crop_or_pad, crop_start, finite_crop
 
@@ -195,7 +196,7 @@ class PackedDataset(LMSDataset):
     def __getitems__(self, keys):
         """A batch at once (the DataLoader calls this): over a URL its range requests run concurrently,
         not one round trip per sample. The crops are the ones __getitem__ draws."""
-        from m2das.packed import PackError, is_url, read_crops
+        from m2das.packed import PackError, read_crops
 
         if not is_url(self.samples.root):
             return [self[key] for key in keys]
@@ -223,7 +224,7 @@ def read_samples(data_path, csv_path, classes: list | None = None):
         found = packed.is_packed(data_path)
     except packed.PackError as e:
         raise DataListError(str(e)) from None
-    if not found and packed.is_url(data_path):
+    if not found and is_url(data_path):
         raise DataListError(f"{data_path}: no {packed.MANIFEST} there; from a URL only packed folders are read "
                             f"(`m2das pack DATA_DIR`, then upload DATA_DIR/packed)")
     if not found:

@@ -1,4 +1,4 @@
-"""Atomic file writes: a kill at any instant leaves either the old file or the new one."""
+"""File primitives: atomic writes (a kill at any instant leaves the old file or the new one), JSON lines, URLs."""
 
 import contextlib
 import json
@@ -16,6 +16,18 @@ def current_umask() -> int:
         mask = os.umask(0o022)
         os.umask(mask)
     return mask
+
+
+def is_url(path) -> bool:
+    """A location fsspec opens (s3://, gs://, file://, ...) rather than a plain path."""
+    return "://" in str(path)
+
+
+def url_fs(url):
+    """(fsspec filesystem, path inside it); credentials come from the backend's usual environment and files."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(url))
 
 
 def fsync_dir(folder) -> None:

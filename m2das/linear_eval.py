@@ -12,7 +12,6 @@ seed 42, at most 200 epochs, stop after 20 without improvement.
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 from pathlib import Path

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from m2das.fileio import is_url, url_fs
+
 MANIFEST = "packed.json"
 INDEX = "index.npz"
 JOURNAL = "pack-journal.jsonl"
@@ -47,26 +49,15 @@ def shard_name(number: int) -> str:
     return f"shard-{number:05d}.bin"
 
 
-def is_url(path) -> bool:
-    return "://" in str(path)
-
-
 def join(root, name: str) -> str:
     root = str(root)
     return root.rstrip("/") + "/" + name if is_url(root) else os.path.join(root, name)
 
 
-def _fs(root):
-    """(fsspec filesystem, path inside it) of a URL; credentials come from the backend's usual places."""
-    import fsspec
-
-    return fsspec.core.url_to_fs(str(root))
-
-
 def exists(path) -> bool:
     if not is_url(path):
         return os.path.exists(path)
-    fs, inner = _fs(path)
+    fs, inner = url_fs(path)
     return fs.exists(inner)
 
 
@@ -74,7 +65,7 @@ def read_whole(path) -> bytes:
     if not is_url(path):
         with open(path, "rb") as f:
             return f.read()
-    fs, inner = _fs(path)
+    fs, inner = url_fs(path)
     return fs.cat_file(inner)
 
 
@@ -106,7 +97,7 @@ def read_chunks(path, size: int):
             while chunk := f.read(CHUNK):
                 yield chunk
         return
-    fs, inner = _fs(path)
+    fs, inner = url_fs(path)
     for start in range(0, size, CHUNK):
         yield fs.cat_file(inner, start=start, end=min(start + CHUNK, size))
 
@@ -120,7 +111,7 @@ def fingerprint(path) -> list:
     if not is_url(path):
         st = os.stat(path)
         return [st.st_size, st.st_mtime_ns]
-    fs, inner = _fs(path)
+    fs, inner = url_fs(path)
     info = fs.info(inner)
     version = next((str(info[k]) for k in ("ETag", "etag", "md5Hash", "LastModified", "mtime", "updated")
                     if info.get(k) is not None), None)
@@ -318,7 +309,7 @@ class ShardReader:
             self._pid, self._fds, self._fs = os.getpid(), {}, None
         if is_url(self.root):
             if self._fs is None:
-                self._fs = _fs(self.root)
+                self._fs = url_fs(self.root)
             fs, inner = self._fs
             data = fs.cat_file(inner.rstrip("/") + "/" + name, start=start, end=start + length)
         else:
@@ -344,7 +335,7 @@ class ShardReader:
         if not is_url(self.root):
             return [self.read(*r) for r in requests]
         if self._pid != os.getpid() or self._fs is None:
-            self._pid, self._fds, self._fs = os.getpid(), {}, _fs(self.root)
+            self._pid, self._fds, self._fs = os.getpid(), {}, url_fs(self.root)
         fs, inner = self._fs
         blobs = fs.cat_ranges([inner.rstrip("/") + "/" + name for name, _, _ in requests],
                               [start for _, start, _ in requests], [start + n for _, start, n in requests],

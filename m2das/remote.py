@@ -34,17 +34,12 @@ import uuid
 from pathlib import Path
 
 from m2das import runfolder
+from m2das.fileio import url_fs
 
 SMALL_FILES = (runfolder.CONFIG, runfolder.CLASSES, runfolder.NORM_STATS, runfolder.VALIDATED, runfolder.LOG,
                runfolder.RESTARTS, runfolder.LAUNCHER)
 POINTER_SUFFIX = ".json"  # last.pth.json names the object that holds last.pth
 OBJECTS_DIR = "objects"
-
-
-def is_url(path) -> bool:
-    """A location fsspec must open (s3://, gs://, ...); plain paths and file:// stay local."""
-    text = str(path)
-    return "://" in text and not text.startswith("file://")
 
 
 def staging_for(url: str) -> Path:
@@ -58,10 +53,8 @@ class RemoteError(Exception):
 
 
 def _fs(url: str):
-    import fsspec
-
     try:
-        return fsspec.core.url_to_fs(url)
+        return url_fs(url)
     except (ImportError, ValueError) as e:
         raise RemoteError(f"{url}: no storage backend for this URL ({e}); install its fsspec package "
                           f"(s3fs for s3://, gcsfs for gs://)") from None

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from m2das import remote, requeue, runfolder
-from m2das.fileio import read_jsonl
+from m2das.fileio import is_url, read_jsonl
 
 RECENT_LOG_ROWS = 20
 
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-queue", "--no_queue", action="store_true", help="do not ask squeue/sacct")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     run = Path(args.run_dir)
-    if remote.is_url(args.run_dir):  # object storage: read a copy of its small files
+    if is_url(args.run_dir):  # object storage: read a copy of its small files
         try:
             run = remote.fetch_for_reading(args.run_dir, checkpoints=False)
         except remote.RemoteError as e:

@@ -28,7 +28,7 @@ from m2das import config, remote, runfolder
 from m2das.checkpoint import Checkpointer, CheckpointError, Progress, RNGState, load_weights
 from m2das.data import (DataListError, ResumableSampler, default_workers, make_dataset, make_loader, read_samples,
                         record_recipe, validate, validate_packed)
-from m2das.fileio import append_jsonl, atomic_write, read_jsonl, write_json
+from m2das.fileio import append_jsonl, atomic_write, is_url, read_jsonl, write_json
 from m2das.model import create_model
 from m2das.monitor import Monitor
 from m2das.monitor import record as record_quality
@@ -115,7 +115,7 @@ def take_run_dir(cfg: dict, world_size: int):
     """(local folder, lock, mirror): a local run folder is locked in place; a URL (object storage)
     is locked there and staged in a local folder that the mirror uploads."""
     try:
-        if remote.is_url(cfg["output_dir"]):
+        if is_url(cfg["output_dir"]):
             mirror = RemoteRunFolder(cfg["output_dir"], remote.staging_for(cfg["output_dir"])).acquire()
             try:
                 fetched = mirror.hydrate()
@@ -326,7 +326,7 @@ def train(cfg: dict, env: dict) -> int:
             return str(run_dir)
 
         run_dir = Path(on_rank0(open_and_keep_lock, rank))
-        if remote.is_url(cfg["output_dir"]) and rank != 0 and env["local_rank"] == 0 and \
+        if is_url(cfg["output_dir"]) and rank != 0 and env["local_rank"] == 0 and \
                 not (run_dir / runfolder.CONFIG).exists():  # another node: its own read-only copy
             RemoteRunFolder(cfg["output_dir"], run_dir).hydrate()
         if dist.is_initialized():

@@ -8,6 +8,7 @@ import torch
 
 from conftest import TINY_TRAIN, run_m2das, write_lms_folder
 from m2das import EXIT_BAD_INPUT, EXIT_RESUMABLE, remote, runfolder
+from m2das.stats import NORM_STATS_FILE, compute_norm_stats, write_norm_stats
 
 
 @pytest.fixture
@@ -25,15 +26,21 @@ def args(data, out, *extra):
             "--epochs", "2", "--save_freq", "1", *extra]
 
 
-def test_a_run_in_object_storage_stops_moves_node_resumes_and_equals_a_local_run(bucket, tmp_path, s3_server):
+def test_data_and_run_in_object_storage_stop_move_node_resume_and_equal_a_local_run(bucket, tmp_path, s3_server):
     fs, url = bucket
     data = write_lms_folder(tmp_path / "data", n_files=24)
+    paths = sorted((data / "audioset_lms").glob("*.npy"))  # as `m2das prepare` leaves it, stats included
+    write_norm_stats(data / NORM_STATS_FILE, compute_norm_stats(paths, num_files=50, frames=208))
     local = tmp_path / "local"
     assert run_m2das(*args(data, local)).returncode == 0
+    # Data in the bucket too: the packed folder, read with range requests.
+    assert run_m2das("pack", data, "--shard-size", "200K").returncode == 0
+    fs.put(str(data / "packed") + "/", f"{url}/data/packed", recursive=True)
+    data_url = f"{url}/data/packed"
     run_url = f"{url}/runs/tiny"
     staging = tmp_path / "staging"
     env = {**s3_server, "M2DAS_STAGING_DIR": str(staging), "M2DAS_TEST_SIGTERM_AT_STEP": "9"}
-    r = run_m2das(*args(data, run_url, "--ckpt_interval_min", "0"), env=env)
+    r = run_m2das(*args(data_url, run_url, "--ckpt_interval_min", "0"), env=env)
     assert r.returncode == EXIT_RESUMABLE, r.stdout + r.stderr
     # What is in the bucket: pointers, one object per pointer, the epoch checkpoint, the logs; no lock.
     names = {p.split("/runs/tiny/")[1] for p in fs.find(run_url)}
@@ -44,13 +51,13 @@ def test_a_run_in_object_storage_stops_moves_node_resumes_and_equals_a_local_run
     # A second trainer is refused by the lock in the bucket.
     holder = remote.RemoteRunFolder(run_url).acquire()
     try:
-        r = run_m2das(*args(data, run_url), env={**env, "M2DAS_TEST_SIGTERM_AT_STEP": "0"})
+        r = run_m2das(*args(data_url, run_url), env={**env, "M2DAS_TEST_SIGTERM_AT_STEP": "0"})
         assert r.returncode == EXIT_BAD_INPUT and "in use by another trainer" in r.stderr, r.stdout + r.stderr
     finally:
         holder.release()
     # The requeued job lands on another node: nothing local survives.
     shutil.rmtree(staging)
-    r = run_m2das(*args(data, run_url), env={**env, "M2DAS_TEST_SIGTERM_AT_STEP": "0"})
+    r = run_m2das(*args(data_url, run_url), env={**env, "M2DAS_TEST_SIGTERM_AT_STEP": "0"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resumed from" in r.stdout and "at step 9" in r.stdout
     with fs.open(f"{run_url}/checkpoint-2.pth", "rb") as f:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from m2das import config, remote, runfolder
+from m2das import config, packed, remote, runfolder
 from m2das.checkpoint import Checkpointer, CheckpointError, Progress, RNGState, load_weights
 from m2das.data import (DataListError, ResumableSampler, default_workers, make_dataset, make_loader, read_samples,
                         record_recipe, validate, validate_packed)
@@ -599,8 +599,11 @@ def start_record(run_dir: Path, resumed_from, step: int) -> dict:
 
 
 def print_config(cfg: dict, env: dict) -> int:
-    """What would run, without touching devices; the list is only counted if present."""
+    """What would run, without touching devices; the list (or packed manifest) is only counted if present."""
     rows = config.count_list_rows(cfg["csv_main"])
+    with contextlib.suppress(packed.PackError, OSError, ImportError):
+        if packed.is_packed(cfg["data_path"]):
+            rows = int(packed.read_manifest(cfg["data_path"])["samples"])
     derived = config.resolve(cfg, env["world_size"], rows)
     run_dir = cfg["output_dir"] or str(config.default_output_dir(cfg, env["world_size"]))
     stats_sources = [Path(run_dir) / NORM_STATS_FILE, Path(cfg["data_path"]) / NORM_STATS_FILE]

@@ -12,6 +12,8 @@ import datetime
 import sys
 from pathlib import Path
 
+from m2das import remote
+from m2das.fileio import is_url
 from m2das.runfolder import EXIT_BAD_INPUT
 from m2das.weights import WeightsError, folder_name, parse_folder_name, read_weights
 
@@ -52,15 +54,20 @@ def export(source, out_dir=None, epoch: int | None = None, with_head: bool = Fal
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="m2das export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", metavar="RUN|CHECKPOINT", help="a run folder or a checkpoint file")
+    p.add_argument("source", metavar="RUN|CHECKPOINT", help="a run folder (also s3://... and other fsspec URLs) "
+                   "or a checkpoint file")
     p.add_argument("--epoch", type=int, default=None, help="checkpoint-EPOCH.pth of the run (default: the last)")
-    p.add_argument("--out", default=None, help="parent of the export folder (default: the run folder's parent)")
+    p.add_argument("--out", default=None, help="parent of the export folder (default: the run folder's parent; "
+                   "the current folder for a URL)")
     p.add_argument("--with-head", "--with_head", action="store_true", dest="with_head",
                    help=f"also keep the AudioSet head (offline_predictor) and write {CLASSES_FILE} beside it")
     args = p.parse_args(argv)
     try:
-        dest = export(args.source, args.out, args.epoch, args.with_head)
-    except (WeightsError, OSError) as e:
+        source, out = args.source, args.out
+        if is_url(source):  # a run folder in object storage: export from a local copy of its checkpoint
+            source, out = remote.fetch_for_reading(source, epoch=args.epoch), out or "."
+        dest = export(source, out, None if is_url(args.source) else args.epoch, args.with_head)
+    except (WeightsError, OSError, remote.RemoteError) as e:
         print(f"m2das export: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     size = dest.stat().st_size

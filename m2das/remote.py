@@ -209,8 +209,18 @@ class RemoteRunFolder:
                 self.fs.rm_file(key)
 
 
-def fetch_for_reading(url: str, checkpoints: bool = True) -> Path:
-    """A local copy of a remote run folder: its small files (for status), and its checkpoints (for export)."""
-    folder = RemoteRunFolder(url)
-    folder.hydrate(checkpoints=checkpoints)
+def fetch_for_reading(url: str, checkpoints: bool = True, epoch: int | None = None) -> Path:
+    """A local copy of a remote run folder, in a folder of the same name (export parses it): its small
+    files (for status), and its newest checkpoints or checkpoint-`epoch`.pth (for export)."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    folder = RemoteRunFolder(url, Path(tempfile.mkdtemp(prefix="m2das-read-")) / name)
+    folder.hydrate(checkpoints=checkpoints and epoch is None)
+    if epoch is not None:
+        wanted = runfolder.epoch_checkpoint_name(epoch)
+        try:
+            folder._download(wanted, folder.staging / wanted)
+        except FileNotFoundError:
+            raise RemoteError(f"{url}/{wanted}: no such checkpoint") from None
+        except OSError as e:
+            raise RemoteError(f"{url}/{wanted}: cannot be read ({type(e).__name__}: {e})") from None
     return folder.staging

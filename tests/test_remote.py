@@ -68,3 +68,7 @@ def test_data_and_run_in_object_storage_stop_move_node_resume_and_equal_a_local_
     assert events[-1] == runfolder.EVENT_FINISHED
     r = run_m2das("status", run_url, "--no-queue", env=s3_server)
     assert r.returncode == 0 and "finished" in r.stdout and run_url in r.stdout, r.stdout + r.stderr
+    r = run_m2das("export", run_url, "--epoch", "1", "--out", tmp_path / "exports", env=s3_server)
+    assert r.returncode == 0, r.stdout + r.stderr
+    exported = list((tmp_path / "exports").glob("*_enconly/weights_ep1.pth"))
+    assert len(exported) == 1 and "blocks.0.attn.qkv.weight" in torch.load(exported[0])

@@ -213,7 +213,9 @@ def test_requeue_cap_ends_the_job_with_a_message(slurm_cluster, tiny_data, tmp_p
     cap = [r for r in read_jsonl(run / "launcher.jsonl") if r.get("event") == "requeue_cap"]
     assert len(cap) == 1 and "--max-requeues 0" in cap[0]["message"], diag()
     assert "not requeued" in (run / "slurm" / f"{job}_0_log.err").read_text()
-    assert read_jsonl(run / "restarts.jsonl")[-1]["event"] == "stopped"  # the checkpoint was still written
+    from m2das.requeue import start_events
+
+    assert "stopped" in [r.get("event") for r in start_events(run)], diag()  # the checkpoint was still written
     assert (run / "last.pth").exists()
 
 

@@ -580,7 +580,7 @@ def tensorboard_writer(run_dir: Path, rank: int, step: int):
     except ImportError as e:
         log(f"TensorBoard logging off ({e})")
         return None
-    return SummaryWriter(str(run_dir / runfolder.EVENTS_DIR), purge_step=step + 1 if step else None)
+    return SummaryWriter(str(run_dir / runfolder.EVENTS_DIR), purge_step=step + 1)
 
 
 def start_record(run_dir: Path, resumed_from, step: int) -> dict:

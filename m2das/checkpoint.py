@@ -38,6 +38,11 @@ from m2das.fileio import append_jsonl, atomic_write, fsync_dir
 
 FORMAT = "m2das-full-state-2"  # marks a full-state file; reference-format files lack it
 PUBLISHED_ALLOWED = (argparse.Namespace,)  # what published M2D checkpoints pickle besides tensors
+# Full-state files of m2das 0.1.0 pickled numpy's RNG state: a uint32 array, which these rebuild
+# from bytes and a dtype (data only, no callable of the file's choosing).
+_np_core = getattr(np, "_core", None) or np.core
+LEGACY_ALLOWED = (_np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)))
+LEGACY_KEYS = ("optimizer", "epoch", "batch_in_epoch", "step", "rng")
 
 
 class CheckpointError(Exception):
@@ -166,11 +171,22 @@ def safe_load(path, mmap: bool = False, allowed=(), require_model: bool = True) 
 def load_file(path, mmap: bool = False) -> dict:
     """A full-state m2das checkpoint, integrity-checked; anything else is a CheckpointError."""
     verify_integrity(path)
-    state = safe_load(path, mmap=mmap, allowed=PUBLISHED_ALLOWED)  # so a published file gets the right advice
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a full-state m2das checkpoint (no optimizer position); "
-                              f"to continue pre-training from published weights use --init_from {path}")
-    return state
+    # Published classes allowed so a published file gets the right advice below.
+    return as_full_state(safe_load(path, mmap=mmap, allowed=PUBLISHED_ALLOWED + LEGACY_ALLOWED), path)
+
+
+def as_full_state(state: dict, path) -> dict:
+    """The state if it is a full-state m2das checkpoint (an m2das 0.1.0 one converted), else CheckpointError."""
+    if state.get("format") == FORMAT:
+        return state
+    if all(k in state for k in LEGACY_KEYS) and isinstance(state["rng"].get("numpy"), tuple):
+        _, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
+        state["rng"] = {"torch": state["rng"]["torch"], "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+                        "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss),
+                        **({"cuda": state["rng"]["cuda"]} if "cuda" in state["rng"] else {})}
+        return {**state, "format": FORMAT}
+    raise CheckpointError(f"{path}: not a full-state m2das checkpoint (no optimizer position); "
+                          f"to continue pre-training from published weights use --init_from {path}")
 
 
 def load_weights(path) -> dict:
@@ -329,9 +345,8 @@ class Checkpointer:
         tried, ranked = [], []
         for path in runfolder.checkpoint_files(self.run_dir):
             try:
-                peek = safe_load(path, mmap=True)  # reads the small pickle; tensors stay on disk
-                if peek.get("format") != FORMAT:
-                    raise CheckpointError(f"{path}: not a full-state m2das checkpoint")
+                peek = safe_load(path, mmap=True, allowed=LEGACY_ALLOWED)  # the small pickle; tensors stay on disk
+                peek = as_full_state(peek, path)
                 ranked.append((int(peek["step"]), path.name != runfolder.PREVIOUS, path))
             except (CheckpointError, KeyError, ValueError, TypeError) as e:
                 tried.append(f"{path.name}: {e}")

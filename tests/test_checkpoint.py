@@ -199,3 +199,20 @@ def test_background_writer_snapshot_is_independent_of_later_updates(tmp_path):
     w += 1  # training goes on while the file is written
     writer.wait()
     assert torch.equal(torch.load(tmp_path / "snap.pth")["model"]["w"], torch.zeros(4))
+
+
+def test_a_full_state_of_m2das_0_1_0_resumes(tmp_path):
+    """The previous release pickled numpy's RNG state: still loaded without running code, and converted."""
+    import numpy as np
+
+    a = make_checkpointer(tmp_path, value=0.5, step=3)
+    old = a.state_dict()
+    del old["format"]
+    np.random.seed(11)
+    old["rng"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    expected = np.random.rand(3)
+    torch.save(old, tmp_path / runfolder.LAST)
+    np.random.seed(0)
+    b = make_checkpointer(tmp_path)
+    assert b.resume("auto", shows_progress=True) == str(tmp_path / runfolder.LAST) and b.progress.step == 3
+    assert np.array_equal(np.random.rand(3), expected)

@@ -30,6 +30,38 @@ def machine(device: torch.device) -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s: the MFU denominator.
+DENSE_BF16_PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H200": 989.4,
+                          "A100": 312.0, "L40S": 362.0}
+
+
+def datasheet_peak(device) -> float | None:
+    """The dense bf16 peak of this GPU, by name (None for an unknown card or the CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(DENSE_BF16_PEAK_TFLOPS, key=len, reverse=True):  # "H100 SXM" before "H100"
+        if all(part in name for part in key.split()):
+            return DENSE_BF16_PEAK_TFLOPS[key]
+    return None
+
+
+def measured_matmul_tflops(device, n: int | None = None, repeats: int = 20) -> float:
+    """The rate of one large matrix product on random data (bf16 on CUDA, fp32 on CPU): a ceiling
+    measured in the same run, next to the datasheet's."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e12
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -42,6 +74,7 @@ def bench_step(args, device) -> dict:
     torch.manual_seed(0)
     model = create_model(args.model, input_size=args.input_size, num_classes=527).to(device)
     optimizer = build_optimizer(model, 1e-4, 0.05, device)
+    forward = torch.compile(model) if args.compile else model
     amp = args.precision in ("fp16", "bf16") and device.type == "cuda"
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=amp and args.precision == "fp16")
@@ -51,7 +84,7 @@ def bench_step(args, device) -> dict:
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            loss = model(lms, labels, g)["loss"]
+            loss = forward(lms, labels, g)["loss"]
         scaler.scale(loss).backward()
         optimizer_step(model, optimizer, scaler, 3.0, 0.9999)
 
@@ -67,6 +100,10 @@ def bench_step(args, device) -> dict:
               "tflops": model.train_flops_per_sample() * args.batch_size / seconds / 1e12}
     if device.type == "cuda":
         result["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    result["matmul_tflops"] = measured_matmul_tflops(device)
+    result["peak_tflops"] = datasheet_peak(device)
+    result["mfu"] = result["tflops"] / result["peak_tflops"] if result["peak_tflops"] else None
+    result["mfu_of_matmul"] = result["tflops"] / result["matmul_tflops"]
     if args.compare == "ema":
         result["ema"] = compare_ema(model, device, args.steps)
     return result
@@ -105,6 +142,10 @@ def train_main(argv) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compare", choices=["none", "ema"], default="ema")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the result as JSON (device, torch version, settings, figures), "
+                        "e.g. bench/results/train-<device>-<precision>-b<batch>.json")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -119,6 +160,17 @@ def train_main(argv) -> int:
     if "max_memory_gib" in r:
         line += f", peak memory {r['max_memory_gib']:.1f} GiB"
     print(line)
+    mfu = f"MFU {100 * r['mfu']:.1f}% of the dense bf16 peak ({r['peak_tflops']:.0f} TFLOP/s), " if r["mfu"] else \
+        "MFU: no datasheet peak for this device, "
+    print(f"{mfu}{100 * r['mfu_of_matmul']:.1f}% of a large matmul measured here ({r['matmul_tflops']:.1f} TFLOP/s)")
+    if args.json:
+        from m2das.fileio import write_json
+
+        write_json(args.json, {"device": machine(device), "torch": torch.__version__, "model": args.model,
+                               "input_size": args.input_size, "batch_size": args.batch_size,
+                               "precision": args.precision, "compile": args.compile, "steps": args.steps,
+                               **{k: v for k, v in r.items() if k != "ema"}})
+        print(f"wrote {args.json}")
     if "ema" in r:
         e = r["ema"]
         print(f"EMA update: python loop {e['python_loop'] * 1e3:.2f} ms, foreach {e['foreach'] * 1e3:.2f} ms "

@@ -1,13 +1,21 @@
+import json
+
+import torch
+
 from conftest import run_m2das
 from m2das.model import create_model
 
 
-def test_bench_train_reports_throughput_and_flops():
+def test_bench_train_reports_throughput_flops_and_mfu(tmp_path):
+    out = tmp_path / "result.json"
     r = run_m2das("bench", "train", "--model", "m2d_as_vit_tiny", "--input_size", "80x208", "--batch_size", "2",
-                  "--steps", "2", "--warmup", "1")
+                  "--steps", "2", "--warmup", "1", "--json", out)
     assert r.returncode == 0, r.stderr
     assert "machine:" in r.stdout and "samples/s" in r.stdout and "TFLOP/s" in r.stdout
-    assert "EMA update: python loop" in r.stdout
+    assert "EMA update: python loop" in r.stdout and "of a large matmul measured here" in r.stdout
+    result = json.loads(out.read_text())
+    assert result["precision"] == "fp32" and result["batch_size"] == 2 and result["torch"] == torch.__version__
+    assert 0 < result["mfu_of_matmul"] and result["samples_per_s"] > 0 and "mfu" in result
 
 
 def test_flop_count_of_base_matches_a_hand_count():

@@ -351,7 +351,7 @@ def reference_weights(tmp_path_factory, tiny_data):
 def load_model_tensors(path):
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu")["model"]
 
 
 def assert_same_weights(got, want):

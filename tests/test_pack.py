@@ -49,8 +49,8 @@ def test_training_on_packed_data_equals_loose_files_and_resumes_exactly(tmp_path
     r = train(data / "packed", pk, "--num_workers", "1")  # a worker process opens its own shard handles
     assert r.returncode == 0, r.stderr
     assert "shards" in r.stdout  # validation read the index and the shards
-    a = torch.load(loose / "checkpoint-1.pth", map_location="cpu", weights_only=False)["model"]
-    b = torch.load(pk / "checkpoint-1.pth", map_location="cpu", weights_only=False)["model"]
+    a = torch.load(loose / "checkpoint-1.pth", map_location="cpu")["model"]
+    b = torch.load(pk / "checkpoint-1.pth", map_location="cpu")["model"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "float32 packed batches must equal loose ones bit for bit"
     assert json.loads((pk / "classes.json").read_text()) == json.loads((loose / "classes.json").read_text())
@@ -59,7 +59,7 @@ def test_training_on_packed_data_equals_loose_files_and_resumes_exactly(tmp_path
                   "--epochs", "1", env={"M2DAS_TEST_SIGTERM_AT_STEP": "3"})
     assert r.returncode == 75, r.stderr
     assert train(data / "packed", stopped).returncode == 0
-    c = torch.load(stopped / "checkpoint-1.pth", map_location="cpu", weights_only=False)["model"]
+    c = torch.load(stopped / "checkpoint-1.pth", map_location="cpu")["model"]
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 

@@ -1,14 +1,11 @@
 """The run folder's promises, tried as a cluster breaks them: real trainer processes, real signals,
 real damaged files, a real full file system."""
 
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

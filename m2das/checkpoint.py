@@ -309,9 +309,20 @@ class Checkpointer:
                     removed.append(p.name)
         return removed
 
+    def checkpoint_bytes(self) -> int:
+        """About what one checkpoint takes: an existing one's size, else the state's tensors, counting
+        the two AdamW moments per parameter that the first step will create."""
+        existing = max((p.stat().st_size for p in runfolder.checkpoint_files(self.run_dir)), default=0)
+        if existing:
+            return existing
+        need = _tensor_bytes(self.state_dict())
+        opt = self.states.get("optimizer")
+        if opt is not None and not opt.state:
+            need += 2 * sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
+        return need
+
     def warn_if_low_space(self) -> None:
-        need = max((p.stat().st_size for p in runfolder.checkpoint_files(self.run_dir)), default=0) or \
-            _tensor_bytes(self.state_dict())
+        need = self.checkpoint_bytes()
         free = shutil.disk_usage(self.run_dir).free
         if free < 2 * need:
             self.log(f"warning: {self.run_dir} has {free / 1e9:.2f} GB free, less than two checkpoints "

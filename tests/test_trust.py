@@ -160,6 +160,7 @@ def test_a_full_disk_is_one_line_and_costs_no_checkpoint(data, small_tmpfs):
     assert r.returncode == EXIT_RESUMABLE, r.stdout + r.stderr
     out = r.stdout + r.stderr
     assert "interval save failed, training goes on" in out and f"no space left in {run}" in out
+    assert "less than two checkpoints" in out  # the warning at start
     assert "Traceback" not in out and "unexpected pos" not in out
     events = [e["event"] for e in read_jsonl(run / runfolder.RESTARTS)]
     assert runfolder.EVENT_SAVE_FAILED in events

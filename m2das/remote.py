@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -79,7 +80,13 @@ class RemoteRunFolder:
 
     # -- start-up ------------------------------------------------------------------------
     def hydrate(self, checkpoints: bool = True) -> list:
-        """Fetch what a restart needs into the staging folder; returns the names fetched."""
+        """Fetch what a restart needs into the staging folder; returns the names fetched.
+
+        The staging folder is emptied first: the bucket is the truth, and a copy left on this node by
+        an earlier run of the same URL must not be resumed from.
+        """
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True, exist_ok=True)
         fetched = []
         try:
@@ -164,6 +171,11 @@ class RemoteRunFolder:
             try:
                 with self.fs.open(key, "xb") as f:  # conditional PUT: only if absent
                     f.write(json.dumps(me).encode())
+                holder, _ = self._read_lock(key)
+                if (holder or {}).get("token") != me["token"]:  # a store that ignored the condition
+                    raise runfolder.RunLocked(f"{key}: another trainer wrote the lock at the same moment "
+                                              f"({runfolder.describe(holder or {})}); this store may not honour "
+                                              f"conditional writes, so run one trainer per folder by hand")
                 self._lock_token = me["token"]
                 self._start_heartbeat(key, me)
                 return self

@@ -72,3 +72,7 @@ def test_data_and_run_in_object_storage_stop_move_node_resume_and_equal_a_local_
     assert r.returncode == 0, r.stdout + r.stderr
     exported = list((tmp_path / "exports").glob("*_enconly/weights_ep1.pth"))
     assert len(exported) == 1 and "blocks.0.attn.qkv.weight" in torch.load(exported[0])
+    # Starting over on purpose by emptying the bucket folder: this node's old copy is not resumed from.
+    fs.rm(run_url, recursive=True)
+    r = run_m2das(*args(data_url, run_url, "--epochs", "1"), env={**env, "M2DAS_TEST_SIGTERM_AT_STEP": "0"})
+    assert r.returncode == 0 and "resumed from" not in r.stdout, r.stdout + r.stderr

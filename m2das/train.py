@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from m2das import config, packed, remote, runfolder
-from m2das.checkpoint import Checkpointer, CheckpointError, Progress, RNGState, load_weights
+from m2das.checkpoint import Checkpointer, CheckpointError, Progress, RNGState, load_weight_file
 from m2das.data import (DataListError, ResumableSampler, default_workers, make_dataset, make_loader, read_samples,
                         record_recipe, validate, validate_packed)
 from m2das.fileio import append_jsonl, atomic_write, is_url, read_jsonl, write_json
@@ -174,8 +174,6 @@ def load_samples(cfg: dict, run_dir: Path):
     samples = read_samples(cfg["data_path"], cfg["csv_main"], classes)  # a CSV list or a packed folder's index
     if classes is None:
         write_json(classes_path, samples.classes)
-    if getattr(samples, "norm_stats", None) and not (run_dir / NORM_STATS_FILE).exists():
-        write_norm_stats(run_dir / NORM_STATS_FILE, samples.norm_stats)  # a packed folder carries its own
     if cfg["weighted"] and samples.weights is None:
         raise TrainError(f"{cfg['csv_main']}: --weighted needs a weight column (file_name,label,weight)")
     return samples
@@ -208,15 +206,22 @@ def validate_once(samples, cfg: dict, run_dir: Path) -> None:
 
 
 def resolve_norm_stats(cfg: dict, samples, run_dir: Path) -> dict:
-    """Run folder first (a resumed run keeps its numbers), then the data folder, else compute once."""
-    for path in (run_dir / NORM_STATS_FILE, Path(cfg["data_path"]) / NORM_STATS_FILE):
-        if path.exists():
-            try:
-                stats = {**read_norm_stats(path), "source": str(path)}
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise TrainError(f"{path}: cannot be read ({type(e).__name__}: {e}); restore it, or delete it "
-                                 f"to take the statistics again") from None
-            break
+    """Run folder first (a resumed run keeps its numbers), then the data (a packed folder's manifest,
+    else the data folder's file), else compute once; the run folder keeps what was used."""
+    def read(path: Path) -> dict:
+        try:
+            return {**read_norm_stats(path), "source": str(path)}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TrainError(f"{path}: cannot be read ({type(e).__name__}: {e}); restore it, or delete it "
+                             f"to take the statistics again") from None
+
+    own, data_file = run_dir / NORM_STATS_FILE, Path(cfg["data_path"]) / NORM_STATS_FILE
+    if own.exists():
+        return read(own)
+    if getattr(samples, "norm_stats", None):
+        stats = {**samples.norm_stats, "source": f"{cfg['data_path']}/{packed.MANIFEST}"}
+    elif data_file.exists():
+        stats = read(data_file)
     else:
         log(f"computing normalisation statistics from {cfg['stats_files']} random crops (seed 0) ...")
         paths = [samples.root / f for f in samples.files]
@@ -224,8 +229,7 @@ def resolve_norm_stats(cfg: dict, samples, run_dir: Path) -> dict:
         if not (math.isfinite(stats["mean"]) and math.isfinite(stats["std"]) and stats["std"] > 0):
             raise TrainError(f"{cfg['csv_main']}: normalisation statistics came out as {stats['mean']}/"
                              f"{stats['std']}: some LMS files hold NaN/inf; rerun `m2das prepare` on them")
-    if not (run_dir / NORM_STATS_FILE).exists():
-        write_norm_stats(run_dir / NORM_STATS_FILE, stats)
+    write_norm_stats(own, stats)
     return stats
 
 
@@ -257,9 +261,10 @@ def optimizer_step(model, optimizer, scaler, clip_grad: float, tau: float) -> No
 def init_from(model, path) -> None:
     """Copy matching weights from a published checkpoint; a fresh schedule starts from them."""
     try:
-        source = load_weights(path)
+        state = load_weight_file(path)
     except CheckpointError as e:
         raise TrainError(f"--init_from {e}") from None
+    source = state.get("model", state)
     own = model.state_dict()
     matched = {k: v for k, v in source.items()
                if k in own and k != "norm_stats" and tuple(v.shape) == tuple(own[k].shape)}

@@ -189,15 +189,14 @@ def as_full_state(state: dict, path) -> dict:
                           f"to continue pre-training from published weights use --init_from {path}")
 
 
-def load_weights(path) -> dict:
-    """Model weights of any M2D / M2D-AS / m2das checkpoint or encoder-only file (for --init_from).
+def load_weight_file(path) -> dict:
+    """Any M2D / M2D-AS / m2das checkpoint or encoder-only file, integrity-checked, running no code.
 
     Published checkpoints pickle an argparse.Namespace; that one class is allowed, nothing else.
     """
     if zipfile.is_zipfile(path):
         verify_integrity(path)
-    state = safe_load(path, allowed=PUBLISHED_ALLOWED)
-    return state["model"]
+    return safe_load(path, allowed=PUBLISHED_ALLOWED, require_model=False)
 
 
 def all_finite(tensors) -> bool:

@@ -89,17 +89,17 @@ def resolve_checkpoint(path, epoch: int | None = None) -> Path:
 
 
 def epochs_in(run_dir: Path) -> list:
-    return [int(m.group(1)) for p in run_dir.iterdir() if (m := runfolder.EPOCH_CHECKPOINT_RE.match(p.name))]
+    return runfolder.saved_epochs(run_dir.iterdir())
 
 
 def _load(path: Path):
-    """The checkpointer's loader, which runs no code (published files may hold an argparse.Namespace)."""
-    from m2das.checkpoint import PUBLISHED_ALLOWED, CheckpointError, safe_load
+    """The checkpointer's reader: integrity-checked, runs no code (published files may hold an argparse.Namespace)."""
+    from m2das.checkpoint import CheckpointError, load_weight_file
 
     if not path.exists():
         raise WeightsError(f"{path}: no such file")
     try:
-        return safe_load(path, allowed=PUBLISHED_ALLOWED, require_model=False)
+        return load_weight_file(path)
     except CheckpointError as e:
         raise WeightsError(str(e)) from None
 

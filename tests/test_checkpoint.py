@@ -132,7 +132,7 @@ def test_loading_never_runs_code(tmp_path):
     marker = tmp_path / "hijacked"
     crafted = tmp_path / "crafted.pth"
     torch.save({"model": {}, "payload": Marker(marker)}, crafted)
-    for load in (checkpoint.load_file, checkpoint.load_weights):
+    for load in (checkpoint.load_file, checkpoint.load_weight_file):
         with pytest.raises(CheckpointError, match="refused, loading it would run code"):
             load(crafted)
     (tmp_path / "run").mkdir()
@@ -146,7 +146,7 @@ def test_published_checkpoints_load_through_the_allow_list_only(tmp_path):
     published = tmp_path / "m2d_as.pth"
     torch.save({"model": {"blocks.0.w": torch.ones(2)}, "epoch": 299,
                 "args": argparse.Namespace(model="m2d_vit_base", input_size=[80, 608])}, published)
-    assert torch.equal(checkpoint.load_weights(published)["blocks.0.w"], torch.ones(2))
+    assert torch.equal(checkpoint.load_weight_file(published)["model"]["blocks.0.w"], torch.ones(2))
     with pytest.raises(CheckpointError, match="not a full-state m2das checkpoint.*--init_from"):
         checkpoint.load_file(published)  # --resume on a reference-format file
 

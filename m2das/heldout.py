@@ -8,8 +8,7 @@ the monitor measures clips the model never trained on.
 
 from pathlib import Path
 
-EVAL_SEGMENTS = "eval_segments.csv"
-EVAL_LIST = "files_as_eval.csv"  # the monitor's default list (m2das.monitor.EVAL_LIST)
+EVAL_LIST = "files_as_eval.csv"  # written by prepare, the monitor's default list
 
 
 def write_eval_list(data_dir, metadata_dir, weighted_list: str, hold_out: bool = False) -> dict:
@@ -17,7 +16,7 @@ def write_eval_list(data_dir, metadata_dir, weighted_list: str, hold_out: bool =
     from m2das import labels
 
     data_dir, metadata_dir = Path(data_dir), Path(metadata_dir)
-    segments = metadata_dir / EVAL_SEGMENTS
+    segments = metadata_dir / labels.EVAL_SEGMENTS
     if not segments.is_file():
         return {"eval_list": None, "eval_files": 0, "held_out": False}
     eval_map, _ = labels.read_segments(segments)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from m2das.fileio import atomic_write
 
-SEGMENT_FILES = ("eval_segments.csv", "balanced_train_segments.csv",
+EVAL_SEGMENTS = "eval_segments.csv"
+SEGMENT_FILES = (EVAL_SEGMENTS, "balanced_train_segments.csv",
                  "unbalanced_train_segments.csv")  # read in this order; the last read wins
 CLASS_FILE = "class_labels_indices.csv"
 OPTIONAL_FILES = ("unbalanced_train_segments.csv",)
@@ -33,7 +34,7 @@ SEGMENT_HEADER = "# YTID, start_seconds, end_seconds, positive_labels"
 CLASS_HEADER = "index,mid,display_name"
 # Fewest rows a downloaded list may have when its header states no count (the release: 20,371
 # eval, 22,160 balanced, 2,041,789 unbalanced segments, 527 classes).
-MIN_ROWS = {"eval_segments.csv": 10000, "balanced_train_segments.csv": 10000,
+MIN_ROWS = {EVAL_SEGMENTS: 10000, "balanced_train_segments.csv": 10000,
             "unbalanced_train_segments.csv": 1000000, CLASS_FILE: 500}
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 _NAME_SEPARATORS = set("_. ")

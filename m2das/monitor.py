@@ -19,8 +19,8 @@ import numpy as np
 
 from m2das import runfolder
 from m2das.fileio import append_jsonl
+from m2das.heldout import EVAL_LIST
 
-EVAL_LIST = "files_as_eval.csv"
 METRIC_KEYS = ("monitor_map", "monitor_rankme", "monitor_knn_acc", "monitor_seconds", "monitor_clips")
 
 

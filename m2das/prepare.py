@@ -35,13 +35,14 @@ import numpy as np
 
 from m2das.fileio import atomic_write, write_json
 from m2das.lmsfile import LMS_DIR, OTHER_RECIPE_OUTPUTS, RECIPE_FILE, check_lms_file, describe_recipe, read_recipe
+from m2das.stats import NORM_STATS_FILE
 from m2das.labels import read_csv_rows, write_csv
 
 STEPS = ("lms", "list", "labels", "stats")
 FILE_LIST = "files_audioset.csv"
 WEIGHTED_LIST = "files_as_weighted.csv"
 FAILURES = "prepare_failures.csv"
-NORM_STATS = "norm_stats.json"
+NORM_STATS = NORM_STATS_FILE  # named by the run-folder contract, via m2das.stats
 METADATA_SUBDIR = "metadata"
 LOCK_FILE = ".prepare.lock"
 DEFAULT_AUDIO_DIR = "/audio"

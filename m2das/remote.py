@@ -100,13 +100,12 @@ class RemoteRunFolder:
             for name in (runfolder.LAST, runfolder.PREVIOUS):
                 pointer = self._read_pointer(name)
                 if pointer is not None:
-                    self._download(f"{OBJECTS_DIR}/{pointer['object']}", self.staging / name)
+                    self.fetch(f"{OBJECTS_DIR}/{pointer['object']}", self.staging / name)
                     fetched.append(name)
-            epochs = [int(m.group(1)) for m in (runfolder.EPOCH_CHECKPOINT_RE.match(Path(p).name)
-                                                for p in self._list()) if m]
+            epochs = runfolder.saved_epochs(self._list())
             if epochs:
                 name = runfolder.epoch_checkpoint_name(max(epochs))
-                self._download(name, self.staging / name)
+                self.fetch(name, self.staging / name)
                 fetched.append(name)
         except OSError as e:
             raise RemoteError(f"{self.url}: cannot read the run folder ({type(e).__name__}: {e})") from None
@@ -118,7 +117,8 @@ class RemoteRunFolder:
         except FileNotFoundError:
             return []
 
-    def _download(self, name: str, dest: Path) -> None:
+    def fetch(self, name: str, dest: Path) -> None:
+        """Download one object of the run folder to `dest`, atomically."""
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
         self.fs.get_file(self._key(name), str(tmp))
         os.replace(tmp, dest)
@@ -230,7 +230,7 @@ def fetch_for_reading(url: str, checkpoints: bool = True, epoch: int | None = No
     if epoch is not None:
         wanted = runfolder.epoch_checkpoint_name(epoch)
         try:
-            folder._download(wanted, folder.staging / wanted)
+            folder.fetch(wanted, folder.staging / wanted)
         except FileNotFoundError:
             raise RemoteError(f"{url}/{wanted}: no such checkpoint") from None
         except OSError as e:

@@ -58,6 +58,11 @@ def epoch_checkpoint_name(epoch: int) -> str:
     return f"checkpoint-{epoch}.pth"
 
 
+def saved_epochs(names) -> list:
+    """The epochs E of the `checkpoint-E.pth` among file names or paths (a folder listing, a bucket's)."""
+    return [int(m.group(1)) for m in (EPOCH_CHECKPOINT_RE.match(Path(n).name) for n in names) if m]
+
+
 def checkpoint_files(run_dir) -> list:
     """Every checkpoint file of a run folder (rolling and per-epoch), in no particular order."""
     run_dir = Path(run_dir)

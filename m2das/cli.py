@@ -9,14 +9,15 @@ import sys
 
 COMMANDS = {
     "train": ("m2das.train", "Pre-train M2D-AS (single process, torchrun, or a launcher rank)."),
-    "prepare": ("m2das.prepare", "Audio folder -> LMS .npy files, lists, labels, weights, norm stats."),
-    "demo": ("m2das.demo", "Synthesise a tiny corpus, train, interrupt, resume: the whole job in minutes."),
-    "pack": ("m2das.pack", "Data folder -> a few large time-major shards + index: one read per crop, any fsspec URL."),
-    "status": ("m2das.status", "Progress of a run folder: step, checkpoints, speed, restarts, ETA."),
-    "bench": ("m2das.bench", "Benchmarks: `bench train`, `bench prepare`."),
-    "export": ("m2das.export", "Run or checkpoint -> encoder-only weights for the M2D runtime and EVAR."),
-    "embed": ("m2das.embed", "Folder of audio or LMS files -> clip embeddings (.npz)."),
-    "eval": ("m2das.linear_eval", "Linear evaluation of frozen embeddings on a file_name,label,split list."),
+    "prepare": ("m2das.data.prepare", "Audio folder -> LMS .npy files, lists, labels, weights, norm stats."),
+    "demo": ("m2das.tools.demo", "Synthesise a tiny corpus, train, interrupt, resume: the whole job in minutes."),
+    "pack": ("m2das.data.pack", "Data folder -> a few large time-major shards + index: one read per crop, any fsspec URL."),
+    "submit": ("m2das.cluster.submit", "Send a training job to SLURM or this machine (= python launch/submit.py)."),
+    "status": ("m2das.cluster.status", "Progress of a run folder: step, checkpoints, speed, restarts, ETA."),
+    "bench": ("m2das.tools.bench", "Benchmarks: `bench train`, `bench prepare`."),
+    "export": ("m2das.downstream.export", "Run or checkpoint -> encoder-only weights for the M2D runtime and EVAR."),
+    "embed": ("m2das.downstream.embed", "Folder of audio or LMS files -> clip embeddings (.npz)."),
+    "eval": ("m2das.downstream.linear_eval", "Linear evaluation of frozen embeddings on a file_name,label,split list."),
 }
 
 

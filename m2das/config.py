@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from m2das import runfolder
-from m2das.weights import folder_name
+from m2das.runfolder import folder_name
 
 # Flags that change what is trained; a restart with any of them different is
 # a different run. The rest (workers, logging, resume, ...) may change freely.

@@ -12,7 +12,6 @@ The training step (see `M2DAS.forward`) in words:
   all 190 online tokens -> offline head -> BCE against the clip's labels.
 """
 
-import math
 from functools import partial
 
 import numpy as np
@@ -247,6 +246,32 @@ def put(tokens: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 # -- factories (timm-style names) ---------------------------------------------
 
+# -- the frozen encoder's features (the published runtime's recipe; the monitor and downstream use it) --
+
+def encode_tokens(vit: nn.Module, x: torch.Tensor, grid_rows: int) -> torch.Tensor:
+    """Normalised LMS [B, 1, F, t] (t a multiple of the patch width, at most the training crop)
+    -> all patch tokens [B, F/pf * t/pt, D], unmasked, cls dropped.
+
+    `vit` is anything with the encoder's names (an M2DAS or an AudioEncoder);
+    a short input uses the first columns of the position embedding.
+    """
+    tokens = vit.patch_embed(x)
+    dim = tokens.shape[-1]
+    cols = tokens.shape[1] // grid_rows
+    pos = vit.pos_embed[:, 1:].reshape(1, grid_rows, -1, dim)[:, :, :cols].reshape(1, grid_rows * cols, dim)
+    cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+    h = torch.cat([cls, tokens + pos], dim=1)
+    for blk in vit.blocks:
+        h = blk(h)
+    return vit.norm(h)[:, 1:]
+
+
+def tokens_to_frames(tokens: torch.Tensor, grid_rows: int) -> torch.Tensor:
+    """[B, rows * cols (row-major), D] -> [B, cols, rows * D]: one feature per time frame."""
+    b, n, d = tokens.shape
+    return tokens.reshape(b, grid_rows, n // grid_rows, d).transpose(1, 2).reshape(b, n // grid_rows, grid_rows * d)
+
+
 MODEL_SIZES = {
     "m2d_as_vit_base": dict(embed_dim=768, depth=12, num_heads=12),
     "m2d_as_vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
@@ -260,7 +285,3 @@ def create_model(name: str, **kwargs) -> M2DAS:
     if name not in MODEL_SIZES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_SIZES)}")
     return M2DAS(**{**MODEL_SIZES[name], **kwargs})
-
-
-def count_values(state_dict) -> int:
-    return sum(math.prod(v.shape) for v in state_dict.values())

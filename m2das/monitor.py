@@ -19,7 +19,7 @@ import numpy as np
 
 from m2das import runfolder
 from m2das.fileio import append_jsonl
-from m2das.heldout import EVAL_LIST
+from m2das.data.heldout import EVAL_LIST
 
 METRIC_KEYS = ("monitor_map", "monitor_rankme", "monitor_knn_acc", "monitor_seconds", "monitor_clips")
 
@@ -60,7 +60,7 @@ class Monitor:
     @staticmethod
     def _read(path: Path, root: Path, classes: list, freq_bins: int):
         """The list with its labels mapped onto the run's classes; labels the run lacks are ignored."""
-        from m2das.data import DataListError, read_list, validate
+        from m2das.data.dataset import DataListError, read_list, validate
 
         if not path.exists():
             raise DataListError(f"{path}: monitor list not found; run `m2das prepare` with AudioSet's "
@@ -79,7 +79,7 @@ class Monitor:
         return self.every > 0 and epoch > 0 and epoch % self.every == 0
 
     def _crop(self, i: int) -> np.ndarray:
-        from m2das.stats import crop_or_pad
+        from m2das.data.stats import crop_or_pad
 
         lms = np.load(self.samples.root / self.samples.files[i], mmap_mode="r")
         return np.array(crop_or_pad(lms, self.frames, center_start(lms.shape[-1], self.frames)), dtype=np.float32)
@@ -88,7 +88,7 @@ class Monitor:
         """(probabilities [n, C], clip embeddings [n, rows*D]) of list rows `ids`, on this rank's device."""
         import torch
 
-        from m2das.encoder import encode_tokens, tokens_to_frames
+        from m2das.model import encode_tokens, tokens_to_frames
 
         probs, embs = [], []
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")

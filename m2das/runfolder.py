@@ -76,6 +76,26 @@ def final_weights(run_dir, epochs: int) -> Path:
     return Path(run_dir) / epoch_checkpoint_name(epochs)
 
 
+# -- run-folder names: the convention the published runtime and EVAR parse sizes from --------
+# `{model}-{F}x{T}p{pf}x{pt}p16k-{date}-{tag}`: they read the model name, input size and
+# patch size from the weight file's parent folder.
+_FOLDER_RE = re.compile(r"^(?P<model>[^-]+)-(?P<f>\d+)x(?P<t>\d+)p(?P<pf>\d+)x(?P<pt>\d+)(?:p(?P<sr>\d+k))?(?:-|$)")
+
+
+def parse_folder_name(name: str) -> dict | None:
+    """`m2d_as_vit_base-80x608p16x16p16k-...` -> model, input_size, patch_size, sr; None if it does not parse."""
+    m = _FOLDER_RE.match(name)
+    if not m:
+        return None
+    return {"model": m["model"], "input_size": [int(m["f"]), int(m["t"])],
+            "patch_size": [int(m["pf"]), int(m["pt"])], "sr": m["sr"] or "16k"}
+
+
+def folder_name(model: str, input_size, patch_size, date: str, tag: str) -> str:
+    (f, t), (pf, pt) = input_size, patch_size
+    return f"{model}-{f}x{t}p{pf}x{pt}p16k-{date}-{tag}"
+
+
 # -- the lock: one trainer per run folder -------------------------------------------
 # flock/fcntl locks are unreliable on NFS and Lustre, so the lock is a file made by
 # a hard link (atomic on every POSIX file system, NFS included) and kept fresh by a

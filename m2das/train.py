@@ -24,9 +24,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from m2das import config, packed, remote, runfolder
+from m2das import config, remote, runfolder
+from m2das.data import packed
 from m2das.checkpoint import Checkpointer, CheckpointError, Progress, RNGState, load_weight_file
-from m2das.data import (DataListError, ResumableSampler, default_workers, make_dataset, make_loader, read_samples,
+from m2das.data.dataset import (DataListError, ResumableSampler, default_workers, make_dataset, make_loader, read_samples,
                         record_recipe, validate, validate_packed)
 from m2das.fileio import append_jsonl, atomic_write, is_url, read_jsonl, write_json
 from m2das.model import create_model
@@ -36,7 +37,7 @@ from m2das.remote import RemoteError, RemoteRunFolder
 from m2das.runfolder import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_RESUMABLE, RunLock, RunLocked
 from m2das.schedule import ema_decay, learning_rate
 from m2das.signals import StopRequest
-from m2das.stats import NORM_STATS_FILE, compute_norm_stats, read_norm_stats, write_norm_stats
+from m2das.data.stats import NORM_STATS_FILE, compute_norm_stats, read_norm_stats, write_norm_stats
 
 
 class TrainError(Exception):
@@ -182,7 +183,7 @@ def load_samples(cfg: dict, run_dir: Path):
 def validate_once(samples, cfg: dict, run_dir: Path) -> None:
     """Validation reads every file header: skip it when this exact list was already validated.
 
-    A packed folder is stamped by its index and shard fingerprints (m2das.data.validate_packed).
+    A packed folder is stamped by its index and shard fingerprints (m2das.data.dataset.validate_packed).
     """
     if cfg["skip_validation"]:
         return

@@ -3,9 +3,9 @@
 # warning signal to it, and ask the requeue policy what to do when srun returns.
 #
 # Protocol (see README "Cluster launch"): SLURM signals the batch shell
-# (--signal=B:USR2@120, the signal and lead time of m2das/requeue.py); we
+# (--signal=B:USR2@120, the signal and lead time of m2das/cluster/requeue.py); we
 # forward it to the srun step, the trainer saves RUN/last.pth at the next
-# optimizer step and exits 75. Then `python -m m2das.requeue decide` (the one
+# optimizer step and exits 75. Then `python -m m2das.cluster.requeue decide` (the one
 # policy, shared with the submitit launcher and the local supervisor) says
 # requeue, and we run `scontrol requeue`; the next start resumes (--resume auto)
 # in the same run folder. Node failures are requeued by SLURM itself (--requeue).
@@ -54,7 +54,7 @@ m2das_run() {
     # exits 75, srun --kill-on-bad-exit may kill a slower one, so rc alone is not enough.
     local signalled=()
     [ -n "$m2das_signal" ] && signalled=(--signalled)
-    action="$(m2das_python -m m2das.requeue decide --by sbatch-template --run "$M2DAS_RUN" \
+    action="$(m2das_python -m m2das.cluster.requeue decide --by sbatch-template --run "$M2DAS_RUN" \
         --max-requeues "${M2DAS_MAX_REQUEUES:-}" "${signalled[@]}" "$rc")"
     if [ "$action" = requeue ]; then
         m2das_log "requeueing job $SLURM_JOB_ID"

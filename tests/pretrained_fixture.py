@@ -11,9 +11,9 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from m2das.audio import lms_from_waveform
-from m2das.demo import CLASSES, synth
-from m2das.stats import crop_or_pad
+from m2das.data.audio import lms_from_waveform
+from m2das.tools.demo import CLASSES, synth
+from m2das.data.stats import crop_or_pad
 
 RUN_NAME = "m2d_as_vit_tiny-80x208p16x16p16k-261124-M2DASe2b8s3off1htest0"
 TINY = dict(model="m2d_as_vit_tiny", input_size=[80, 208], patch_size=[16, 16])

@@ -8,9 +8,9 @@ import soundfile as sf
 import soxr
 import torch
 
-from m2das.audio import (EPS, LEGACY_RESAMPLER, MIN_SAMPLES, AudioError, lms_batch_16k,
+from m2das.data.audio import (EPS, LEGACY_RESAMPLER, MIN_SAMPLES, AudioError, lms_batch_16k,
                          lms_from_file, lms_from_waveform, load_audio, num_frames)
-from m2das.prepare import run_lms
+from m2das.data.prepare import run_lms
 
 
 def slaney_hz_to_mel(f):

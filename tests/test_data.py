@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from conftest import run_m2das, write_lms_folder
-from m2das.data import DataListError, LMSDataset, ResumableSampler, read_list, validate
-from m2das.stats import compute_norm_stats, crop_or_pad
+from m2das.data.dataset import DataListError, LMSDataset, ResumableSampler, read_list, validate
+from m2das.data.stats import compute_norm_stats, crop_or_pad
 
 
 def test_sampler_shards_are_disjoint_and_drop_the_last_incomplete_batch():

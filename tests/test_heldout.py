@@ -4,7 +4,7 @@ import csv
 
 from conftest import run_m2das
 
-from m2das.demo import make_corpus
+from m2das.tools.demo import make_corpus
 
 
 def rows(path):

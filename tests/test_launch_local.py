@@ -18,10 +18,7 @@ from slurm_fixture import (REPO, TINY_EPOCHS, assert_same_weights, load_model_te
                            read_jsonl, reference_weights, starts, tiny_data, user_trainer_flags, wait_for,
                            wait_for_progress)
 
-sys.path.insert(0, str(REPO / "launch"))
-import submit  # noqa: E402  (launch/submit.py is a script, not a package)
-
-sys.path.remove(str(REPO / "launch"))
+from m2das.cluster import submit  # noqa: E402
 
 
 def _alive(pid):

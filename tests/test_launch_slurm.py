@@ -152,7 +152,7 @@ def test_two_nodes_preempted_killed_requeued_and_node_down_finish_exactly(slurm_
 
 
 def test_sbatch_template_forwards_signal_and_requeues(slurm_cluster, tiny_data, reference_weights, tmp_path):
-    """slurm/m2das-venv.sbatch without submitit, the policy asked through `python -m m2das.requeue`.
+    """slurm/m2das-venv.sbatch without submitit, the policy asked through `python -m m2das.cluster.requeue`.
 
     USR2 to the batch shell (what --signal=B:USR2@120 delivers) while the tasks are
     still starting: they ignore it until the trainer's handlers are in, the shell
@@ -213,7 +213,7 @@ def test_requeue_cap_ends_the_job_with_a_message(slurm_cluster, tiny_data, tmp_p
     cap = [r for r in read_jsonl(run / "launcher.jsonl") if r.get("event") == "requeue_cap"]
     assert len(cap) == 1 and "--max-requeues 0" in cap[0]["message"], diag()
     assert "not requeued" in (run / "slurm" / f"{job}_0_log.err").read_text()
-    from m2das.requeue import start_events
+    from m2das.cluster.requeue import start_events
 
     assert "stopped" in [r.get("event") for r in start_events(run)], diag()  # the checkpoint was still written
     assert (run / "last.pth").exists()

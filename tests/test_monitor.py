@@ -135,7 +135,7 @@ def test_monitor_time_share_against_training_steps(tiny):
 
 
 def test_missing_monitor_list_is_a_one_line_error(tiny):
-    from m2das.data import DataListError
+    from m2das.data.dataset import DataListError
 
     model, cfg, data = tiny
     with pytest.raises(DataListError, match="files_as_eval.csv"):
@@ -148,7 +148,7 @@ def test_missing_monitor_list_is_a_one_line_error(tiny):
 
 def test_status_shows_quality_and_keeps_the_loss_of_training_rows(tmp_path):
     from m2das.fileio import append_jsonl
-    from m2das.status import collect, render
+    from m2das.cluster.status import collect, render
 
     (tmp_path / "config.json").write_text(json.dumps({"epochs": 4, "world_size": 1}))
     append_jsonl(tmp_path / "log.jsonl", {"time": time.time(), "epoch": 1, "step": 20, "total_steps": 40,

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import TINY_TRAIN, run_m2das, write_lms_folder
-from m2das import packed
-from m2das.data import DataListError, make_dataset, read_samples, validate_packed
-from m2das.stats import NORM_STATS_FILE, compute_norm_stats, write_norm_stats
+from m2das.data import packed
+from m2das.data.dataset import DataListError, make_dataset, read_samples, validate_packed
+from m2das.data.stats import NORM_STATS_FILE, compute_norm_stats, write_norm_stats
 
 
 def data_folder(root: Path, n_files: int = 12) -> Path:

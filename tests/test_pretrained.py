@@ -12,8 +12,8 @@ from conftest import run_m2das
 from pretrained_fixture import KINDS, RUN_NAME, make_checkpoint, write_corpus, write_eval_list
 
 import m2das
-from m2das.audio import lms_from_waveform
-from m2das.export import export
+from m2das.data.audio import lms_from_waveform
+from m2das.downstream.export import export
 
 ENCODER_PREFIXES = ("patch_embed.", "blocks.", "norm.")
 
@@ -62,7 +62,7 @@ def test_export_with_head_keeps_the_tagger_and_its_classes(trained, tmp_path):
 
 
 def test_export_errors_are_one_line(tmp_path, capsys):
-    from m2das.export import main
+    from m2das.downstream.export import main
 
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     r = run_m2das("export", tmp_path / "junk.pth")

@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY_TRAIN, run_m2das, write_lms_folder
 from m2das import EXIT_BAD_INPUT, EXIT_RESUMABLE, remote, runfolder
-from m2das.stats import NORM_STATS_FILE, compute_norm_stats, write_norm_stats
+from m2das.data.stats import NORM_STATS_FILE, compute_norm_stats, write_norm_stats
 
 
 @pytest.fixture

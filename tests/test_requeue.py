@@ -1,4 +1,4 @@
-"""The one requeue policy (m2das/requeue.py), its command line, and the shell held to it."""
+"""The one requeue policy (m2das/cluster/requeue.py), its command line, and the shell held to it."""
 
 import json
 import re
@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from m2das import requeue, runfolder
-from m2das.requeue import CAP, DIVERGED, FAILED, FINISHED, REQUEUE, STOPPED, decide
+from m2das import runfolder
+from m2das.cluster import requeue
+from m2das.cluster.requeue import CAP, DIVERGED, FAILED, FINISHED, REQUEUE, STOPPED, decide
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
@@ -45,14 +46,14 @@ def test_cap():
 def test_master_port_is_one_rule():
     ports = {requeue.master_port("4242", r) for r in range(5)}
     assert len(ports) == 5 and all(15000 <= p < 35000 for p in ports)
-    out = subprocess.run([sys.executable, "-m", "m2das.requeue", "port"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "m2das.cluster.requeue", "port"], capture_output=True, text=True,
                          env={"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "3", "PATH": "/usr/bin:/bin"}, cwd=REPO)
     assert int(out.stdout) == requeue.master_port("4242", 3)
 
 
 def cli(run, *args, **env):
     base = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1", **env}
-    return subprocess.run([sys.executable, "-m", "m2das.requeue", "decide", "--run", str(run), *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "m2das.cluster.requeue", "decide", "--run", str(run), *map(str, args)],
                           capture_output=True, text=True, env=base, cwd=REPO)
 
 
@@ -80,12 +81,12 @@ def test_templates_are_held_to_the_policy():
     for t in TEMPLATES:
         text = t.read_text()
         assert re.findall(r"^#SBATCH --signal=(.*)$", text, re.M) == [f"B:{requeue.SIGNAL}@{requeue.LEAD_S}"], t
-        assert "m2das.requeue port" in text and "MASTER_PORT=$((" not in text, t
+        assert "m2das.cluster.requeue port" in text and "MASTER_PORT=$((" not in text, t
         assert "m2das_python()" in text and "m2das_run srun" in text, t
-        assert "M2DAS_MAX_REQUEUES:-" not in text, t  # the default lives in m2das/requeue.py
+        assert "M2DAS_MAX_REQUEUES:-" not in text, t  # the default lives in m2das/cluster/requeue.py
     common = (SLURM / "m2das-common.sh").read_text()
     code = "\n".join(ln for ln in common.splitlines() if not ln.lstrip().startswith("#"))
-    assert "m2das_python -m m2das.requeue decide" in code
+    assert "m2das_python -m m2das.cluster.requeue decide" in code
     # No exit code compared in the shell: 0, 2, 3, 75, 137 are the policy's business.
     assert not re.search(r"-(eq|ne|ge|lt|gt)\s+\d|\"(75|137|3)\"", code), code
     assert f"--signal={requeue.SIGNAL}" not in common  # the forward handles any signal it is given
@@ -107,7 +108,7 @@ def test_submitit_route_uses_the_same_signal_and_lead(tmp_path):
                          cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert f"#SBATCH --signal={requeue.SIGNAL}@{requeue.LEAD_S}\n" in out.stdout
-    assert "-m m2das.requeue decide --once --by sbatch-teardown" in out.stdout
+    assert "-m m2das.cluster.requeue decide --once --by sbatch-teardown" in out.stdout
     assert not (tmp_path / "run").exists()
 
 
@@ -115,7 +116,7 @@ def test_task_exit_codes_reach_the_decision(tmp_path):
     """srun says 143 after killing the slower task; the other task's own 2 makes it `failed`."""
     env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "9", "SLURM_RESTART_COUNT": "0", "M2DAS_RUN": str(tmp_path)}
     for rank, code in ((0, 2), (1, 143)):
-        subprocess.run([sys.executable, "-m", "m2das.requeue", "task-exit", str(code)], check=True, cwd=REPO,
+        subprocess.run([sys.executable, "-m", "m2das.cluster.requeue", "task-exit", str(code)], check=True, cwd=REPO,
                        env={**env, "SLURM_PROCID": str(rank)})
     assert requeue.task_exits(tmp_path, "9", 0) == [2, 143]
     assert requeue.task_exits(tmp_path, "9", 1) == []  # another start's

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from m2das import status
+from m2das.cluster import status
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -34,15 +34,15 @@ from typing import NamedTuple
 import numpy as np
 
 from m2das.fileio import atomic_write, write_json
-from m2das.lmsfile import LMS_DIR, OTHER_RECIPE_OUTPUTS, RECIPE_FILE, check_lms_file, describe_recipe, read_recipe
-from m2das.stats import NORM_STATS_FILE
-from m2das.labels import read_csv_rows, write_csv
+from m2das.data.lmsfile import LMS_DIR, OTHER_RECIPE_OUTPUTS, RECIPE_FILE, check_lms_file, describe_recipe, read_recipe
+from m2das.data.stats import NORM_STATS_FILE
+from m2das.data.labels import read_csv_rows, write_csv
 
 STEPS = ("lms", "list", "labels", "stats")
 FILE_LIST = "files_audioset.csv"
 WEIGHTED_LIST = "files_as_weighted.csv"
 FAILURES = "prepare_failures.csv"
-NORM_STATS = NORM_STATS_FILE  # named by the run-folder contract, via m2das.stats
+NORM_STATS = NORM_STATS_FILE  # named by the run-folder contract, via m2das.data.stats
 METADATA_SUBDIR = "metadata"
 LOCK_FILE = ".prepare.lock"
 DEFAULT_AUDIO_DIR = "/audio"
@@ -177,7 +177,7 @@ def save_lms(path, lms: np.ndarray) -> None:
 
 
 def _checked(lms: np.ndarray) -> np.ndarray:
-    from m2das.audio import AudioError
+    from m2das.data.audio import AudioError
 
     if not np.isfinite(lms).all():
         raise AudioError("the LMS has NaN or inf values")
@@ -193,7 +193,7 @@ def convert_one(job: Job, resampler: str | None = None) -> tuple[str, str, str, 
     job, wave, seconds, silent, reason = load_16k(job, resampler)
     if wave is None:
         return job.rel, "failed", reason, 0.0, False
-    from m2das.audio import lms_batch_16k
+    from m2das.data.audio import lms_batch_16k
 
     return write_output(job, lms_batch_16k([wave])[0], seconds, silent)
 
@@ -211,7 +211,7 @@ def write_output(job: Job, lms: np.ndarray, seconds: float, silent: bool):
 def load_16k(job: Job, resampler: str | None = None):
     """Decode, mix to mono and resample on the CPU: (job, float32 16-kHz wave or None, seconds,
     silent, reason). The part of a conversion that runs in worker processes on every path."""
-    from m2das.audio import RESAMPLER, AudioError, load_audio, mono, resample_16k
+    from m2das.data.audio import RESAMPLER, AudioError, load_audio, mono, resample_16k
 
     try:
         wave, sr = load_audio(job.src)
@@ -279,7 +279,7 @@ def _mp_context():
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["m2das.audio", "m2das.prepare"])
+    ctx.set_forkserver_preload(["m2das.data.audio", "m2das.data.prepare"])
     return ctx
 
 
@@ -352,7 +352,7 @@ def _convert_gpu(jobs, workers, device, batch_size, on_result, resampler=None):
     threads. The waveforms the device gets are those of the per-file path, so are the LMS."""
     import torch
 
-    from m2das.audio import lms_batch_16k
+    from m2das.data.audio import lms_batch_16k
 
     writer = concurrent.futures.ThreadPoolExecutor(max(2, min(8, workers)))
     pending: list = []
@@ -442,7 +442,7 @@ def recipe_record(recipe: dict, other_outputs=()) -> dict:
 def recorded_recipe(data_dir, has_outputs: bool) -> dict | None:
     """The data folder's record; a folder with LMS files but no record predates the record and
     was resampled by torchaudio at its defaults (the legacy recipe)."""
-    from m2das.audio import LEGACY_RESAMPLER, lms_recipe
+    from m2das.data.audio import LEGACY_RESAMPLER, lms_recipe
 
     try:
         record = read_recipe(data_dir)
@@ -458,7 +458,7 @@ def _resampled(job: Job) -> bool:
     """Whether the output of `job` went through the resampler (its source is not 16 kHz)."""
     import soundfile as sf
 
-    from m2das.audio import SAMPLE_RATE
+    from m2das.data.audio import SAMPLE_RATE
 
     try:
         return sf.info(job.src).samplerate != SAMPLE_RATE
@@ -520,7 +520,7 @@ def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = Non
     folder made with another recipe is refused unless `reconvert`, which converts
     its affected files again. `resampler` other than the default is for benchmarks.
     """
-    from m2das.audio import RESAMPLER, lms_recipe
+    from m2das.data.audio import RESAMPLER, lms_recipe
 
     audio_dir, data_dir = Path(audio_dir), Path(data_dir)
     if not audio_dir.is_dir():
@@ -601,7 +601,7 @@ def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = Non
 
 def write_file_list(data_dir, progress: bool = True) -> dict:
     """files_audioset.csv from the outputs on disk, so it never names a missing or broken file."""
-    from m2das.audio import duration_from_frames
+    from m2das.data.audio import duration_from_frames
 
     data_dir = Path(data_dir)
     lms_dir = data_dir / LMS_DIR
@@ -643,7 +643,7 @@ def read_file_list(data_dir) -> list[str]:
 
 def run_labels(data_dir, metadata_dir=None, url_base=None, hold_out_eval: bool = False) -> dict:
     """files_as_weighted.csv; metadata from `metadata_dir`, else downloaded once into DATA/metadata."""
-    from m2das import heldout, labels
+    from m2das.data import heldout, labels
 
     data_dir = Path(data_dir)
     try:
@@ -670,8 +670,8 @@ def run_labels(data_dir, metadata_dir=None, url_base=None, hold_out_eval: bool =
 
 def run_stats(data_dir, num_files: int | None = None, seed: int | None = None,
               progress: bool = True) -> dict:
-    """norm_stats.json with the shared rule of m2das.stats (fixed seed, so reruns agree)."""
-    from m2das import stats
+    """norm_stats.json with the shared rule of m2das.data.stats (fixed seed, so reruns agree)."""
+    from m2das.data import stats
 
     data_dir = Path(data_dir)
     names = read_file_list(data_dir)
@@ -939,7 +939,7 @@ def bench_main(argv=None) -> int:
             _log("m2das bench prepare: no CUDA device visible")
             return 2
         devices.remove("cuda")
-    from m2das.audio import LEGACY_RESAMPLER, RESAMPLER, RESAMPLER_QUALITY
+    from m2das.data.audio import LEGACY_RESAMPLER, RESAMPLER, RESAMPLER_QUALITY
 
     variants = [(f"new ({RESAMPLER} {RESAMPLER_QUALITY})", RESAMPLER),
                 (f"old ({LEGACY_RESAMPLER} Resample defaults)", LEGACY_RESAMPLER)]

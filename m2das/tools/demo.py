@@ -121,7 +121,7 @@ def same_weights(a: Path, b: Path) -> bool:
 
 def main(argv=None) -> int:
     from m2das import EXIT_RESUMABLE
-    from m2das.prepare import format_summary, run_prepare
+    from m2das.data.prepare import format_summary, run_prepare
 
     p = argparse.ArgumentParser(prog="m2das demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
 
     rows = read_jsonl(run_dir / "log.jsonl")
     print("\n[demo] linear evaluation: the exported encoder next to a randomly initialised one", flush=True)
-    from m2das.demo_eval import evaluate_demo
+    from m2das.tools.demo_eval import evaluate_demo
 
     linear_eval = evaluate_demo(out, data, final)
 

@@ -3,7 +3,7 @@
 The trainer reads the result with `--data_path PACKED_DIR` and nothing else: the
 index carries the list (file names, labels, weights) and the folder its norm
 statistics. A crop becomes one contiguous read of the crop's bytes, and an epoch
-opens as many files as there are shards. The format is described in m2das/packed.py.
+opens as many files as there are shards. The format is described in m2das/data/packed.py.
 
 Restartable: shards are written in list order, each to a temporary name and
 renamed (m2das.fileio.atomic_write), then recorded in the journal. A rerun
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from m2das import packed
+from m2das.data import packed
 from m2das.fileio import atomic_write, write_json
-from m2das.lmsfile import N_MELS, RECIPE_FILE
-from m2das.packed import INDEX, JOURNAL, MANIFEST, VERIFIED, PackError
-from m2das.stats import NORM_STATS_FILE
+from m2das.data.lmsfile import N_MELS, RECIPE_FILE
+from m2das.data.packed import INDEX, JOURNAL, MANIFEST, VERIFIED, PackError
+from m2das.data.stats import NORM_STATS_FILE
 
 DEFAULT_OUT = "packed"  # DATA_DIR/packed
 DEFAULT_SHARD_SIZE = "2G"  # AudioSet in float32 (640 GB) -> about 320 shards
@@ -109,7 +109,7 @@ def kept_shard(out: Path, entry: dict | None, first: int, plan: dict, paths: lis
 
 def sample_bytes(path, dtype: np.dtype) -> tuple:
     """(frames, time-major bytes) of one LMS file; NaN/inf refused here, not mid-training."""
-    from m2das.stats import NonFiniteLMS, finite_crop
+    from m2das.data.stats import NonFiniteLMS, finite_crop
 
     try:
         lms = finite_crop(np.load(path, allow_pickle=False), path)
@@ -160,7 +160,7 @@ def write_shard(out: Path, number: int, paths: list, first: int, limit: int, dty
 
 def norm_stats_for(data_dir: Path, paths: list) -> dict:
     """The data folder's norm_stats.json, else the trainer's default rule computed on the listed files."""
-    from m2das.stats import compute_norm_stats, read_norm_stats
+    from m2das.data.stats import compute_norm_stats, read_norm_stats
 
     source = data_dir / NORM_STATS_FILE
     if source.exists():
@@ -175,8 +175,8 @@ def norm_stats_for(data_dir: Path, paths: list) -> dict:
 def pack(data_dir, out=None, list_path=None, shard_size: int = parse_size(DEFAULT_SHARD_SIZE),
          dtype: str = "float32", workers: int = 16) -> dict:
     """Pack the list's files; returns the manifest. Raises DataListError / PackError on bad input."""
-    from m2das.data import read_list, validate
-    from m2das.prepare import WEIGHTED_LIST
+    from m2das.data.dataset import read_list, validate
+    from m2das.data.prepare import WEIGHTED_LIST
 
     data_dir = Path(data_dir)
     out = Path(out) if out else data_dir / DEFAULT_OUT
@@ -284,7 +284,7 @@ def finish(out: Path, data_dir: Path, samples, entries: list, stats: dict, dtype
 
 def main(argv=None) -> int:
     from m2das.config import Parser
-    from m2das.data import DataListError
+    from m2das.data.dataset import DataListError
     from m2das.runfolder import EXIT_BAD_INPUT
 
     p = Parser(prog="m2das pack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,

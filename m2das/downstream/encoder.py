@@ -14,38 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from m2das import audio
-from m2das.model import MODEL_SIZES, PatchEmbed, blocks
-from m2das.weights import HEAD_PREFIX, read_weights
+from m2das.data import audio
+from m2das.model import MODEL_SIZES, PatchEmbed, blocks, encode_tokens, tokens_to_frames
+from m2das.downstream.weights import HEAD_PREFIX, read_weights
 
 
 class Features(NamedTuple):
     frames: torch.Tensor  # [B, T', F/pf * D]
     clip: torch.Tensor    # [B, F/pf * D]
-
-
-def encode_tokens(vit: nn.Module, x: torch.Tensor, grid_rows: int) -> torch.Tensor:
-    """Normalised LMS [B, 1, F, t] (t a multiple of the patch width, at most the training crop)
-    -> all patch tokens [B, F/pf * t/pt, D], unmasked, cls dropped.
-
-    `vit` is anything with the encoder's names (an M2DAS or an AudioEncoder);
-    a short input uses the first columns of the position embedding.
-    """
-    tokens = vit.patch_embed(x)
-    dim = tokens.shape[-1]
-    cols = tokens.shape[1] // grid_rows
-    pos = vit.pos_embed[:, 1:].reshape(1, grid_rows, -1, dim)[:, :, :cols].reshape(1, grid_rows * cols, dim)
-    cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-    h = torch.cat([cls, tokens + pos], dim=1)
-    for blk in vit.blocks:
-        h = blk(h)
-    return vit.norm(h)[:, 1:]
-
-
-def tokens_to_frames(tokens: torch.Tensor, grid_rows: int) -> torch.Tensor:
-    """[B, rows * cols (row-major), D] -> [B, cols, rows * D]: one feature per time frame."""
-    b, n, d = tokens.shape
-    return tokens.reshape(b, grid_rows, n // grid_rows, d).transpose(1, 2).reshape(b, n // grid_rows, grid_rows * d)
 
 
 class AudioEncoder(nn.Module):

@@ -1,24 +1,21 @@
-"""Reading weight files of any kind (m2das checkpoints, published M2D files, encoder-only exports)
-and the folder-name convention downstream tools parse sizes from.
+"""Reading weight files of any kind (m2das checkpoints, published M2D files, encoder-only exports).
 
 The published runtime and EVAR read the model name, input size and patch size
-from the weight file's parent folder, `{model}-{F}x{T}p{pf}x{pt}p16k-...`, and
-keep only the encoder's keys; this module is the one place that knows both.
+from the weight file's parent folder (the naming convention of
+m2das.runfolder.folder_name) and keep only the encoder's keys.
 """
 
 import argparse
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from m2das import runfolder
+from m2das.runfolder import parse_folder_name
 
 ENCODER_KEYS = ("cls_token", "pos_embed", "norm_stats")
 ENCODER_PREFIXES = ("patch_embed.", "blocks.", "norm.")
 HEAD_PREFIX = "offline_predictor."
 DEFAULT_NORM_STATS = (-7.1, 4.2)  # what the runtime assumes for a file without norm_stats
-
-_FOLDER_RE = re.compile(r"^(?P<model>[^-]+)-(?P<f>\d+)x(?P<t>\d+)p(?P<pf>\d+)x(?P<pt>\d+)(?:p(?P<sr>\d+k))?(?:-|$)")
 
 
 class WeightsError(ValueError):
@@ -27,20 +24,6 @@ class WeightsError(ValueError):
 
 def is_encoder_key(name: str) -> bool:
     return name in ENCODER_KEYS or name.startswith(ENCODER_PREFIXES)
-
-
-def parse_folder_name(name: str) -> dict | None:
-    """`m2d_as_vit_base-80x608p16x16p16k-...` -> model, input_size, patch_size, sr; None if it does not parse."""
-    m = _FOLDER_RE.match(name)
-    if not m:
-        return None
-    return {"model": m["model"], "input_size": [int(m["f"]), int(m["t"])],
-            "patch_size": [int(m["pf"]), int(m["pt"])], "sr": m["sr"] or "16k"}
-
-
-def folder_name(model: str, input_size, patch_size, date: str, tag: str) -> str:
-    (f, t), (pf, pt) = input_size, patch_size
-    return f"{model}-{f}x{t}p{pf}x{pt}p16k-{date}-{tag}"
 
 
 @dataclass

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from m2das.fileio import is_url
-from m2das.lmsfile import LMS_DIR, OTHER_RECIPE_OUTPUTS, RECIPE_FILE, WrongShape, check_lms_file, describe_recipe, read_recipe
-from m2das.stats import NonFiniteLMS, crop_or_pad, crop_start, finite_crop
+from m2das.data.lmsfile import LMS_DIR, OTHER_RECIPE_OUTPUTS, RECIPE_FILE, WrongShape, check_lms_file, describe_recipe, read_recipe
+from m2das.data.stats import NonFiniteLMS, crop_or_pad, crop_start, finite_crop
 
 
 class DataListError(ValueError):
@@ -175,7 +175,7 @@ class PackedDataset(LMSDataset):
     """LMSDataset over a packed folder: the same crop start and padding, one contiguous read per crop."""
 
     def __init__(self, samples, frames: int, seed: int):
-        from m2das.packed import ShardReader
+        from m2das.data.packed import ShardReader
 
         super().__init__(samples, frames, seed)
         self.reader = ShardReader(samples.root)
@@ -183,7 +183,7 @@ class PackedDataset(LMSDataset):
     _ready: dict = {}  # (index, crop start) -> crop fetched ahead by __getitems__
 
     def crop(self, i: int, rng: np.random.Generator):
-        from m2das.packed import PackError, read_crop
+        from m2das.data.packed import PackError, read_crop
 
         start = crop_start(int(self.samples.frames[i]), self.frames, rng)
         x = self._ready.get((i, start))
@@ -196,7 +196,7 @@ class PackedDataset(LMSDataset):
     def __getitems__(self, keys):
         """A batch at once (the DataLoader calls this): over a URL its range requests run concurrently,
         not one round trip per sample. The crops are the ones __getitem__ draws."""
-        from m2das.packed import PackError, read_crops
+        from m2das.data.packed import PackError, read_crops
 
         if not is_url(self.samples.root):
             return [self[key] for key in keys]
@@ -218,7 +218,7 @@ def read_samples(data_path, csv_path, classes: list | None = None):
     `m2das train --data_path PACKED_DIR` needs no other data flag; a --csv_main
     other than the default cannot pick from a packed folder (pack that list instead).
     """
-    from m2das import packed
+    from m2das.data import packed
 
     try:
         found = packed.is_packed(data_path)
@@ -239,7 +239,7 @@ def read_samples(data_path, csv_path, classes: list | None = None):
 
 
 def make_dataset(samples, frames: int, seed: int) -> LMSDataset:
-    from m2das.packed import PackedSamples
+    from m2das.data.packed import PackedSamples
 
     return (PackedDataset if isinstance(samples, PackedSamples) else LMSDataset)(samples, frames, seed)
 
@@ -249,7 +249,7 @@ def validate_packed(samples, stamp: dict | None, log=None, freq_bins: int | None
     the CRC32 of the shards that changed since last verified. Returns the new stamp for
     RUN/validated.json; raises DataListError naming the first damaged shard.
     """
-    from m2das import packed
+    from m2das.data import packed
 
     if freq_bins is not None and freq_bins != samples.n_mels:
         raise DataListError(f"{packed.join(samples.root, packed.MANIFEST)}: packed LMS have {samples.n_mels} mel "
@@ -367,7 +367,7 @@ def recipe_of(data_path) -> dict | None:
     "inferred". None when the folder has neither (hand-made data).
     Raises DataListError when the record is unreadable.
     """
-    from m2das.audio import LEGACY_RESAMPLER, lms_recipe
+    from m2das.data.audio import LEGACY_RESAMPLER, lms_recipe
 
     try:
         record = read_recipe(data_path)
@@ -387,7 +387,7 @@ def record_recipe(run_dir, data_path) -> str | None:
     run started, the data folder still holds files of an older recipe, or the data
     is not the paper's recipe.
     """
-    from m2das.audio import lms_recipe
+    from m2das.data.audio import lms_recipe
     from m2das.fileio import write_json
 
     current = recipe_of(data_path)

@@ -80,7 +80,7 @@ def random_encoder_like(encoder, model_name: str, seed: int):
     import torch
 
     from m2das.model import create_model
-    from m2das.weights import is_encoder_key
+    from m2das.downstream.weights import is_encoder_key
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -151,9 +151,9 @@ def evaluate(weights, data, *, data_root=None, out=None, seed=42, lr=3e-4, epoch
 
     import torch
 
-    from m2das.embed import embed_files, pick_device
-    from m2das.encoder import load_encoder
-    from m2das.weights import read_weights, resolve_checkpoint
+    from m2das.downstream.embed import embed_files, pick_device
+    from m2das.downstream.encoder import load_encoder
+    from m2das.downstream.weights import read_weights, resolve_checkpoint
 
     weights_file = resolve_checkpoint(weights)
     device = pick_device(device)
@@ -251,8 +251,8 @@ def main(argv=None) -> int:
     p.add_argument("--no_progress", "--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from m2das.embed import InputError
-    from m2das.weights import WeightsError
+    from m2das.downstream.embed import InputError
+    from m2das.downstream.weights import WeightsError
 
     try:
         r = evaluate(args.weights, args.data, data_root=args.data_root, out=args.out, seed=args.seed, lr=args.lr,

@@ -15,7 +15,8 @@ from pathlib import Path
 from m2das import remote
 from m2das.fileio import is_url
 from m2das.runfolder import EXIT_BAD_INPUT
-from m2das.weights import WeightsError, folder_name, parse_folder_name, read_weights
+from m2das.downstream.weights import WeightsError, read_weights
+from m2das.runfolder import folder_name, parse_folder_name
 
 CLASSES_FILE = "classes.json"
 

@@ -13,7 +13,7 @@ EVAL_LIST = "files_as_eval.csv"  # written by prepare, the monitor's default lis
 
 def write_eval_list(data_dir, metadata_dir, weighted_list: str, hold_out: bool = False) -> dict:
     """Split the prepared, labelled files by eval_segments.csv; returns counts for the summary."""
-    from m2das import labels
+    from m2das.data import labels
 
     data_dir, metadata_dir = Path(data_dir), Path(metadata_dir)
     segments = metadata_dir / labels.EVAL_SEGMENTS

@@ -4,7 +4,7 @@ Every launcher route asks `decide` and nothing else: the submitit job
 (`launch/submit.py`, in `TrainJob.checkpoint` and after the trainer returns),
 the SIGKILL/OOM teardown of the submitit batch script, the local supervisor,
 and the sbatch templates (`slurm/m2das-common.sh`, through
-`python -m m2das.requeue decide ...`). The defaults below are declared here
+`python -m m2das.cluster.requeue decide ...`). The defaults below are declared here
 only; the sbatch templates' `#SBATCH --signal` line is held to them by a test.
 
 Torch-free: launchers and batch scripts import it on login nodes.
@@ -173,7 +173,7 @@ def master_port(job_id, restart_count) -> int:
 # -- command line, for the sbatch templates -----------------------------------------
 def _cli(argv) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m m2das.requeue",
+        prog="python -m m2das.cluster.requeue",
         description="The requeue policy for batch scripts. `decide` prints one word (requeue, requeue_cap, "
                     "finished, diverged, failed, stopped) and records it in RUN/launcher.jsonl; `task-exit` "
                     "records one task's exit code for it; `port` prints "
@@ -215,7 +215,7 @@ def _cli(argv) -> int:
     try:
         cap = int(args.max_requeues) if str(args.max_requeues).strip() else MAX_REQUEUES
     except ValueError:
-        print(f"python -m m2das.requeue: error: --max-requeues {args.max_requeues!r}: expected a whole number",
+        print(f"python -m m2das.cluster.requeue: error: --max-requeues {args.max_requeues!r}: expected a whole number",
               file=sys.stderr)
         return EXIT_BAD_INPUT
     codes = args.codes + task_exits(args.run, args.job_id, args.restart)

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from m2das import remote, requeue, runfolder
+from m2das import remote, runfolder
+from m2das.cluster import requeue
 from m2das.fileio import is_url, read_jsonl
 
 RECENT_LOG_ROWS = 20

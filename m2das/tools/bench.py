@@ -263,7 +263,7 @@ def _synthetic_data(folder: Path, n_files: int, frames: int) -> Path:
     import numpy as np
 
     from m2das.fileio import write_json
-    from m2das.stats import NORM_STATS_FILE
+    from m2das.data.stats import NORM_STATS_FILE
 
     rng = np.random.default_rng(0)
     (folder / "audioset_lms").mkdir(parents=True)
@@ -283,8 +283,8 @@ def _time_index(folder: Path, rows: int, shards: int) -> dict:
 
     import numpy as np
 
-    from m2das import packed
-    from m2das.data import validate_packed
+    from m2das.data import packed
+    from m2das.data.dataset import validate_packed
     from m2das.fileio import write_json
 
     folder.mkdir()
@@ -325,8 +325,8 @@ def data_main(argv) -> int:
 
     import numpy as np
 
-    from m2das.data import LMSDataset, make_dataset, read_list, read_samples, validate
-    from m2das.pack import pack
+    from m2das.data.dataset import LMSDataset, make_dataset, read_list, read_samples, validate
+    from m2das.data.pack import pack
 
     p = argparse.ArgumentParser(prog="m2das bench data", description=data_main.__doc__)
     p.add_argument("--files", type=int, default=400, help="synthetic clips [1, 80, 1001] (default 400)")
@@ -392,7 +392,7 @@ def main(argv=None) -> int:
     if argv[0] == "data":
         return data_main(argv[1:])
     if argv[0] == "prepare":
-        from m2das.prepare import bench_main
+        from m2das.data.prepare import bench_main
 
         return bench_main(argv[1:])
     print(f"m2das bench: unknown benchmark {argv[0]!r}\n{usage}", file=sys.stderr)

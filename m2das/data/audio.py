@@ -22,7 +22,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from m2das.lmsfile import N_MELS
+from m2das.data.lmsfile import N_MELS
 
 SAMPLE_RATE = 16000
 N_FFT = 400

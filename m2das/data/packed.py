@@ -123,7 +123,7 @@ def fingerprint(path) -> list:
 
 @dataclass
 class PackedSamples:
-    """The same fields as m2das.data.SampleList (the trainer uses either), plus where each sample lies."""
+    """The same fields as m2das.data.dataset.SampleList (the trainer uses either), plus where each sample lies."""
 
     root: str
     files: list
@@ -360,7 +360,7 @@ def crop_range(samples: PackedSamples, i: int, start: int, frames: int) -> tuple
 def to_crop(samples: PackedSamples, data: bytes, rows: int, frames: int) -> np.ndarray:
     """Time-major bytes -> [1, n_mels, frames] float32, zero-padded on the right.
 
-    The same window and padding as m2das.stats.crop_or_pad on the [1, n_mels, T]
+    The same window and padding as m2das.data.stats.crop_or_pad on the [1, n_mels, T]
     file, so float32 packs give bit-identical crops.
     """
     out = np.zeros((1, samples.n_mels, frames), dtype=np.float32)

@@ -34,7 +34,7 @@ def find_inputs(folder) -> list:
 
 def read_lms(path) -> np.ndarray:
     """An LMS .npy as `m2das prepare` writes it, or an audio file made into one the same way."""
-    from m2das import audio
+    from m2das.data import audio
 
     path = Path(path)
     if path.suffix.lower() == LMS_SUFFIX:
@@ -120,9 +120,9 @@ def main(argv=None) -> int:
     p.add_argument("--no_progress", "--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from m2das.encoder import load_encoder
+    from m2das.downstream.encoder import load_encoder
     from m2das.fileio import atomic_write
-    from m2das.weights import WeightsError
+    from m2das.downstream.weights import WeightsError
 
     try:
         files = find_inputs(args.audio_dir)

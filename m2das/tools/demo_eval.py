@@ -28,8 +28,8 @@ def write_demo_split(data_dir, out_csv) -> Path:
 
 def evaluate_demo(out_dir, data_dir, checkpoint) -> str:
     """Export, evaluate trained and random-init encoders; returns the summary line."""
-    from m2das.export import export
-    from m2das.linear_eval import evaluate, format_score, summary_line
+    from m2das.downstream.export import export
+    from m2das.downstream.linear_eval import evaluate, format_score, summary_line
 
     out_dir = Path(out_dir)
     weights = export(checkpoint, out_dir / "export")

@@ -99,9 +99,9 @@ def _utf8_name(path) -> bool:
         return False
 
 
-def num_frames(num_samples: int) -> int:
-    """Frames of a centred STFT of a 16-kHz clip after the 6.1-s minimum padding."""
-    return 1 + max(num_samples, MIN_SAMPLES) // HOP_LENGTH
+def num_frames(num_samples: int, *, pad: bool = True) -> int:
+    """Frames of a centred STFT of a 16-kHz clip after the 6.1-s minimum padding (`pad=False`: none)."""
+    return 1 + (max(num_samples, MIN_SAMPLES) if pad else num_samples) // HOP_LENGTH
 
 
 def resampled_length(num_samples: int, sample_rate: int) -> int:
@@ -182,9 +182,12 @@ def _mel(device) -> torch.nn.Module:
     return _MEL_CACHE[key]
 
 
-def _padded(x: torch.Tensor) -> torch.Tensor:
-    """Zero-pad to 6.1 s at the end, then reflect-pad n_fft/2 on both sides (a centred STFT)."""
-    if x.numel() < MIN_SAMPLES:
+def _padded(x: torch.Tensor, pad: bool = True) -> torch.Tensor:
+    """Zero-pad to 6.1 s at the end (pre-training's rule; `pad=False` for downstream use), then
+    reflect-pad n_fft/2 on both sides (a centred STFT)."""
+    if not pad and x.numel() <= N_FFT // 2:
+        raise AudioError(f"too short: {x.numel()} samples at 16 kHz; a clip needs more than {N_FFT // 2}")
+    if pad and x.numel() < MIN_SAMPLES:
         x = torch.nn.functional.pad(x, (0, MIN_SAMPLES - x.numel()))
     return torch.nn.functional.pad(x[None, None], (N_FFT // 2, N_FFT // 2), mode="reflect")[0, 0]
 
@@ -202,23 +205,26 @@ def _full_float32():
 
 
 @torch.no_grad()
-def lms_batch_16k(waves: list, device=None) -> list[np.ndarray]:
-    """Mono 16-kHz waveforms (tensors or arrays) -> one float32 [1, 80, T] LMS each, one STFT batch."""
+def lms_batch_16k(waves: list, device=None, *, pad: bool = True) -> list[np.ndarray]:
+    """Mono 16-kHz waveforms (tensors or arrays) -> one float32 [1, 80, T] LMS each, one STFT batch.
+
+    `pad=False`: no 6.1-s minimum, the clip as it is (what the published runtime encodes)."""
     if not waves:
         return []
     waves = [torch.as_tensor(w) for w in waves]
     device = waves[0].device if device is None else torch.device(device)
-    padded = [_padded(w.to(device)) for w in waves]
+    padded = [_padded(w.to(device), pad) for w in waves]
     longest = max(p.numel() for p in padded)
     batch = torch.stack([torch.nn.functional.pad(p, (0, longest - p.numel())) for p in padded])
     with _full_float32():
         mel = _mel(device)(batch)  # [B, 80, frames of the longest]
     lms = torch.log(mel + EPS).cpu().numpy()
-    return [np.ascontiguousarray(lms[i, None, :, : num_frames(w.numel())], dtype=np.float32)
+    return [np.ascontiguousarray(lms[i, None, :, : num_frames(w.numel(), pad=pad)], dtype=np.float32)
             for i, w in enumerate(waves)]
 
 
-def lms_from_waveform(wave, sample_rate: int, device=None, resampler: str = RESAMPLER) -> np.ndarray:
+def lms_from_waveform(wave, sample_rate: int, device=None, resampler: str = RESAMPLER, *,
+                      pad: bool = True) -> np.ndarray:
     """Waveform ([samples] or [channels, samples], numpy or torch) -> float32 LMS [1, 80, T].
 
     T = 1 + max(n, 97600) // 160 for n samples at 16 kHz (1001 for a 10-s clip).
@@ -226,13 +232,13 @@ def lms_from_waveform(wave, sample_rate: int, device=None, resampler: str = RESA
     x = to_mono_16k(wave, sample_rate, None, resampler)
     if not torch.isfinite(x).all():
         raise AudioError("NaN or inf samples")
-    return lms_batch_16k([x], device)[0]
+    return lms_batch_16k([x], device, pad=pad)[0]
 
 
-def lms_from_file(path, device=None) -> tuple[np.ndarray, float]:
+def lms_from_file(path, device=None, *, pad: bool = True) -> tuple[np.ndarray, float]:
     """File -> (LMS, duration in seconds of the original audio)."""
     wave, sr = load_audio(path)
-    return lms_from_waveform(wave, sr, device), wave.shape[1] / sr
+    return lms_from_waveform(wave, sr, device, pad=pad), wave.shape[1] / sr
 
 
 def duration_from_frames(frames: int) -> float:

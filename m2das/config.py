@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 from m2das import runfolder
+from m2das.cliargs import Parser
+from m2das.datafolder import WEIGHTED_LIST
 from m2das.runfolder import folder_name
 
 # Flags that change what is trained; a restart with any of them different is
@@ -54,15 +56,6 @@ def model_name(text: str) -> str:
     return text
 
 
-class Parser(argparse.ArgumentParser):
-    """Errors as one line naming the flag and where to look, exit 2 (EXIT_BAD_INPUT)."""
-
-    def error(self, message):
-        from m2das.runfolder import EXIT_BAD_INPUT
-
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
 def _exit_codes_epilog() -> str:
     from m2das.runfolder import EXIT_CODES
 
@@ -96,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--loss_off", type=float, default=1.0, help="weight of the offline (AudioSet label) loss")
     a("--data_path", default="data", help="data root: the list's file names are relative to it; or a packed "
       "folder (m2das pack), local or an fsspec URL, which needs no other data flag")
-    a("--csv_main", default=None, help="list with file_name,label[,weight] (default DATA_PATH/files_as_weighted.csv)")
+    a("--csv_main", default=None, help=f"list with file_name,label[,weight] (default DATA_PATH/{WEIGHTED_LIST})")
     a("--output_dir", default=None, help="run folder (default runs/{model}-{F}x{T}p{pf}x{pt}p16k-{YYMMDD}-{config})")
     a("--runs_dir", default="runs", help="parent of the default run folder")
     a("--bf16", action="store_true", help="bf16 autocast instead of fp16 + loss scaling (CUDA)")
@@ -129,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv) -> dict:
     cfg = vars(build_parser().parse_args(argv))
     if cfg["csv_main"] is None:
-        cfg["csv_main"] = str(Path(cfg["data_path"]) / "files_as_weighted.csv")
+        cfg["csv_main"] = str(Path(cfg["data_path"]) / WEIGHTED_LIST)
     return cfg
 
 

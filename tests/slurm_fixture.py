@@ -296,9 +296,9 @@ LONG_EPOCHS = 16
 
 def train_argv_for(run_dir, data_dir, epochs=TINY_EPOCHS):
     """Exactly the trainer argv `launch/submit.py --preset cpu-test` builds (imported, not copied)."""
-    from m2das.cluster import submit
-    args = submit.build_parser().parse_args(["--preset", "cpu-test", "--cluster", "local", "--run-dir", str(run_dir)])
-    return submit.Plan(args, user_trainer_flags(data_dir, epochs)).train_argv
+    from m2das.cluster import plan
+    args = plan.build_parser().parse_args(["--preset", "cpu-test", "--cluster", "local", "--run-dir", str(run_dir)])
+    return plan.Plan(args, user_trainer_flags(data_dir, epochs)).train_argv
 
 
 def user_trainer_flags(data_dir, epochs=TINY_EPOCHS):

@@ -18,7 +18,8 @@ from slurm_fixture import (REPO, TINY_EPOCHS, assert_same_weights, load_model_te
                            read_jsonl, reference_weights, starts, tiny_data, user_trainer_flags, wait_for,
                            wait_for_progress)
 
-from m2das.cluster import submit  # noqa: E402
+from m2das.cluster import plan, requeue  # noqa: E402
+from m2das.runfolder import EXIT_RESUMABLE  # noqa: E402
 
 
 def _alive(pid):
@@ -91,7 +92,7 @@ def test_local_supervisor_resumes_after_signals_and_kill(tiny_data, reference_we
     wait_for(lambda: any(e.get("event") == "requeue" for e in read_jsonl(run / "launcher.jsonl")), 120,
              "the first start to stop", diag)
     first = [e for e in read_jsonl(run / "launcher.jsonl") if e.get("event") == "requeue"][0]
-    assert first["exit_codes"] == [submit.EXIT_RESUMABLE] * 2, first
+    assert first["exit_codes"] == [EXIT_RESUMABLE] * 2, first
     # 2. SIGTERM straight to the trainer processes (an outside agent): same.
     wait_for_progress(run, 2, 3, 240, diag)
     ranks = children(sup)
@@ -164,7 +165,7 @@ def test_foreground_stop_then_rerun_finishes_exactly(tiny_data, reference_weight
     ranks = children(proc.pid)
     assert len(ranks) == 2, ranks
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=90) == submit.EXIT_RESUMABLE, diag()
+    assert proc.wait(timeout=90) == EXIT_RESUMABLE, diag()
     assert not [p for p in ranks if _alive(p)], "ranks outlived the foreground launcher"
     assert (run / "last.pth").exists()
     events = read_jsonl(run / "launcher.jsonl")
@@ -194,22 +195,22 @@ def test_foreground_and_srun_args_belong_to_their_cluster(tmp_path):
 
 def test_argument_rule_and_batch_split():
     """Launcher flags first; `--` or the first unknown flag starts the trainer's, which win."""
-    assert submit.split_argv(["--preset", "24gb", "--", "--epochs", "100"]) == (["--preset", "24gb"],
+    assert plan.split_argv(["--preset", "24gb", "--", "--epochs", "100"]) == (["--preset", "24gb"],
                                                                               ["--epochs", "100"])
-    assert submit.split_argv(["--preset", "24gb", "--nodes", "2", "--epochs", "100", "--bf16"]) == (
+    assert plan.split_argv(["--preset", "24gb", "--nodes", "2", "--epochs", "100", "--bf16"]) == (
         ["--preset", "24gb", "--nodes", "2"], ["--epochs", "100", "--bf16"])
     # --nodes keeps the effective batch 2048: 24gb on 8 GPUs drops accumulation, 48gb halves the per-GPU batch.
-    assert submit.scale_batch(256, 2, 4, 8)[:2] == (256, 1)
-    assert submit.scale_batch(512, 1, 4, 8)[:2] == (256, 1)
-    assert submit.scale_batch(512, 1, 4, 2)[:2] == (512, 2)  # fewer GPUs: accumulate instead
-    with pytest.raises(submit.UsageError, match="cannot be split evenly over 12"):
-        submit.scale_batch(512, 1, 4, 12)
-    args = submit.build_parser().parse_args(["--preset", "48gb", "--nodes", "2", "--run-dir", "/tmp/r"])
-    plan = submit.Plan(args, ["--epochs", "100", "--output_dir", "/tmp/r"])
-    assert plan.world_size == 8 and plan.train_argv[-2:] == ["--output_dir", "/tmp/r"]
-    assert plan.train_argv[plan.train_argv.index("--batch_size") + 1] == "256"
-    assert plan.train_argv.index("--epochs") > plan.train_argv.index("--batch_size")  # user flags come last
-    assert [submit.parse_time_minutes(t) for t in ("90", "2:00:00", "1-00:00:00", "00:30")] == [90, 120, 1440, 1]
+    assert plan.scale_batch(256, 2, 4, 8)[:2] == (256, 1)
+    assert plan.scale_batch(512, 1, 4, 8)[:2] == (256, 1)
+    assert plan.scale_batch(512, 1, 4, 2)[:2] == (512, 2)  # fewer GPUs: accumulate instead
+    with pytest.raises(plan.UsageError, match="cannot be split evenly over 12"):
+        plan.scale_batch(512, 1, 4, 12)
+    args = plan.build_parser().parse_args(["--preset", "48gb", "--nodes", "2", "--run-dir", "/tmp/r"])
+    job = plan.Plan(args, ["--epochs", "100", "--output_dir", "/tmp/r"])
+    assert job.world_size == 8 and job.train_argv[-2:] == ["--output_dir", "/tmp/r"]
+    assert job.train_argv[job.train_argv.index("--batch_size") + 1] == "256"
+    assert job.train_argv.index("--epochs") > job.train_argv.index("--batch_size")  # user flags come last
+    assert [plan.parse_time_minutes(t) for t in ("90", "2:00:00", "1-00:00:00", "00:30")] == [90, 120, 1440, 1]
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -275,7 +276,7 @@ def test_hyphens_and_underscores_help_and_dry_run(tmp_path):
     assert spec["train_argv"][-6:] == ["--batch-size", "2", "--log-every", "5", "--output_dir", str(tmp_path / "run")]
     assert "batch flags given: not rescaled" in out.stdout  # --batch-size counts as --batch_size
     text = launcher("--help").stdout
-    for words in ("(default: 48gb)", f"(default: {submit.requeue.LEAD_S})", "exit codes: 0 ", "2 bad input",
+    for words in ("(default: 48gb)", f"(default: {requeue.LEAD_S})", "exit codes: 0 ", "2 bad input",
                   "3 diverged", "75 stopped"):
         assert words in " ".join(text.split()), words
     # The printed trainer command is quoted: what the shell reads back is what runs.

@@ -93,16 +93,13 @@ def test_templates_are_held_to_the_policy():
 
 
 def test_submitit_route_uses_the_same_signal_and_lead(tmp_path):
-    sys.path.insert(0, str(REPO / "launch"))
-    try:
-        import submit
-    finally:
-        sys.path.remove(str(REPO / "launch"))
     from submitit.slurm.slurm import SlurmJobEnvironment
 
+    from m2das.cluster import plan
+
     assert SlurmJobEnvironment.USR_SIG == requeue.SIGNAL  # submitit requeues on this one
-    assert submit.build_parser().parse_args([]).signal_delay == requeue.LEAD_S
-    assert submit.build_parser().parse_args([]).max_requeues == requeue.MAX_REQUEUES
+    assert plan.build_parser().parse_args([]).signal_delay == requeue.LEAD_S
+    assert plan.build_parser().parse_args([]).max_requeues == requeue.MAX_REQUEUES
     out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test", "--cluster",
                           "slurm", "--run-dir", str(tmp_path / "run"), "--dry-run"], capture_output=True, text=True,
                          cwd=REPO)

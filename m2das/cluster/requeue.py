@@ -13,12 +13,12 @@ Torch-free: launchers and batch scripts import it on login nodes.
 import argparse
 import datetime
 import os
-import re
 import sys
 from pathlib import Path
 
 from m2das import runfolder
 from m2das.fileio import append_jsonl, read_jsonl
+from m2das.machine import master_port  # the one MASTER_PORT rule, for `port`
 from m2das.runfolder import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE
 
 # -- defaults, declared once ----------------------------------------------------------
@@ -161,13 +161,6 @@ def record(run_dir, decision: Decision, by: str, job_id, restart_count, **extra)
            "event": decision.action, "by": by, "job_id": str(job_id), "restart_count": int(restart_count),
            "start_id": start_id(job_id, restart_count), "message": decision.reason, **extra}
     append_jsonl(Path(run_dir) / runfolder.LAUNCHER, row)
-
-
-# -- one MASTER_PORT rule ---------------------------------------------------------------
-def master_port(job_id, restart_count) -> int:
-    """Same on every task of one start, different after a requeue (no stale socket clash)."""
-    digits = int(re.sub(r"\D", "", str(job_id)) or 0)
-    return 15000 + (digits * 31 + int(restart_count) * 7919) % 20000
 
 
 # -- command line, for the sbatch templates -----------------------------------------

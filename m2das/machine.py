@@ -37,7 +37,7 @@ def device_flag(text: str) -> str:
     try:
         return parse_device(text)
     except DeviceError as e:
-        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {DEVICE_HELP}") from None
 
 
 def resolve_device(text: str, local_rank: int = 0):

@@ -8,18 +8,17 @@ reports
   - RankMe, the effective rank of the clip embeddings (Garrido et al., ICML 2023),
   - leave-one-out kNN accuracy of the clip embeddings on their labels.
 Crops are fixed (the centre of each clip) and no random generator is touched,
-so a resumed run stays bit-identical with the monitor on. Torch is imported
-only when a monitor is built: the flags are read on login nodes.
+so a resumed run stays bit-identical with the monitor on. Torch and numpy are
+imported only inside the functions that need them: the flags are read by the
+launcher on login nodes, where neither is installed.
 """
 
 import time
 from pathlib import Path
 
-import numpy as np
-
 from m2das import runfolder
 from m2das.fileio import append_jsonl
-from m2das.data.heldout import EVAL_LIST
+from m2das.datafolder import EVAL_LIST
 
 METRIC_KEYS = ("monitor_map", "monitor_rankme", "monitor_knn_acc", "monitor_seconds", "monitor_clips")
 
@@ -60,6 +59,8 @@ class Monitor:
     @staticmethod
     def _read(path: Path, root: Path, classes: list, freq_bins: int):
         """The list with its labels mapped onto the run's classes; labels the run lacks are ignored."""
+        import numpy as np
+
         from m2das.data.dataset import DataListError, read_list, validate
 
         if not path.exists():
@@ -78,7 +79,10 @@ class Monitor:
     def due(self, epoch: int) -> bool:
         return self.every > 0 and epoch > 0 and epoch % self.every == 0
 
-    def _crop(self, i: int) -> np.ndarray:
+    def _crop(self, i: int):
+        """The centre crop of list row `i` as a float32 array."""
+        import numpy as np
+
         from m2das.data.stats import crop_or_pad
 
         lms = np.load(self.samples.root / self.samples.files[i], mmap_mode="r")
@@ -86,6 +90,7 @@ class Monitor:
 
     def _encode(self, model, ids) -> tuple:
         """(probabilities [n, C], clip embeddings [n, rows*D]) of list rows `ids`, on this rank's device."""
+        import numpy as np
         import torch
 
         from m2das.model import encode_tokens, tokens_to_frames
@@ -119,6 +124,7 @@ class Monitor:
 
     def run(self, model, epoch: int) -> dict:
         """Metrics as a flat dict of monitor_* numbers (empty on ranks other than 0)."""
+        import numpy as np
         import torch
         import torch.distributed as dist
 

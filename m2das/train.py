@@ -28,7 +28,7 @@ from m2das import config, remote, runfolder
 from m2das.data import packed
 from m2das.checkpoint import Checkpointer, CheckpointError, Progress, RNGState, load_weight_file
 from m2das.data.dataset import (DataListError, ResumableSampler, default_workers, make_dataset, make_loader, read_samples,
-                        record_recipe, validate, validate_packed)
+                        validate, validate_packed)
 from m2das.fileio import append_jsonl, atomic_write, is_url, read_jsonl, write_json
 from m2das.model import create_model
 from m2das.monitor import Monitor
@@ -37,7 +37,9 @@ from m2das.remote import RemoteError, RemoteRunFolder
 from m2das.runfolder import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_RESUMABLE, RunLock, RunLocked
 from m2das.schedule import ema_decay, learning_rate
 from m2das.signals import StopRequest
-from m2das.data.stats import NORM_STATS_FILE, compute_norm_stats, read_norm_stats, write_norm_stats
+from m2das.data.recipe import record_recipe
+from m2das.data.stats import compute_norm_stats, read_norm_stats, write_norm_stats
+from m2das.datafolder import NORM_STATS
 
 
 class TrainError(Exception):
@@ -216,7 +218,7 @@ def resolve_norm_stats(cfg: dict, samples, run_dir: Path) -> dict:
             raise TrainError(f"{path}: cannot be read ({type(e).__name__}: {e}); restore it, or delete it "
                              f"to take the statistics again") from None
 
-    own, data_file = run_dir / NORM_STATS_FILE, Path(cfg["data_path"]) / NORM_STATS_FILE
+    own, data_file = run_dir / NORM_STATS, Path(cfg["data_path"]) / NORM_STATS
     if own.exists():
         return read(own)
     if getattr(samples, "norm_stats", None):
@@ -612,7 +614,7 @@ def print_config(cfg: dict, env: dict) -> int:
             rows = int(packed.read_manifest(cfg["data_path"])["samples"])
     derived = config.resolve(cfg, env["world_size"], rows)
     run_dir = cfg["output_dir"] or str(config.default_output_dir(cfg, env["world_size"]))
-    stats_sources = [Path(run_dir) / NORM_STATS_FILE, Path(cfg["data_path"]) / NORM_STATS_FILE]
+    stats_sources = [Path(run_dir) / NORM_STATS, Path(cfg["data_path"]) / NORM_STATS]
     norm = next((str(p) for p in stats_sources if p.exists()), None) or \
         f"computed at first start from {cfg['stats_files']} random crops (seed 0), saved in the run folder"
     out = {**cfg, **derived, "output_dir": run_dir, "norm_stats_source": norm,

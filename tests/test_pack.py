@@ -13,14 +13,15 @@ import torch
 from conftest import TINY_TRAIN, run_m2das, write_lms_folder
 from m2das.data import packed
 from m2das.data.dataset import DataListError, make_dataset, read_samples, validate_packed
-from m2das.data.stats import NORM_STATS_FILE, compute_norm_stats, write_norm_stats
+from m2das.data.stats import compute_norm_stats, write_norm_stats
+from m2das.datafolder import NORM_STATS
 
 
 def data_folder(root: Path, n_files: int = 12) -> Path:
     """A prepared folder with its norm stats, as `m2das prepare` leaves it."""
     data = write_lms_folder(root, n_files=n_files)
     paths = sorted((data / "audioset_lms").glob("*.npy"))
-    write_norm_stats(data / NORM_STATS_FILE, compute_norm_stats(paths, num_files=50, frames=208))
+    write_norm_stats(data / NORM_STATS, compute_norm_stats(paths, num_files=50, frames=208))
     return data
 
 

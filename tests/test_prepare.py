@@ -429,9 +429,9 @@ def test_batched_path_gives_the_same_files_as_per_file_workers(tmp_path):
 
 
 def test_bench_prepare_reports_files_per_core(capsys):
-    from m2das.data.prepare import bench_main, cpu_model
+    from m2das.tools.bench import cpu_model, prepare_main
 
-    assert bench_main(["--files", "3", "--workers", "1", "--device", "cpu"]) == 0
+    assert prepare_main(["--files", "3", "--workers", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert cpu_model() in out and f"{os.cpu_count()} cores" in out
     assert "cpu, new (soxr HQ): 3 clips (10 s, 44.1 kHz, stereo, 16-bit wav)" in out
@@ -446,7 +446,7 @@ def _upper_or_die(name: str) -> str:
 
 
 def test_robust_map_isolates_the_input_that_kills_its_worker():
-    from m2das.data.prepare import CRASHED, robust_map
+    from m2das.data.convert import CRASHED, robust_map
 
     names = [f"f{i}" for i in range(10)] + ["crash-me"] + [f"g{i}" for i in range(10)]
     got = dict(robust_map(_upper_or_die, names, workers=2))
@@ -612,7 +612,7 @@ def test_workers_and_forkserver_exit_after_the_main_process_is_killed(tmp_path):
 def test_a_folder_of_the_old_recipe_is_refused_then_reconverted(tmp_path, capsys):
     """Old folders (torchaudio resampling, no recipe record) never mix silently with new files."""
     from m2das.data.audio import LEGACY_RESAMPLER
-    from m2das.data.dataset import record_recipe
+    from m2das.data.recipe import record_recipe
 
     audio, data = tmp_path / "audio", tmp_path / "data"
     write(audio / "a16k.wav", tone(7, 16000, seed=1), 16000)

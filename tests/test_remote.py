@@ -8,7 +8,8 @@ import torch
 
 from conftest import TINY_TRAIN, run_m2das, write_lms_folder
 from m2das import EXIT_BAD_INPUT, EXIT_RESUMABLE, remote, runfolder
-from m2das.data.stats import NORM_STATS_FILE, compute_norm_stats, write_norm_stats
+from m2das.data.stats import compute_norm_stats, write_norm_stats
+from m2das.datafolder import NORM_STATS
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def test_data_and_run_in_object_storage_stop_move_node_resume_and_equal_a_local_
     fs, url = bucket
     data = write_lms_folder(tmp_path / "data", n_files=24)
     paths = sorted((data / "audioset_lms").glob("*.npy"))  # as `m2das prepare` leaves it, stats included
-    write_norm_stats(data / NORM_STATS_FILE, compute_norm_stats(paths, num_files=50, frames=208))
+    write_norm_stats(data / NORM_STATS, compute_norm_stats(paths, num_files=50, frames=208))
     local = tmp_path / "local"
     assert run_m2das(*args(data, local)).returncode == 0
     # Data in the bucket too: the packed folder, read with range requests.

@@ -20,8 +20,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from m2das.datafolder import PACKED_DIR, WEIGHTED_LIST
 from m2das.fileio import is_url
-from m2das.data.lmsfile import LMS_DIR, OTHER_RECIPE_OUTPUTS, RECIPE_FILE, WrongShape, check_lms_file, describe_recipe, read_recipe
+from m2das.data.lmsfile import WrongShape, check_lms_file
 from m2das.data.stats import NonFiniteLMS, crop_or_pad, crop_start, finite_crop
 
 
@@ -226,10 +227,10 @@ def read_samples(data_path, csv_path, classes: list | None = None):
         raise DataListError(str(e)) from None
     if not found and is_url(data_path):
         raise DataListError(f"{data_path}: no {packed.MANIFEST} there; from a URL only packed folders are read "
-                            f"(`m2das pack DATA_DIR`, then upload DATA_DIR/packed)")
+                            f"(`m2das pack DATA_DIR`, then upload DATA_DIR/{PACKED_DIR})")
     if not found:
         return read_list(csv_path, data_path, classes)
-    if csv_path is not None and str(csv_path) != str(Path(data_path) / "files_as_weighted.csv"):
+    if csv_path is not None and str(csv_path) != str(Path(data_path) / WEIGHTED_LIST):
         raise DataListError(f"{data_path} is a packed folder, it carries its own list: drop --csv_main {csv_path}, "
                             f"or pack that list with `m2das pack DATA_DIR --list {csv_path}`")
     try:
@@ -354,67 +355,3 @@ def default_workers(requested: int, world_size: int) -> int:
     """No more workers than this process's share of the cores."""
     per_rank = max((os.cpu_count() or 1) // max(world_size, 1) - 1, 0)
     return min(requested, per_rank) if requested > 0 else 0
-
-
-# ---------------------------------------------------------------- the LMS recipe of a run's data
-
-
-def recipe_of(data_path) -> dict | None:
-    """The LMS recipe record of a data folder (DATA/lms_recipe.json, written by `m2das prepare`).
-
-    A folder with LMS files but no record was made before the record existed,
-    with torchaudio's resampler: its record is the legacy recipe, marked
-    "inferred". None when the folder has neither (hand-made data).
-    Raises DataListError when the record is unreadable.
-    """
-    from m2das.data.audio import LEGACY_RESAMPLER, lms_recipe
-
-    try:
-        record = read_recipe(data_path)
-    except ValueError as e:
-        raise DataListError(str(e)) from None
-    if record is None and (Path(data_path) / LMS_DIR).is_dir():
-        record = {"recipe": lms_recipe(LEGACY_RESAMPLER), "inferred": True}
-    return record
-
-
-def record_recipe(run_dir, data_path) -> str | None:
-    """Pin the data's LMS recipe in the run folder; a one-line warning when the run mixes recipes.
-
-    First start: copies the data folder's record into RUN/lms_recipe.json. Later
-    starts: compares the data folder's recipe with the pinned one. The warning
-    (None when all is well) names what differs: the data changed recipe since the
-    run started, the data folder still holds files of an older recipe, or the data
-    is not the paper's recipe.
-    """
-    from m2das.data.audio import lms_recipe
-    from m2das.fileio import write_json
-
-    current = recipe_of(data_path)
-    if current is None:
-        return None
-    pinned_path = Path(run_dir) / RECIPE_FILE
-    try:
-        pinned = read_recipe(run_dir)
-    except ValueError as e:
-        raise DataListError(str(e)) from None
-    if pinned is None:
-        write_json(pinned_path, current)
-        pinned = current
-    warnings = []
-    if pinned["recipe"] != current["recipe"]:
-        warnings.append(f"this run started on LMS made with {describe_recipe(pinned['recipe'])} "
-                        f"({pinned_path}), but {data_path} now holds {describe_recipe(current['recipe'])}: "
-                        f"the run mixes recipes; start a new run folder to train on one recipe")
-    others = current.get(OTHER_RECIPE_OUTPUTS) or []
-    if others:
-        warnings.append(f"{len(others)} LMS files in {data_path} were made with another recipe (e.g. "
-                        f"{others[0]}); rerun `m2das prepare --reconvert` on it")
-    if not warnings and current.get("inferred"):
-        warnings.append(f"{data_path} has no {RECIPE_FILE}: its LMS were made by another tool or before "
-                        f"m2das recorded recipes ({describe_recipe(current['recipe'])}, not the paper's "
-                        f"{describe_recipe(lms_recipe())}); `m2das prepare --reconvert` brings it up to date")
-    elif not warnings and current["recipe"] != lms_recipe():
-        warnings.append(f"{data_path} holds LMS made with {describe_recipe(current['recipe'])}, not the "
-                        f"paper's {describe_recipe(lms_recipe())}; `m2das prepare --reconvert` converts it")
-    return "; ".join(warnings) or None

@@ -8,7 +8,7 @@ the monitor measures clips the model never trained on.
 
 from pathlib import Path
 
-EVAL_LIST = "files_as_eval.csv"  # written by prepare, the monitor's default list
+from m2das.datafolder import EVAL_LIST
 
 
 def write_eval_list(data_dir, metadata_dir, weighted_list: str, hold_out: bool = False) -> dict:

@@ -11,7 +11,6 @@ import re
 import numpy as np
 
 N_MELS = 80
-LMS_DIR = "audioset_lms"  # DATA/audioset_lms/<relative path of the audio>.npy
 
 # What np.save writes for a float32 [1, 80, T]: recognised without parsing.
 _NPY_HEADER = re.compile(rb"\x93NUMPY\x01\x00v\x00\{'descr': '<f4', 'fortran_order': False, "
@@ -61,35 +60,3 @@ def _check_shape(shape, dtype, n_mels: int) -> int:
         raise WrongShape(f"expected float32 [1, {n_mels}, T] with T >= 1, got {dtype} shape "
                          f"{list(shape)}")
     return int(shape[2])
-
-
-# ---------------------------------------------------------------- the recipe record
-
-RECIPE_FILE = "lms_recipe.json"  # in the data folder (written by prepare) and in the run folder
-OTHER_RECIPE_OUTPUTS = "other_recipe_outputs"  # outputs known to come from an older recipe
-
-
-def read_recipe(folder) -> dict | None:
-    """The recipe record of a data or run folder, or None when it has none.
-
-    A record that cannot be read raises ValueError naming the file.
-    """
-    import json
-
-    path = os.path.join(folder, RECIPE_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable LMS recipe record ({e}); delete it and rerun "
-                         f"`m2das prepare` to write it again") from None
-    if not isinstance(record, dict) or not isinstance(record.get("recipe"), dict):
-        raise ValueError(f"{path}: no 'recipe' object in it; delete it and rerun `m2das prepare`")
-    return record
-
-
-def describe_recipe(recipe: dict) -> str:
-    """One line naming what differs most often between recipes: the resampler."""
-    return f"{recipe.get('resampler', '?')} {recipe.get('resampler_quality', '?')} resampling"

@@ -34,11 +34,10 @@ import numpy as np
 
 from m2das.data import packed
 from m2das.fileio import atomic_write, write_json
-from m2das.data.lmsfile import N_MELS, RECIPE_FILE
+from m2das.data.lmsfile import N_MELS
 from m2das.data.packed import INDEX, JOURNAL, MANIFEST, VERIFIED, PackError
-from m2das.data.stats import NORM_STATS_FILE
+from m2das.datafolder import NORM_STATS, PACKED_DIR, RECIPE_FILE, WEIGHTED_LIST
 
-DEFAULT_OUT = "packed"  # DATA_DIR/packed
 DEFAULT_SHARD_SIZE = "2G"  # AudioSet in float32 (640 GB) -> about 320 shards
 READERS = 8  # LMS files read at once while packing (I/O-bound: threads suffice)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -162,7 +161,7 @@ def norm_stats_for(data_dir: Path, paths: list) -> dict:
     """The data folder's norm_stats.json, else the trainer's default rule computed on the listed files."""
     from m2das.data.stats import compute_norm_stats, read_norm_stats
 
-    source = data_dir / NORM_STATS_FILE
+    source = data_dir / NORM_STATS
     if source.exists():
         try:
             return read_norm_stats(source)
@@ -176,10 +175,9 @@ def pack(data_dir, out=None, list_path=None, shard_size: int = parse_size(DEFAUL
          dtype: str = "float32", workers: int = 16) -> dict:
     """Pack the list's files; returns the manifest. Raises DataListError / PackError on bad input."""
     from m2das.data.dataset import read_list, validate
-    from m2das.data.prepare import WEIGHTED_LIST
 
     data_dir = Path(data_dir)
-    out = Path(out) if out else data_dir / DEFAULT_OUT
+    out = Path(out) if out else data_dir / PACKED_DIR
     list_path = Path(list_path) if list_path else data_dir / WEIGHTED_LIST
     if not data_dir.is_dir():
         raise PackError(f"{data_dir}: no such data folder; make it with `m2das prepare AUDIO_DIR {data_dir}`")
@@ -266,7 +264,7 @@ def finish(out: Path, data_dir: Path, samples, entries: list, stats: dict, dtype
               "weights": np.zeros(len(samples)) if samples.weights is None else samples.weights.astype(np.float64)}
     packed.write_index(out / INDEX, arrays)
     blob = (out / INDEX).read_bytes()
-    write_json(out / NORM_STATS_FILE, stats)
+    write_json(out / NORM_STATS, stats)
     if (data_dir / RECIPE_FILE).exists():
         with atomic_write(out / RECIPE_FILE) as f:
             with open(data_dir / RECIPE_FILE, "rb") as src:
@@ -283,20 +281,20 @@ def finish(out: Path, data_dir: Path, samples, entries: list, stats: dict, dtype
 
 
 def main(argv=None) -> int:
-    from m2das.config import Parser
+    from m2das.cliargs import Parser
     from m2das.data.dataset import DataListError
     from m2das.runfolder import EXIT_BAD_INPUT
 
     p = Parser(prog="m2das pack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog="exit codes: 0 packed; 2 bad input (the message names the file and the fix)")
     p.add_argument("data_dir", help="a prepared data folder (m2das prepare)")
-    p.add_argument("--out", default=None, help=f"packed folder (default DATA_DIR/{DEFAULT_OUT})")
-    p.add_argument("--list", default=None, help="list to pack (default DATA_DIR/files_as_weighted.csv)")
-    p.add_argument("--shard-size", "--shard_size", dest="shard_size", type=parse_size, default=DEFAULT_SHARD_SIZE,
-                   help=f"bytes per shard, e.g. 2G or 500M (default {DEFAULT_SHARD_SIZE})")
-    p.add_argument("--dtype", choices=packed.DTYPES, default="float32",
-                   help="float16 halves the bytes; error on LMS values at most 0.0039 (default float32)")
-    p.add_argument("--workers", type=int, default=16, help="threads checking file headers (default 16)")
+    p.add_flag("--out", default=None, help=f"packed folder (default DATA_DIR/{PACKED_DIR})")
+    p.add_flag("--list", default=None, help=f"list to pack (default DATA_DIR/{WEIGHTED_LIST})")
+    p.add_flag("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE,
+               help=f"bytes per shard, e.g. 2G or 500M (default {DEFAULT_SHARD_SIZE})")
+    p.add_flag("--dtype", choices=packed.DTYPES, default="float32",
+               help="float16 halves the bytes; error on LMS values at most 0.0039 (default float32)")
+    p.add_flag("--workers", type=int, default=16, help="threads checking file headers (default 16)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         manifest = pack(args.data_dir, args.out, args.list, args.shard_size, args.dtype, args.workers)
@@ -304,7 +302,7 @@ def main(argv=None) -> int:
         print(f"m2das pack: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     total = sum(s["bytes"] for s in manifest["shards"])
-    out = args.out or os.path.join(args.data_dir, DEFAULT_OUT)
+    out = args.out or os.path.join(args.data_dir, PACKED_DIR)
     log(f"done: {manifest['samples']} samples in {len(manifest['shards'])} shards ({total / 1e9:.2f} GB); "
         f"train with `m2das train --data_path {out}`")
     return 0

@@ -12,7 +12,6 @@ import numpy as np
 
 from m2das.fileio import write_json
 
-from m2das.runfolder import NORM_STATS as NORM_STATS_FILE  # noqa: E402  (named by the run-folder contract)
 DEFAULT_STATS_FILES = 5000
 DEFAULT_STATS_SEED = 0
 

@@ -8,6 +8,7 @@ update, in the same process.
 """
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -17,17 +18,13 @@ from pathlib import Path
 import torch
 
 from m2das.config import size_pair
+from m2das.datafolder import LMS_DIR, NORM_STATS, WEIGHTED_LIST
 
 
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s: the MFU denominator.
@@ -263,17 +260,16 @@ def _synthetic_data(folder: Path, n_files: int, frames: int) -> Path:
     import numpy as np
 
     from m2das.fileio import write_json
-    from m2das.data.stats import NORM_STATS_FILE
 
     rng = np.random.default_rng(0)
-    (folder / "audioset_lms").mkdir(parents=True)
+    (folder / LMS_DIR).mkdir(parents=True)
     rows = ["file_name,label,weight"]
     for i in range(n_files):
-        np.save(folder / "audioset_lms" / f"clip{i:05d}.npy",
+        np.save(folder / LMS_DIR / f"clip{i:05d}.npy",
                 (rng.standard_normal((1, 80, frames)) * 4 - 7).astype(np.float32))
-        rows.append(f"audioset_lms/clip{i:05d}.npy,/m/{i % 7},1.0")
-    (folder / "files_as_weighted.csv").write_text("\n".join(rows) + "\n")
-    write_json(folder / NORM_STATS_FILE, {"mean": -7.0, "std": 4.0})
+        rows.append(f"{LMS_DIR}/clip{i:05d}.npy,/m/{i % 7},1.0")
+    (folder / WEIGHTED_LIST).write_text("\n".join(rows) + "\n")
+    write_json(folder / NORM_STATS, {"mean": -7.0, "std": 4.0})
     return folder
 
 
@@ -340,8 +336,8 @@ def data_main(argv) -> int:
     with tempfile.TemporaryDirectory(dir=args.dir, prefix=".m2das-bench-data-") as tmp:
         data = _synthetic_data(Path(tmp) / "data", args.files, 1001)
         crop_bytes = 80 * args.crop * 4
-        variants = {"loose .npy": (LMSDataset(read_list(data / "files_as_weighted.csv", data), args.crop, 0),
-                                   sorted((data / "audioset_lms").glob("*.npy")))}
+        variants = {"loose .npy": (LMSDataset(read_list(data / WEIGHTED_LIST, data), args.crop, 0),
+                                   sorted((data / LMS_DIR).glob("*.npy")))}
         pack_rates = {}
         for dtype in ("float32", "float16"):
             out = Path(tmp) / f"packed-{dtype}"
@@ -369,7 +365,7 @@ def data_main(argv) -> int:
         files = variants["loose .npy"][1]
         _drop_from_cache(files)
         t0 = time.perf_counter()
-        validate(read_list(data / "files_as_weighted.csv", data), "list", 80)
+        validate(read_list(data / WEIGHTED_LIST, data), "list", 80)
         per_file = (time.perf_counter() - t0) / len(files)
         r = _time_index(Path(tmp) / "index", args.index_rows, 320)
         print(f"validation: loose, every file header (cold) {per_file * 1e6:.0f} us/file = "
@@ -377,6 +373,92 @@ def data_main(argv) -> int:
               f"{args.index_rows:,} samples in 320 shards ({r['index_mb']:.0f} MB): {r['total_s']:.1f} s "
               f"(index load {r['load_s']:.1f} s, shard sizes and fingerprints)")
     return 0
+
+
+# ---------------------------------------------------------------- bench prepare
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def make_bench_clips(folder, count: int, seconds: float = 10.0, sample_rate: int = 44100,
+                     seed: int = 0) -> list[Path]:
+    """Stereo 16-bit wav clips of noise plus tones, the typical downloaded AudioSet file."""
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    paths = []
+    for i in range(count):
+        tone = np.sin(2 * np.pi * rng.uniform(100, 4000) * t)
+        wave = 0.3 * tone[:, None] + 0.05 * rng.standard_normal((t.size, 2))
+        path = Path(folder) / f"bench{i:05d}_0.000.wav"
+        sf.write(str(path), wave.astype(np.float32), sample_rate, subtype="PCM_16")
+        paths.append(path)
+    return paths
+
+
+def prepare_main(argv=None) -> int:
+    """`m2das bench prepare`: files/s of the lms step on generated 10-s 44.1-kHz stereo clips,
+    the paper's recipe (soxr HQ) next to the old one (torchaudio's Resample) in the same run."""
+    import tempfile
+
+    from m2das.data.prepare import default_workers, run_lms
+
+    p = argparse.ArgumentParser(prog="m2das bench prepare",
+                                description="Time the lms step on clips generated here.")
+    p.add_argument("--files", type=int, default=None, help="clips (default 32 per worker)")
+    p.add_argument("--workers", type=int, default=None, help="default: all CPU cores")
+    p.add_argument("--device", default="auto", help="auto (CPU, then GPU if present)|cpu|cuda")
+    args = p.parse_args(argv)
+    workers = default_workers() if args.workers is None else args.workers
+    files = args.files or 32 * workers
+    devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device != "auto":
+            print("m2das bench prepare: no CUDA device visible", file=sys.stderr)
+            return 2
+        devices.remove("cuda")
+    from m2das.data.audio import LEGACY_RESAMPLER, RESAMPLER, RESAMPLER_QUALITY
+
+    variants = [(f"new ({RESAMPLER} {RESAMPLER_QUALITY})", RESAMPLER),
+                (f"old ({LEGACY_RESAMPLER} Resample defaults)", LEGACY_RESAMPLER)]
+    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores ({default_workers()} usable), "
+          f"load average {load} before the run")
+    with tempfile.TemporaryDirectory(prefix="m2das-bench-") as tmp:
+        audio = Path(tmp) / "audio"
+        audio.mkdir()
+        make_bench_clips(audio, files)
+        warm = Path(tmp) / "warm"
+        warm.mkdir()
+        for clip in sorted(audio.iterdir())[:workers * 2]:
+            (warm / clip.name).symlink_to(clip)
+        for device in devices:
+            name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+            rates = {}
+            for label, resampler in variants:
+                tag = f"{device}-{resampler}"
+                # warm-up on a few clips: worker server start, CUDA context, filter kernels
+                run_lms(warm, Path(tmp) / f"warm-{tag}", device=device, workers=workers,
+                        progress=False, resampler=resampler)
+                s = run_lms(audio, Path(tmp) / f"data-{tag}", device=device, workers=workers,
+                            progress=False, resampler=resampler)
+                rates[label] = s["converted"] / s["lms_seconds"]
+                print(f"{device}, {label}: {files} clips (10 s, 44.1 kHz, stereo, 16-bit wav) in "
+                      f"{s['lms_seconds']:.2f} s with {workers} workers: {rates[label]:.1f} "
+                      f"files/s, {rates[label] / workers:.2f} files/s per core ({name})")
+            new, old = (rates[label] for label, _ in variants)
+            print(f"{device}: the paper's recipe runs at {new / old:.2f}x the old one's speed")
+    return 0
+
+
 
 
 def main(argv=None) -> int:
@@ -392,8 +474,6 @@ def main(argv=None) -> int:
     if argv[0] == "data":
         return data_main(argv[1:])
     if argv[0] == "prepare":
-        from m2das.data.prepare import bench_main
-
-        return bench_main(argv[1:])
+        return prepare_main(argv[1:])
     print(f"m2das bench: unknown benchmark {argv[0]!r}\n{usage}", file=sys.stderr)
     return 2

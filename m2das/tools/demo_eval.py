@@ -8,13 +8,15 @@ sounds the encoder has seen without labels.
 import csv
 from pathlib import Path
 
+from m2das.datafolder import WEIGHTED_LIST
+
 SPLIT_EVERY = 5
 
 
 def write_demo_split(data_dir, out_csv) -> Path:
     """file_name,label,split from files_as_weighted.csv (LMS files, names relative to the data folder)."""
     data_dir, out_csv = Path(data_dir), Path(out_csv)
-    with open(data_dir / "files_as_weighted.csv", newline="") as f:
+    with open(data_dir / WEIGHTED_LIST, newline="") as f:
         rows = list(csv.DictReader(f))
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with open(out_csv, "w", newline="") as f:

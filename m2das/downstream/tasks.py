@@ -118,7 +118,8 @@ TASKS: dict[str, TaskSpec] = {s.name: s for s in (
              fix="put CREMA-D's AudioWAV/ (github.com/CheyneyComputerScience/CREMA-D) or its .wav files here"),
     TaskSpec("gtzan", "GTZAN", 30.0, False, 86.9,
              "The fault-filtered lists of github.com/jongpillee/music_dataset_split GTZAN_split (train 443,"
-             " valid 197, test 290 clips; the other 70 unused), which EVAR uses; restated here as index ranges.",
+             " valid 197, test 290 clips; the other 70 unused), which EVAR uses; restated here as index ranges"
+             " (the three list files, when put in the folder, are read instead).",
              marker="blues", expected_clips=930,
              fix="unpack genres.tar.gz (GTZAN) here: genres/<genre>/<genre>.000NN.au or .wav"),
     TaskSpec("nsynth", "NSynth", 4.0, False, 75.2,
@@ -395,6 +396,21 @@ def gtzan_split() -> dict[str, str]:
             for split, ranges in zip(SPLITS, lists) for n in _numbers(ranges)}
 
 
+GTZAN_LISTS = tuple(f"{s}_filtered.txt" for s in SPLITS)  # the lists' own names, lines '<genre>/<genre>.000NN.wav'
+
+
+def _gtzan_lists(root: Path) -> dict[str, str] | None:
+    """The split from the three list files when the folder holds them, else None (use GTZAN_SPLIT)."""
+    paths = [root / name for name in GTZAN_LISTS]
+    if not any(p.is_file() for p in paths):
+        return None
+    out = {}
+    for split, path in zip(SPLITS, paths):
+        for line in _read_lines(path, "put all three of " + ", ".join(GTZAN_LISTS) + " here, or none"):
+            out[line.rsplit(".", 1)[0]] = split
+    return out
+
+
 def _gtzan(root: Path, seed: int):
     spec = TASKS["gtzan"]
     base = root if (root / "blues").is_dir() else root / "genres"
@@ -402,7 +418,7 @@ def _gtzan(root: Path, seed: int):
     for p in base.glob("*/*.*"):
         if p.suffix.lower() in (".au", ".wav"):
             found.setdefault(f"{p.parent.name}/{p.stem}", p)
-    wanted = gtzan_split()
+    wanted = _gtzan_lists(root) or gtzan_split()
     gone = [k for k in wanted if k not in found]
     if gone:
         raise TaskError(f"{base / gone[0]}.au (or .wav): missing ({len(gone)} of the split's {len(wanted)} clips); {spec.fix}")

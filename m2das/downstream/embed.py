@@ -1,8 +1,10 @@
 """`m2das embed AUDIO_DIR OUT.npz --weights W`: clip embeddings of every audio or LMS file in a folder.
 
-Files are read a window ahead on threads and encoded in batches of clips with
-the same number of frames (clips are sorted by length first, so most batches
-are full), on the GPU when there is one.
+An audio file is encoded the way the published runtime encodes it: its LMS as
+it is (a 1-s clip is 101 LMS frames, 7 time frames), never padded with silence
+to the 6.1 s of pre-training's crops. Files are read a window ahead on threads
+and encoded in batches of clips with the same number of frames (clips are
+sorted by length first, so most batches are full), on the GPU when there is one.
 """
 
 import argparse
@@ -33,7 +35,8 @@ def find_inputs(folder) -> list:
 
 
 def read_lms(path) -> np.ndarray:
-    """An LMS .npy as `m2das prepare` writes it, or an audio file made into one the same way."""
+    """An LMS .npy as `m2das prepare` writes it, or an audio file made into one the way the runtime
+    makes it (no 6.1-s minimum padding)."""
     from m2das.data import audio
 
     path = Path(path)
@@ -49,7 +52,37 @@ def read_lms(path) -> np.ndarray:
                              f"make it with `m2das prepare`")
         return lms.astype(np.float32, copy=False)
     try:
-        return audio.lms_from_file(path)[0]
+        return audio.lms_from_file(path, pad=False)[0]
+    except audio.AudioError as e:
+        raise InputError(f"{path}: {e}") from None
+
+
+def samples_16k(path) -> int:
+    """Length of an audio file once at 16 kHz, from its header alone."""
+    import soundfile as sf
+
+    from m2das.data.audio import resampled_length
+
+    try:
+        info = sf.info(str(path))
+    except Exception as e:  # libsndfile reports corrupt and unknown formats alike
+        raise InputError(f"{path}: unreadable by soundfile ({' '.join(str(e).split())}); re-download or convert "
+                         f"it to wav/flac") from None
+    return resampled_length(info.frames, info.samplerate)
+
+
+def read_clip(path, clip_samples: int, start: int = 0) -> np.ndarray:
+    """An audio file at a task's clip length, as the authors' evaluation tool loads it: mono at 16 kHz,
+    `clip_samples` cut from `start`, or zero-padded at the end; then its LMS without further padding."""
+    from m2das.data import audio
+
+    try:
+        wave, sr = audio.load_audio(path)
+        x = audio.resample_16k(audio.mono(wave), sr)
+        x = x[start:start + clip_samples]
+        if x.size < clip_samples:
+            x = np.concatenate([x, np.zeros(clip_samples - x.size, dtype=np.float32)])
+        return audio.lms_batch_16k([x], pad=False)[0]
     except audio.AudioError as e:
         raise InputError(f"{path}: {e}") from None
 
@@ -67,38 +100,46 @@ def length_hint(path: Path) -> float:
         return 0.0
 
 
-def embed_files(encoder, paths, batch_size: int = 32, workers: int = 4, progress: bool = True,
-                desc: str = "embedding") -> np.ndarray:
-    """Clip embeddings [N, D] (float32) of `paths`, in their order."""
+def embed_files(encoder, items, batch_size: int = 32, workers: int = 4, progress: bool = True,
+                desc: str = "embedding", load=read_lms, hint=None) -> tuple[np.ndarray, np.ndarray]:
+    """Clip embeddings [N, D] (float32) and time-frame counts [N] of `items`, in their order.
+
+    `load(item)` gives an LMS [1, 80, T] (default: `read_lms` of a path); `hint(item)` a length to
+    sort by, so that clips of one length share a batch.
+    """
     import torch
     from tqdm import tqdm
 
-    paths = [Path(p) for p in paths]
-    order = sorted(range(len(paths)), key=lambda i: length_hint(paths[i]))
-    out = np.zeros((len(paths), encoder.feature_dim), dtype=np.float32)
+    items = list(items)
+    hint = hint or (lambda item: length_hint(Path(item)))
+    order = sorted(range(len(items)), key=lambda i: hint(items[i]))
+    out = np.zeros((len(items), encoder.feature_dim), dtype=np.float32)
+    counts = np.zeros(len(items), dtype=np.int64)
     pending: list = []
 
     def flush():
         if pending:
             batch = torch.from_numpy(np.stack([lms for _, lms in pending]))
             with torch.no_grad():
-                clip = encoder(batch).clip
-            out[[i for i, _ in pending]] = clip.float().cpu().numpy()
+                frames, clip = encoder(batch)
+            ids = [i for i, _ in pending]
+            out[ids] = clip.float().cpu().numpy()
+            counts[ids] = frames.shape[1]
             bar.update(len(pending))
             pending.clear()
 
     window = max(batch_size * 4, 16)
     with ThreadPoolExecutor(max_workers=workers) as pool, \
-            tqdm(total=len(paths), desc=desc, unit="clip", disable=not progress, file=sys.stderr,
+            tqdm(total=len(items), desc=desc, unit="clip", disable=not progress, file=sys.stderr,
                  mininterval=1.0, dynamic_ncols=True) as bar:
         for start in range(0, len(order), window):
             ids = order[start:start + window]
-            for i, lms in zip(ids, pool.map(lambda j: read_lms(paths[j]), ids)):
+            for i, lms in zip(ids, pool.map(lambda j: load(items[j]), ids)):
                 if pending and (pending[0][1].shape != lms.shape or len(pending) == batch_size):
                     flush()
                 pending.append((i, lms))
         flush()
-    return out
+    return out, counts
 
 
 def pick_device(name: str) -> str:
@@ -113,7 +154,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="m2das embed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("audio_dir", metavar="AUDIO_DIR", help="folder of audio files or LMS .npy files (searched recursively)")
-    p.add_argument("out", metavar="OUT.npz", help="writes files (relative names) and embeddings [N, D]")
+    p.add_argument("out", metavar="OUT.npz", help="writes files (relative names), embeddings [N, D] and frames "
+                   "[N] (time frames averaged into each embedding)")
     p.add_argument("--weights", required=True, help="an exported encoder, a checkpoint or a run folder")
     p.add_argument("--batch_size", "--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -127,12 +169,12 @@ def main(argv=None) -> int:
     try:
         files = find_inputs(args.audio_dir)
         encoder = load_encoder(args.weights, pick_device(args.device))
-        emb = embed_files(encoder, files, args.batch_size, progress=not args.no_progress)
+        emb, frames = embed_files(encoder, files, args.batch_size, progress=not args.no_progress)
     except (InputError, WeightsError) as e:
         print(f"m2das embed: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     names = np.array([str(f.relative_to(args.audio_dir)) for f in files])
     with atomic_write(args.out) as f:
-        np.savez(f, files=names, embeddings=emb)
+        np.savez(f, files=names, embeddings=emb, frames=frames)
     print(f"wrote {args.out}: {emb.shape[0]} clips x {emb.shape[1]} features")
     return 0

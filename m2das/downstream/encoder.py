@@ -5,7 +5,9 @@ and there from the same weights agree: per time frame, the tokens of all
 frequency patches are concatenated (5 x 768 = 3840-d for ViT-B); a clip longer
 than the training crop (608 frames) is cut into crop-long chunks whose frames
 are concatenated in time (the last chunk zero-padded to whole patches); the
-clip feature is the mean over frames.
+clip feature is the mean over frames. A clip shorter than the crop is encoded as
+it is, never padded with silence to the crop (padding is pre-training's rule for
+its random crops, not the runtime's).
 """
 
 from typing import NamedTuple
@@ -52,13 +54,14 @@ class AudioEncoder(nn.Module):
         return self.grid[0] * self.cls_token.shape[-1]
 
     def to_lms(self, wave, sample_rate: int) -> torch.Tensor:
-        """Waveforms -> LMS [B, 1, 80, T], made exactly as `m2das prepare` makes them."""
+        """Waveforms -> LMS [B, 1, 80, T], made as `m2das prepare` makes them but without its 6.1-s
+        minimum: the runtime encodes a short clip as it is (a 1-s clip is 101 frames)."""
         x = torch.as_tensor(wave, dtype=torch.float32)
         if x.dim() == 1:
             x = x[None]
         device = self.norm_stats.device
         mono = [audio.to_mono_16k(item, sample_rate, device) for item in x]
-        return torch.from_numpy(np.stack(audio.lms_batch_16k(mono, device))).to(device)
+        return torch.from_numpy(np.stack(audio.lms_batch_16k(mono, device, pad=False))).to(device)
 
     def frame_features(self, lms: torch.Tensor) -> torch.Tensor:
         """LMS [B, 1, F, T] -> [B, T', F/pf * D], chunked at the training crop length."""

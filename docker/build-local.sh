@@ -166,7 +166,11 @@ for i, (ytid, start, *_rest) in enumerate(rows):
 print(f"wrote {len(rows)} clips")
 EOF
     in_image python -c 'import torch, torchaudio, timm, m2das; print("torch", torch.__version__, "cuda", torch.version.cuda, "torchaudio", torchaudio.__version__, "timm", timm.__version__)'
-    in_image status --help > /dev/null
+    # Every command of the CLI, as the entry point's first word (the list is the CLI's own).
+    local command
+    while read -r command _; do
+        in_image "$command" --help > /dev/null || die "'$command --help' failed in the image"
+    done < <(in_image m2das --commands)
 
     start=$(date +%s)
     in_image prepare --workers 2 --no-progress

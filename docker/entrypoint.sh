@@ -1,8 +1,10 @@
 #!/bin/sh
-# Container entry point: m2das commands go to the m2das CLI, `submit` to the
-# cluster launcher, anything else runs as given (`docker run m2das bash`).
-# Every command is exec'd so that the signals a scheduler sends before a
-# preemption (SIGTERM, SIGUSR1) reach the trainer itself.
+# Container entry point: m2das commands go to the m2das CLI (prepare, train and
+# submit with the container's folders filled in), anything else runs as given
+# (`docker run m2das bash`). The command list is the CLI's own
+# (`m2das --commands`), not kept here. Every command is exec'd so that the
+# signals a scheduler sends before a preemption (SIGTERM, SIGUSR1) reach the
+# trainer itself.
 set -eu
 
 audio_dir=${M2DAS_AUDIO_DIR:-/audio}
@@ -11,22 +13,37 @@ runs_dir=${M2DAS_RUNS_DIR:-/runs}
 metadata_dir=${M2DAS_METADATA_DIR:-/metadata}
 launch_dir=${M2DAS_LAUNCH_DIR:-/opt/m2das/launch}
 
+# The CLI's commands, `NAME  description` a line (empty when m2das is missing).
+cli_commands() {
+    m2das --commands 2>/dev/null || true
+}
+
+# is_cli_command NAME: NAME is one of the CLI's commands.
+is_cli_command() {
+    commands=$(cli_commands)
+    while read -r name _; do
+        [ "$name" = "$1" ] && return 0
+    done <<EOF
+$commands
+EOF
+    return 1
+}
+
 usage() {
+    echo "m2das container: COMMAND [ARGS]"
+    echo
+    echo "m2das commands (COMMAND --help shows its options):"
+    cli_commands | sed 's/^/  /'
     cat <<EOF
-m2das container
 
-  prepare [AUDIO DATA] [options]  audio -> LMS data (default $audio_dir -> $data_dir;
-                                  AudioSet lists from $metadata_dir when present)
-  train [options]                 pre-train on $data_dir (run folders under $runs_dir)
-  demo [options]                  tiny end-to-end run, interrupt and resume
-  submit [options]                SLURM submission (python $launch_dir/submit.py);
-                                  --cluster local runs in the foreground
-  status [RUN]                    progress of a run folder
-  bench train|prepare [options]   benchmarks
-  help                            this text
-  COMMAND [ARGS]                  any other command runs as given
-
-Each command's options: COMMAND --help.
+Container folders (docker run -e M2DAS_AUDIO_DIR=... to move them):
+  prepare [AUDIO DATA]  default $audio_dir -> $data_dir; AudioSet lists
+                        from $metadata_dir when present
+  train                 --data_path $data_dir, run folders under $runs_dir
+  submit                python $launch_dir/submit.py, --runs-dir $runs_dir;
+                        --cluster local runs in the foreground
+  help                  this text
+  COMMAND [ARGS]        any other program runs as given (bash, python, ...)
 EOF
 }
 
@@ -83,9 +100,6 @@ case $command in
         # and win (the last value of an option counts).
         exec m2das train --data_path "$data_dir" --runs_dir "$runs_dir" "$@"
         ;;
-    demo | status | bench)
-        exec m2das "$command" "$@"
-        ;;
     submit)
         if [ ! -f "$launch_dir/submit.py" ]; then
             echo "m2das entrypoint: $launch_dir/submit.py not found (set M2DAS_LAUNCH_DIR)" >&2
@@ -108,6 +122,9 @@ case $command in
         usage
         ;;
     *)
+        if is_cli_command "$command"; then
+            exec m2das "$command" "$@"
+        fi
         exec "$command" "$@"
         ;;
 esac

@@ -1,6 +1,8 @@
 """`m2das <command>`: one entry point, each command a module of its own.
 
 Commands are imported lazily so `m2das status` does not pay for importing torch.
+COMMANDS is the one list of commands: `m2das --commands` prints it for the
+container's entry point (docker/entrypoint.sh), which keeps none of its own.
 """
 
 import contextlib
@@ -18,12 +20,18 @@ COMMANDS = {
     "export": ("m2das.downstream.export", "Run or checkpoint -> encoder-only weights for the M2D runtime and EVAR."),
     "embed": ("m2das.downstream.embed", "Folder of audio or LMS files -> clip embeddings (.npz)."),
     "eval": ("m2das.downstream.linear_eval", "Linear evaluation of frozen embeddings on a file_name,label,split list."),
+    "finetune": ("m2das.downstream.finetune", "Fine-tune a pre-trained encoder on AudioSet (Table VI), resumable."),
 }
+
+
+def command_lines() -> list:
+    """`NAME  description` per command: what `m2das --commands` prints, one a line."""
+    return [f"{name:<8} {text}" for name, (_, text) in COMMANDS.items()]
 
 
 def usage() -> str:
     lines = ["usage: m2das <command> [options]", "", "commands:"]
-    lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {line}" for line in command_lines()]
     lines += ["", "`m2das <command> --help` shows a command's options."]
     return "\n".join(lines)
 
@@ -32,6 +40,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if argv[0] == "--commands":
+        print("\n".join(command_lines()))
         return 0
     if argv[0] in ("-V", "--version"):
         from m2das import __version__

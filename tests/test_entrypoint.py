@@ -6,7 +6,6 @@ can set with `docker run -e`.
 """
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+
+from m2das.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
@@ -84,6 +85,8 @@ def test_help_without_arguments(tmp_path):
         assert r.returncode == 0, r.stderr
         for command in ("prepare", "train", "demo", "submit", "status", "bench"):
             assert f"  {command} " in r.stdout
+        for command, (_, text) in COMMANDS.items():  # the CLI's list, descriptions included
+            assert f"  {command:<8} {text}\n" in r.stdout
         # The defaults shown are the ones in effect.
         assert str(tmp_path / "unset-audio") in r.stdout
 
@@ -145,13 +148,27 @@ def test_prepare_failure_exit_code_is_kept(tmp_path):
     assert str(tmp_path / "unset-audio") in r.stderr
 
 
-@pytest.mark.parametrize("command", ["train", "demo", "status", "bench"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_commands_reach_the_cli(tmp_path, command):
-    if not (REPO / "m2das" / f"{command}.py").is_file():
-        pytest.skip(f"m2das/{command}.py not written yet")
-    r = run(tmp_path, command, "--help")
-    assert r.returncode == 0, r.stderr
+    # Every command of the CLI, the entry point's first word (none is a shell's "not found", 127).
+    r = run(tmp_path, command, "--help", M2DAS_LAUNCH_DIR=REPO / "launch")
+    assert r.returncode == 0, (r.returncode, r.stderr)
     assert r.stdout.startswith("usage:") and command in r.stdout.splitlines()[0]
+
+
+def test_the_entrypoint_keeps_no_command_list_of_its_own(tmp_path):
+    # A command added to the CLI reaches it through the entry point: the list is asked of `m2das`.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "m2das").write_text('#!/bin/sh\n[ "$1" = --commands ] && { echo "newcmd   A new command."; exit 0; }\n'
+                                'echo "m2das $*"\n')
+    (fake / "m2das").chmod(0o755)
+    env = _env(tmp_path)
+    env["PATH"] = f"{fake}:{env['PATH']}"
+    r = subprocess.run([str(ENTRYPOINT), "newcmd", "a b"], env=env, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "m2das newcmd a b\n"), r.stderr
+    r = subprocess.run([str(ENTRYPOINT), "help"], env=env, capture_output=True, text=True, timeout=60)
+    assert "  newcmd   A new command.\n" in r.stdout and "  export " not in r.stdout
 
 
 def test_unknown_cli_option_exit_code(tmp_path):

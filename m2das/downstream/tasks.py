@@ -421,7 +421,8 @@ def _gtzan(root: Path, seed: int):
     wanted = _gtzan_lists(root) or gtzan_split()
     gone = [k for k in wanted if k not in found]
     if gone:
-        raise TaskError(f"{base / gone[0]}.au (or .wav): missing ({len(gone)} of the split's {len(wanted)} clips); {spec.fix}")
+        raise TaskError(f"{base / gone[0]}.au (or .wav): missing ({len(gone)} of the split's {len(wanted)} clips);"
+                        f" {spec.fix}")
     keys = sorted(wanted)
     return [found[k] for k in keys], [k.split("/")[0] for k in keys], _split_fold([wanted[k] for k in keys])
 

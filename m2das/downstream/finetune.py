@@ -1,0 +1,417 @@
+"""`m2das finetune WEIGHTS --task as20k --data_path DATA --output_dir RUN`: the paper's Table VI
+fine-tuning as a cluster job.
+
+It keeps pre-training's contract: the run folder's names, config.json, the
+lock, restarts.jsonl events, log.jsonl, TensorBoard scalars, the checkpointer
+(full-state last.pth, CRC-checked, code-free loading, `--resume auto`), a stop
+signal saved at the step boundary with exit 75, DDP over several ranks, and
+`m2das status RUN`. A resumed run is bit-identical to an uninterrupted one:
+data order and crops are functions of (seed, epoch, position), augmentation
+and column masks of (seed, rank, global batch index).
+
+After every epoch the whole test list is scored (mAP on AudioSet's eval set).
+AudioSet has no validation split, so the run reports the best epoch's score
+("best epoch on eval", as the reference tool reports it) and the last epoch's.
+"""
+
+import datetime
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from m2das import events, runfolder
+from m2das.checkpoint import Checkpointer, CheckpointError, Outcome, Progress, RNGState
+from m2das.cliargs import Parser
+from m2das.data.dataset import DataListError, ResumableSampler, default_workers, make_dataset, make_loader
+from m2das.data.stats import crop_or_pad
+from m2das.downstream import ft_data
+from m2das.downstream.ft_data import TASKS, FinetuneDataError, augment, batch_rng, kept_columns, targets_of
+from m2das.downstream.ft_model import build_net, build_optimizer, finetune_lr, loss_fn
+from m2das.downstream.protocol import macro_map
+from m2das.downstream.weights import WeightsError
+from m2das.events import log
+from m2das.fileio import append_jsonl, write_json
+from m2das.machine import DeviceError, resolve_device
+from m2das.metrics import accuracy
+from m2das.runfolder import EXIT_BAD_INPUT, RunLock, RunLocked
+from m2das.runsetup import TrainError, broadcast, on_rank0, read_json_file, record_start, shows_progress, tensorboard_writer, \
+    trim_log
+from m2das.signals import StopRequest
+from m2das.train import FAULT_INJECTION_ENV
+
+PROG = "m2das finetune"
+SUMMARY = "finetune_result.json"  # RUN/: the scores, the missing-clip counts, how the model was picked
+OVERRIDES = ("frames", "optim", "lr", "epochs", "warmup_epochs", "batch_size", "mixup", "freq_mask", "time_mask",
+             "rrc", "training_mask")
+# What makes a run folder another run when it changes (the rest may change on resume).
+IDENTITY_KEYS = ("weights", "task", "data_path", "metadata", "seed", "bf16") + OVERRIDES
+MASK_PURPOSE = 3  # batch_rng purpose of the column masks (0-2: mixup, SpecAugment, RRC)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, allow_abbrev=False,
+               description="Fine-tune a pre-trained encoder on a task as the paper's Table VI does. Task "
+                           "defaults are the paper's; each flag below overrides one. Rerunning the same command "
+                           "resumes the run.",
+               epilog="exit codes: " + "; ".join(f"{c} {t}" for c, t in sorted(runfolder.EXIT_CODES.items())))
+    p.add_argument("weights", help="run folder, checkpoint or exported encoder (anything `m2das export` reads)")
+    p.add_flag("--task", choices=sorted(TASKS), default="as20k")
+    p.add_flag("--data_path", default="data", help="data folder made by `m2das prepare` (DATA/audioset_lms)")
+    p.add_flag("--metadata", default=None, help="folder with AudioSet's segment CSVs (default DATA/metadata)")
+    p.add_flag("--output_dir", default=None, help="run folder (default runs/finetune-{task}-{weights}-s{seed})")
+    p.add_flag("--seed", type=int, default=43, help="the reference's first fine-tuning seed")
+    for name, kind in (("frames", int), ("optim", str), ("lr", float), ("epochs", int), ("warmup_epochs", float),
+                       ("batch_size", int), ("mixup", float), ("freq_mask", int), ("time_mask", int),
+                       ("training_mask", float)):
+        p.add_flag(f"--{name}", type=kind, default=None, help="(default: the task's)")
+    p.add_flag("--rrc", choices=("on", "off"), default=None, help="random resize crop (default: the task's)")
+    p.add_flag("--eval_batch_size", type=int, default=64)
+    p.add_flag("--num_workers", type=int, default=8, help="DataLoader workers per process")
+    p.add_flag("--save_freq", type=int, default=50, help="write checkpoint-{epoch}.pth every N epochs")
+    p.add_flag("--ckpt_interval_min", type=float, default=30, help="minutes between rolling full-state saves")
+    p.add_flag("--log_every", type=int, default=50, help="optimizer steps between log lines")
+    p.add_flag("--bf16", action="store_true", help="bf16 autocast (CUDA); default fp32 as the reference")
+    p.add_flag("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_flag("--resume", default="auto", help="auto (newest valid checkpoint in the run folder) | none | PATH")
+    p.add_flag("--force_config", action="store_true", help="continue a run folder whose config.json differs")
+    return p
+
+
+def parse_args(argv) -> dict:
+    """Flags -> one flat configuration: the task's settings with the given flags over them."""
+    args = vars(build_parser().parse_args(argv))
+    task = asdict(TASKS[args["task"]])
+    for key in OVERRIDES:
+        if args.get(key) is not None:
+            task[key] = (args[key] == "on") if key == "rrc" else args[key]
+    cfg = {**args, **task, "model": Path(str(args["weights"])).name}
+    if cfg["output_dir"] is None:
+        cfg["output_dir"] = str(Path("runs") / f"finetune-{cfg['task']}-{Path(cfg['weights']).stem}-s{cfg['seed']}")
+    for key in ("frames", "epochs", "batch_size", "eval_batch_size", "save_freq", "log_every"):
+        if cfg[key] < 1:
+            raise TrainError(f"--{key} {cfg[key]}: must be at least 1")
+    return cfg
+
+
+def settings_of(cfg: dict) -> ft_data.TaskSettings:
+    return ft_data.TaskSettings(**{k: cfg[k] for k in ft_data.TaskSettings.__dataclass_fields__})
+
+
+# -- set-up --------------------------------------------------------------------------------
+
+def init_distributed(env: dict, device: torch.device):
+    """Default group for gradients; a gloo group for the per-step stop flag (no GPU sync)."""
+    if env["world_size"] == 1:
+        return None
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=env["rank"], world_size=env["world_size"],
+                            timeout=datetime.timedelta(minutes=30))
+    return dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+
+
+def open_run_dir(cfg: dict, world: int):
+    """Lock the run folder and check config.json: another identity needs --force_config."""
+    run_dir = Path(cfg["output_dir"])
+    try:
+        lock = RunLock(run_dir).acquire()
+    except RunLocked as e:
+        raise TrainError(str(e)) from None
+    try:
+        if lock.took_over:
+            log(f"took over the run folder from a dead holder ({lock.took_over})")
+        path = run_dir / runfolder.CONFIG
+        record = {**cfg, "output_dir": str(run_dir), "world_size": world, "command": "finetune"}
+        if path.exists():
+            saved = read_json_file(path, "restore it, or pass --force_config to rewrite it from these flags")
+            changed = [f"{k}: {saved.get(k)!r} -> {cfg.get(k)!r}" for k in IDENTITY_KEYS if saved.get(k) != cfg.get(k)]
+            if changed and not cfg["force_config"]:
+                raise TrainError(f"{path}: this run folder was started with another configuration "
+                                 f"({'; '.join(changed)}); use another --output_dir or pass --force_config")
+            if changed:
+                events.record(run_dir, runfolder.EVENT_CONFIG_CHANGED, changes=changed)
+        write_json(path, record)
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir, lock
+
+
+class ScoreBook:
+    """Test score after each epoch; saved in the checkpoint so the best epoch survives restarts."""
+
+    def __init__(self):
+        self.scores: list = []
+
+    def state_dict(self) -> dict:
+        return {"scores": list(self.scores)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scores = [float(s) for s in state["scores"]]
+
+    def summary(self) -> dict:
+        if not self.scores:
+            return {"best": None, "best_epoch": None, "last": None}
+        best = int(np.argmax(self.scores))
+        return {"best": self.scores[best], "best_epoch": best + 1, "last": self.scores[-1]}
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+def evaluate(net, samples, st, norm, device, rank: int, world: int, batch_size: int, amp) -> float | None:
+    """Score every test clip (its first `frames` frames, unaugmented, unmasked); rank 0 gets the number."""
+    ids = np.arange(rank, len(samples), world)
+    outs = []
+    net.eval()
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start:start + batch_size]
+            x = np.stack([crop_or_pad(np.load(samples.root / samples.files[i], mmap_mode="r"), st.frames, 0)
+                          for i in chunk]).astype(np.float32)
+            x = (torch.from_numpy(x).to(device) - norm[0]) / norm[1]
+            with amp():
+                outs.append(net(x).float().cpu().numpy())
+    net.train()
+    scores = np.concatenate(outs) if outs else np.zeros((0, len(samples.classes)), dtype=np.float32)
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, (ids, scores))
+        ids = np.concatenate([p[0] for p in parts])
+        scores = np.concatenate([p[1] for p in parts])[np.argsort(ids)]
+        ids = np.sort(ids)
+    if rank != 0:
+        return None
+    targets = targets_of(samples, ids)
+    return macro_map(scores, targets) if st.multi_label else accuracy(scores, targets.argmax(axis=1))
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+def finetune(cfg: dict, env: dict) -> int:
+    try:
+        device = resolve_device(cfg["device"], env["local_rank"])
+    except DeviceError as e:
+        raise TrainError(str(e)) from None
+    flag_group = init_distributed(env, device)
+    stop = StopRequest().install()
+    lock = None
+    try:
+        rank, world = env["rank"], env["world_size"]
+
+        def take():
+            nonlocal lock
+            run_dir, lock = open_run_dir(cfg, world)
+            return str(run_dir)
+
+        run_dir = Path(on_rank0(take, rank))
+        if dist.is_initialized():
+            dist.barrier(group=flag_group)
+        return _finetune(cfg, env, device, flag_group, stop, run_dir)
+    finally:
+        stop.restore()
+        if lock is not None:
+            lock.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def load_data(cfg: dict, run_dir: Path, rank: int):
+    """The task's lists (rank 0 reads, every rank gets them) and the class vocabulary pinned in the run folder."""
+    def read():
+        data = ft_data.load_task(cfg["task"], cfg["data_path"], cfg["metadata"])
+        classes_path = run_dir / runfolder.CLASSES
+        if classes_path.exists():
+            pinned = read_json_file(classes_path, "it pins the label vocabulary: restore it")
+            if pinned != data.train.classes:
+                raise TrainError(f"{classes_path}: the task's classes changed since this run started; "
+                                 f"use another --output_dir")
+        else:
+            write_json(classes_path, data.train.classes)
+        return data
+
+    return on_rank0(read, rank)
+
+
+def _finetune(cfg, env, device, flag_group, stop, run_dir: Path) -> int:
+    rank, world = env["rank"], env["world_size"]
+    st = settings_of(cfg)
+    data = load_data(cfg, run_dir, rank)
+    train, test = data.train, data.test
+    batches_per_epoch = len(train) // (st.batch_size * world)
+    if batches_per_epoch == 0:
+        raise TrainError(f"{cfg['data_path']}: {len(train)} training clips give no full batch of "
+                         f"{st.batch_size} x {world} ranks; lower --batch_size")
+    total_steps = batches_per_epoch * st.epochs
+    try:
+        torch.manual_seed(cfg["seed"])  # the head's init
+        net = build_net(cfg["weights"], st.frames, len(train.classes), st).to(device)
+    except (WeightsError, ValueError) as e:
+        raise TrainError(f"{cfg['weights']}: {e}" if str(cfg["weights"]) not in str(e) else str(e)) from None
+    norm = net.encoder.norm_stats.detach().clone()
+    optimizer = build_optimizer(net, st, st.lr)
+    progress, book = Progress(), ScoreBook()
+    ckpt = Checkpointer(run_dir, {"model": net, "optimizer": optimizer, "rng": RNGState(device),
+                                  "progress": progress, "scores": book},
+                        {"args": {**cfg, "output_dir": str(run_dir)}, "classes": train.classes,
+                         "norm_stats": {"mean": float(norm[0]), "std": float(norm[1])}},
+                        rank=rank, epochs=st.epochs, save_freq=cfg["save_freq"],
+                        interval_s=cfg["ckpt_interval_min"] * 60, log=lambda m: log(m, rank), flag_group=flag_group)
+    resume(ckpt, cfg, rank)
+    if rank == 0:
+        config = read_json_file(run_dir / runfolder.CONFIG, "restore it")
+        write_json(run_dir / runfolder.CONFIG, {**config, "total_steps": total_steps, "train_clips": len(train),
+                                                "test_clips": len(test), "missing": data.missing})
+    log(f"{cfg['task']}: {len(train)} training clips, {len(test)} test clips, {len(train.classes)} classes; "
+        f"missing from {cfg['data_path']}: {data.missing['train']} train, {data.missing['test']} test"
+        + (f"; sampling weights: {data.weights_source}" if data.weights_source else ""), rank)
+
+    ddp = net if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = ResumableSampler(len(train), st.batch_size, rank, world, cfg["seed"], train.weights)
+    loader = make_loader(make_dataset(train, st.frames, cfg["seed"]), sampler, st.batch_size,
+                         default_workers(cfg["num_workers"], world), pin_memory=device.type == "cuda")
+    writer = tensorboard_writer(run_dir, rank, progress.step)
+    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16,  # noqa: E731
+                                 enabled=device.type == "cuda" and cfg["bf16"])
+
+    def end(outcome: Outcome) -> int:
+        log(outcome.message, rank)
+        if rank == 0:
+            events.record(run_dir, outcome.event, step=progress.step, **({"signal": stop.name} if stop.name else {}))
+        if outcome.event == runfolder.EVENT_STOPPED:
+            stop.hand_over()
+        return outcome.exit_code
+
+    def score_epoch(epoch: int) -> None:
+        value = evaluate(ddp.module if world > 1 else net, test, st, norm.to(device), device, rank, world,
+                         cfg["eval_batch_size"], amp)
+        value = broadcast(value, rank)
+        book.scores.append(float(value))
+        if rank == 0:
+            s = book.summary()
+            name = "mAP" if st.multi_label else "accuracy"
+            row = {"time": time.time(), "epoch": epoch, "step": progress.step, "eval": value,
+                   "eval_best": s["best"], "eval_best_epoch": s["best_epoch"]}
+            append_jsonl(run_dir / runfolder.LOG, row)
+            if writer is not None:
+                writer.add_scalar("eval/score", value, progress.step)
+            log(f"epoch {epoch} test {name} {value:.4f} (best {s['best']:.4f} at epoch {s['best_epoch']})")
+
+    if len(book.scores) < progress.epoch:  # stopped after an epoch's last step, before its score
+        score_epoch(progress.epoch)
+    if progress.epoch < st.epochs:
+        log(f"fine-tuning epochs {progress.epoch + 1}..{st.epochs} on {device} x {world}", rank)
+    stop_self_at = int(os.environ.get(FAULT_INJECTION_ENV, 0))
+    sums, count, t0 = torch.zeros(1, device=device), 0, time.perf_counter()
+    while progress.epoch < st.epochs:
+        epoch = progress.epoch
+        sampler.set_position(epoch, progress.batch_in_epoch)
+        net.train()
+        for lms, labels in loader:
+            i = progress.batch_in_epoch
+            s = epoch * batches_per_epoch + i  # global batch index
+            lr = finetune_lr(epoch + i / batches_per_epoch, st.lr, st.warmup_epochs, st.epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = (lms.to(device, non_blocking=True) - norm[0].to(device)) / norm[1].to(device)
+            x, y = augment(x, labels.to(device, non_blocking=True), st, cfg["seed"], rank, s)
+            keep = kept_columns(x.shape[0], net.columns, st.training_mask, batch_rng(cfg["seed"], rank, s,
+                                MASK_PURPOSE)) if st.training_mask > 0 else None
+            with amp():
+                logits = ddp(x, keep)
+            loss = loss_fn(logits, y, st.multi_label)
+            loss.backward()
+            if progress.step + 1 == stop_self_at:  # a real signal, delivered inside that step
+                os.kill(os.getpid(), signal.SIGTERM)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums += loss.detach().float()
+            count += 1
+            progress.step += 1
+            progress.batch_in_epoch += 1
+            epoch_ended = progress.batch_in_epoch == batches_per_epoch
+            if epoch_ended:
+                progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+
+            if progress.step % cfg["log_every"] == 0 or stop.requested or epoch_ended:
+                outcome = ckpt.diverged(sums)
+                if outcome is not None:
+                    return end(outcome)
+                if progress.step % cfg["log_every"] == 0:
+                    if rank == 0:
+                        rate = count * st.batch_size / max(time.perf_counter() - t0, 1e-9)
+                        report(run_dir, writer, epoch, progress.step, total_steps, lr, float(sums) / count, rate)
+                    sums.zero_()
+                    count, t0 = 0, time.perf_counter()
+            if epoch_ended and not stop.requested:
+                score_epoch(progress.epoch)
+            outcome = ckpt.step_boundary(stop.reason, epoch_ended)
+            if outcome is not None:
+                return end(outcome)
+            if epoch_ended:
+                break
+        if progress.epoch == epoch:
+            raise RuntimeError(f"the data loader ended before epoch {epoch + 1} was complete")
+
+    ckpt.finish()
+    final = runfolder.final_weights(run_dir, st.epochs)
+    result = {**book.summary(), "metric": "mAP" if st.multi_label else "accuracy", "task": cfg["task"],
+              "selection": "best epoch on eval, as the paper's tool reports it (no validation split)",
+              "scores": book.scores, "missing": data.missing, "train_clips": len(train), "test_clips": len(test)}
+    if rank == 0:
+        write_json(run_dir / SUMMARY, result)
+        if writer is not None:
+            writer.close()
+        if final.exists():
+            events.record(run_dir, runfolder.EVENT_FINISHED, step=progress.step)
+        log(f"{cfg['task']} {result['metric']}: best {result['best']:.4f} at epoch {result['best_epoch']} (best epoch "
+            f"on eval, as the paper's tool reports it), last epoch {result['last']:.4f}; missing clips: "
+            f"{data.missing['train']} train, {data.missing['test']} test; {run_dir / SUMMARY}")
+    return 0
+
+
+def resume(ckpt: Checkpointer, cfg: dict, rank: int) -> None:
+    """Clean the folder, load the state to continue from, record the start."""
+    run_dir, progress = ckpt.run_dir, ckpt.progress
+    if rank == 0:
+        ckpt.prepare_folder()
+    if dist.is_initialized():
+        dist.barrier(group=ckpt.flag_group)
+    try:
+        resumed_from = ckpt.resume(cfg["resume"], shows_progress(run_dir))
+    except CheckpointError as e:
+        raise TrainError(f"--resume {e}" if cfg["resume"] not in ("auto", "none") else str(e)) from None
+    if resumed_from is not None:
+        log(f"resumed from {resumed_from} at step {progress.step}", rank)
+    if rank == 0:
+        trim_log(run_dir, progress.step)
+        record_start(run_dir, resumed_from, progress.step)
+
+
+def report(run_dir: Path, writer, epoch: int, step: int, total_steps: int, lr: float, loss: float,
+           rate: float) -> None:
+    row = {"time": time.time(), "epoch": epoch, "step": step, "total_steps": total_steps, "lr": lr, "loss": loss,
+           "samples_per_s": rate}
+    append_jsonl(run_dir / runfolder.LOG, row)
+    log(f"epoch {epoch + 1} step {step}/{total_steps} loss {loss:.4f} lr {lr:.3e} {rate:.1f} samples/s")
+    if writer is not None:
+        for k in ("loss", "lr", "samples_per_s"):
+            writer.add_scalar(f"train/{k}", row[k], step)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_args(argv)
+        return finetune(cfg, {"world_size": int(os.environ.get("WORLD_SIZE", 1)),
+                              "rank": int(os.environ.get("RANK", 0)),
+                              "local_rank": int(os.environ.get("LOCAL_RANK", 0))})
+    except (TrainError, DataListError, FinetuneDataError, CheckpointError) as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT

@@ -1,0 +1,191 @@
+"""`m2das finetune`: Table VI fine-tuning on a tiny AudioSet-shaped folder (real YTIDs and labels from
+AudioSet's release lists, synthetic LMS), its stop/resume exactness, and the recipe's pieces."""
+
+import json
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED, run_m2das
+from m2das import runfolder
+from m2das.data import labels
+from m2das.downstream import ft_data
+from m2das.downstream.ft_model import LARS, finetune_lr, interpolate_pos_embed
+from m2das.model import sincos_pos_embed
+from pretrained_fixture import make_checkpoint
+
+AUDIOSET = SHARED / "audioset"
+N_TRAIN, N_TEST = 24, 12
+
+
+def write_audioset_folder(root, seed=0):
+    """DATA/audioset_lms/{YTID}_{start}.npy for the first clips of the balanced and eval lists; each
+    label brightens its own mel band, so the task can be learnt."""
+    rng = np.random.default_rng(seed)
+    (root / "audioset_lms").mkdir(parents=True)
+    for name, n in (("balanced_train_segments.csv", N_TRAIN), (labels.EVAL_SEGMENTS, N_TEST)):
+        table, _ = labels.read_segments(AUDIOSET / name)
+        for ytid in list(table)[:n]:
+            lms = rng.standard_normal((1, 80, int(rng.integers(230, 260)))).astype(np.float32) * 2 - 7
+            for mid in table[ytid].split(","):
+                band = zlib.crc32(mid.encode()) % 76
+                lms[:, band:band + 4] += 4
+            np.save(root / "audioset_lms" / f"{ytid}_30.000.npy", lms)
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ft")
+    weights = make_checkpoint(base / "runs")
+    return base, write_audioset_folder(base / "data"), weights
+
+
+def command(setup, out, *extra):
+    base, data, weights = setup
+    return ("finetune", weights, "--task", "as20k", "--data_path", data, "--metadata", AUDIOSET,
+            "--output_dir", out, "--frames", "240", "--epochs", "3", "--warmup_epochs", "1", "--batch_size", "8",
+            "--eval_batch_size", "16", "--num_workers", "0", "--log_every", "1", "--device", "cpu", *extra)
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    out = setup[0] / "reference"
+    r = run_m2das(*command(setup, out))
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def segment_count(name):
+    return len(labels.read_segments(AUDIOSET / name)[0])
+
+
+def test_finetune_reports_best_and_last_map_and_missing_clips(reference):
+    out, r = reference
+    result = json.loads((out / "finetune_result.json").read_text())
+    assert result["metric"] == "mAP" and len(result["scores"]) == 3
+    assert result["best"] == max(result["scores"]) and result["last"] == result["scores"][-1]
+    assert result["scores"][result["best_epoch"] - 1] == result["best"]
+    assert all(0 < s <= 1 for s in result["scores"])
+    assert result["missing"] == {"train": segment_count("balanced_train_segments.csv") - N_TRAIN,
+                                 "test": segment_count(labels.EVAL_SEGMENTS) - N_TEST}
+    assert (result["train_clips"], result["test_clips"]) == (N_TRAIN, N_TEST)
+    assert "best epoch on eval" in r.stdout and f"{result['missing']['test']} test" in r.stdout
+    events = [json.loads(line)["event"] for line in (out / runfolder.RESTARTS).read_text().splitlines()]
+    assert events == [runfolder.EVENT_START, runfolder.EVENT_FINISHED]
+    state = torch.load(out / "checkpoint-3.pth", weights_only=True)
+    assert state["scores"]["scores"] == result["scores"] and state["model"]["head.linear.weight"].shape[0] == 527
+    status = run_m2das("status", out, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["finished"] is True
+
+
+@pytest.mark.parametrize("stop_at", [4, 3])  # mid-epoch, and an epoch's last step (its score comes after)
+def test_sigterm_then_resume_is_bit_identical(setup, reference, stop_at):
+    out = setup[0] / f"stopped{stop_at}"
+    first = run_m2das(*command(setup, out), env={"M2DAS_TEST_SIGTERM_AT_STEP": str(stop_at)})
+    assert first.returncode == runfolder.EXIT_RESUMABLE, first.stderr
+    stopped = [json.loads(line) for line in (out / runfolder.RESTARTS).read_text().splitlines()][-1]
+    assert stopped["event"] == runfolder.EVENT_STOPPED and stopped["signal"] == "SIGTERM"
+    assert stopped["step"] == stop_at
+    second = run_m2das(*command(setup, out))
+    assert second.returncode == 0, second.stderr
+    assert f"resumed from {out / runfolder.LAST} at step {stop_at}" in second.stdout
+    a = torch.load(reference[0] / "checkpoint-3.pth", weights_only=True)
+    b = torch.load(out / "checkpoint-3.pth", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for p, q in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(p[k], q[k]) for k in p)
+    assert a["scores"] == b["scores"]
+
+
+def test_a_folder_without_audioset_clips_is_one_line_exit_2(setup, tmp_path):
+    (tmp_path / "data" / "audioset_lms").mkdir(parents=True)
+    np.save(tmp_path / "data" / "audioset_lms" / "not_a_ytid.npy", np.zeros((1, 80, 300), np.float32))
+    r = run_m2das("finetune", setup[2], "--data_path", tmp_path / "data", "--metadata", AUDIOSET,
+                  "--output_dir", tmp_path / "run", "--device", "cpu")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert str(tmp_path / "data") in r.stderr and "m2das prepare" in r.stderr
+
+
+# -- the recipe's pieces -----------------------------------------------------------------------
+
+def test_pos_embed_interpolation_from_608_to_1001_frames():
+    rows, cols, dim = 5, 608 // 16, 768
+    pos = sincos_pos_embed(dim, rows, cols)[None]
+    out = interpolate_pos_embed(pos, rows, cols, 1001 // 16)
+    assert out.shape == (1, 1 + rows * 62, dim)
+    assert torch.equal(out[:, 0], pos[:, 0])  # cls row untouched
+    grid, new = pos[0, 1:].reshape(rows, cols, dim), out[0, 1:].reshape(rows, 62, dim)
+    # The frequency axis keeps its size: the row-index channels (constant along time) keep their values.
+    assert torch.allclose(new[:, :, dim // 2:], grid[:, :1, dim // 2:].expand(-1, 62, -1), atol=1e-5)
+    # The time axis is stretched: a grid linear in the column index is sampled at the new columns' centres
+    # (within the bicubic kernel's small ripple, a = -0.75), increasing, the same on every row.
+    ramp = torch.arange(cols, dtype=torch.float32).view(1, 1, cols, 1).expand(1, rows, cols, 4)
+    ramp = torch.cat([torch.zeros(1, 1, 4), ramp.reshape(1, rows * cols, 4)], dim=1)
+    stretched = interpolate_pos_embed(ramp, rows, cols, 62)[0, 1:].reshape(rows, 62, 4)
+    centres = (torch.arange(62) + 0.5) * cols / 62 - 0.5
+    inner = (centres >= 1) & (centres <= cols - 2)
+    assert torch.allclose(stretched[:, inner], centres[inner].view(1, -1, 1).expand(rows, -1, 4), atol=0.05)
+    assert bool((stretched[:, 1:] > stretched[:, :-1]).all()) and torch.equal(stretched[0], stretched[-1])
+    assert torch.equal(interpolate_pos_embed(pos, rows, cols, cols), pos)
+
+
+def test_mixup_mixes_inputs_and_targets_with_one_lambda_per_sample():
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 3).contiguous()
+    y = torch.eye(4)
+    mx, my = ft_data.mixup(x, y, 0.3, np.random.default_rng(1))
+    rng = np.random.default_rng(1)
+    lam, partner = rng.beta(0.3, 0.3, size=4), rng.permutation(4)
+    for b in range(4):
+        assert torch.allclose(mx[b], torch.full((1, 2, 3), lam[b] * b + (1 - lam[b]) * partner[b]))
+        assert math.isclose(float(my[b].sum()), 1.0, rel_tol=1e-6)
+        assert math.isclose(float(my[b, b] + (my[b, partner[b]] if partner[b] != b else 0)), 1.0, rel_tol=1e-6)
+    same = ft_data.mixup(x, y, 0.0, np.random.default_rng(1))
+    assert same[0] is x and same[1] is y
+
+
+def test_lars_update_rule():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = LARS([w, b], lr=2.0, weight_decay=0.1, momentum=0.9, trust_coefficient=0.001)
+    w.grad, b.grad = torch.tensor([[0.0, 1.0]]), torch.tensor([0.5])
+    opt.step()
+    update = torch.tensor([[0.0, 1.0]]) + 0.1 * torch.tensor([[3.0, 4.0]])
+    scaled = update * (0.001 * 5.0 / update.norm())
+    assert torch.allclose(w.data, torch.tensor([[3.0, 4.0]]) - 2.0 * scaled)
+    assert torch.allclose(b.data, torch.tensor([1.0 - 2.0 * 0.5]))  # vectors: no decay, no trust ratio
+    w.grad, b.grad = torch.tensor([[0.0, 1.0]]), torch.tensor([0.5])
+    before = w.data.clone()
+    opt.step()
+    update2 = torch.tensor([[0.0, 1.0]]) + 0.1 * before
+    mu = 0.9 * scaled + update2 * (0.001 * before.norm() / update2.norm())
+    assert torch.allclose(w.data, before - 2.0 * mu)
+
+
+def test_cosine_with_warmup_per_iteration():
+    assert finetune_lr(0.0, 0.5, 5, 200) == 0.0
+    assert math.isclose(finetune_lr(2.5, 0.5, 5, 200), 0.25)
+    assert math.isclose(finetune_lr(4 + 3 / 4, 0.5, 5, 200), 0.5 * 4.75 / 5)  # epoch + iter / iters
+    assert math.isclose(finetune_lr(100.0, 0.5, 5, 200), 1e-7 + (0.5 - 1e-7) * 0.5)
+    assert math.isclose(finetune_lr(5.0, 0.5, 5, 200), 1e-7 + (0.5 - 1e-7) * 0.5 * (1 + math.cos(math.pi * 5 / 200)))
+    assert math.isclose(finetune_lr(200.0, 0.5, 5, 200), 1e-7) and math.isclose(finetune_lr(250.0, 0.5, 5, 200), 1e-7)
+
+
+def test_spec_augment_masks_follow_torchaudio_widths():
+    x = torch.ones(3, 1, 80, 240)
+    out = ft_data.spec_augment(x, 30, 192, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    for b in range(3):
+        f0, f1 = ft_data.mask_span(80, 30, rng)
+        t0, t1 = ft_data.mask_span(240, 192, rng)
+        assert 0 <= f1 - f0 < 30 and 0 <= t1 - t0 < 192
+        assert float(out[b, 0, f0:f1].abs().sum()) == 0 and float(out[b, :, :, t0:t1].abs().sum()) == 0
+        expected = (80 - (f1 - f0)) * (240 - (t1 - t0))
+        assert int(out[b].sum()) == expected
+    assert torch.equal(x, torch.ones(3, 1, 80, 240))  # the input is left as it was

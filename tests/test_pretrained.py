@@ -1,4 +1,5 @@
-"""From a finished run to a usable model: export, load_encoder, embed and linear evaluation, on real files."""
+"""From a finished run to a usable model: load_encoder, embed and linear evaluation, on real files
+(export: test_export.py; the runtime's recipe for short clips: test_embed.py)."""
 
 import json
 import time
@@ -9,14 +10,11 @@ import pytest
 import soundfile as sf
 import torch
 from conftest import run_m2das
-from pretrained_fixture import KINDS, RUN_NAME, make_checkpoint, write_corpus, write_eval_list
+from pretrained_fixture import make_checkpoint, write_corpus, write_eval_list
 
 import m2das
 from m2das.data.audio import lms_from_waveform
 from m2das.downstream.export import export
-
-ENCODER_PREFIXES = ("patch_embed.", "blocks.", "norm.")
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -28,51 +26,6 @@ def trained(tmp_path_factory):
             "list": write_eval_list(root / "list.csv", clips, root)}
 
 
-def runtime_parse(folder: str):
-    """How the published runtime reads sizes from a folder name (written out here, independently)."""
-    model, params = folder.split("-")[0], folder.split("-")[1].split("p")[:3]
-    return model, [int(v) for v in params[0].split("x")], [int(v) for v in params[1].split("x")], params[2]
-
-
-def test_export_holds_exactly_the_encoder_keys_and_loads_plainly(trained, tmp_path):
-    r = run_m2das("export", trained["run"], "--out", tmp_path)
-    assert r.returncode == 0, r.stderr
-    exported = next(tmp_path.glob("*/*.pth"))
-    assert exported.name == "weights_ep2.pth"
-    assert exported.parent.name == RUN_NAME + "_enconly"
-    assert runtime_parse(exported.parent.name) == ("m2d_as_vit_tiny", [80, 208], [16, 16], "16k")
-
-    state = torch.load(exported)  # plain: weights_only by default on this torch
-    full = torch.load(trained["ckpt"], weights_only=True)["model"]
-    expected = {k for k in full if k in ("cls_token", "pos_embed", "norm_stats") or k.startswith(ENCODER_PREFIXES)}
-    assert set(state) == expected
-    assert not any(k.startswith(("target_", "decoder", "mask_token", "offline")) for k in state)
-    assert all(torch.equal(state[k], full[k]) for k in state)
-    assert exported.stat().st_size < 0.6 * trained["ckpt"].stat().st_size
-
-
-def test_export_with_head_keeps_the_tagger_and_its_classes(trained, tmp_path):
-    dest = export(trained["ckpt"], tmp_path, with_head=True)
-    state = torch.load(dest, weights_only=True)
-    assert {"offline_predictor.weight", "offline_predictor.bias"} <= set(state)
-    assert json.loads((dest.parent / "classes.json").read_text()) == KINDS
-    enc = m2das.load_encoder(dest)
-    probs = enc.tag(torch.from_numpy(lms_from_waveform(sf.read(trained["clips"][0][0])[0], 16000))[None])
-    assert probs.shape == (1, len(KINDS)) and torch.all((probs > 0) & (probs < 1))
-
-
-def test_export_errors_are_one_line(tmp_path, capsys):
-    from m2das.downstream.export import main
-
-    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    r = run_m2das("export", tmp_path / "junk.pth")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert str(tmp_path / "junk.pth") in r.stderr
-    assert main([str(tmp_path / "nothing")]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "no such file or run folder" in err
-
-
 def reference_features(state: dict, lms: torch.Tensor, input_size, patch: int = 16) -> torch.Tensor:
     """The runtime's recipe on a plain timm ViT: normalise, pad to whole patches, 608-frame (here 208) chunks,
     pos_embed cut to the chunk, tokens rearranged 'b (f t) d -> b t (f d)', chunks concatenated in time."""
@@ -82,7 +35,8 @@ def reference_features(state: dict, lms: torch.Tensor, input_size, patch: int = 
     vit = VisionTransformer(img_size=tuple(input_size), patch_size=patch, in_chans=1, embed_dim=dim, depth=2,
                             num_heads=2, mlp_ratio=4, qkv_bias=True, num_classes=0,
                             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
-    missing, unexpected = vit.load_state_dict({k: v for k, v in state.items() if k != "norm_stats"}, strict=False)
+    encoder = {k: v for k, v in state.items() if k != "norm_stats" and not k.startswith("offline_predictor.")}
+    missing, unexpected = vit.load_state_dict(encoder, strict=False)
     assert not unexpected and not missing
     vit.eval()
     x = (lms - state["norm_stats"][0]) / state["norm_stats"][1]
@@ -108,7 +62,7 @@ def test_features_have_the_documented_shapes_and_match_the_runtime_recipe(traine
     enc = m2das.load_encoder(dest)
     lms = torch.from_numpy(np.stack([lms_from_waveform(sf.read(p)[0], 16000) for p, _ in trained["clips"][:2]]))
     frames, clip = enc(lms)
-    # 2-s clips are padded to 6.1 s (611 frames) -> 39 frames of 16; 5 frequency patches x 64-d tokens.
+    # LMS as prepare writes them (2-s clips padded to 6.1 s, 611 frames) -> 39 frames of 16; 5 x 64-d tokens.
     assert frames.shape == (2, 39, 5 * 64) and clip.shape == (2, 320) and enc.feature_dim == 320
     assert torch.allclose(clip, frames.mean(1))
     reference = reference_features(torch.load(dest, weights_only=True), lms, [80, 208])
@@ -120,7 +74,7 @@ def test_a_20s_clip_is_the_concatenation_of_its_chunks_and_any_rate_works(traine
     rng = np.random.default_rng(1)
     wave = (0.1 * rng.standard_normal(20 * 44100)).astype(np.float32)
     from_wave = enc(torch.from_numpy(wave), sample_rate=44100)
-    lms = torch.from_numpy(lms_from_waveform(wave, 44100))[None]  # [1, 1, 80, 2001]
+    lms = torch.from_numpy(lms_from_waveform(wave, 44100, pad=False))[None]  # [1, 1, 80, 2001]
     assert lms.shape[-1] == 2001
     from_lms = enc(lms)
     assert torch.equal(from_wave.frames, from_lms.frames)
@@ -150,11 +104,13 @@ def test_eval_scores_a_trained_encoder_well_above_chance_and_caches(trained, tmp
     r = run_m2das(*args, "--out", tmp_path / "first.json")
     first_s = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
-    assert len(r.stdout.strip().splitlines()) == 1 and "test accuracy" in r.stdout and "seed 42" in r.stdout
+    assert len(r.stdout.strip().splitlines()) == 1 and "test accuracy" in r.stdout
+    assert "seeds 42, 43, 44" in r.stdout and "95% CI" in r.stdout
     result = json.loads((tmp_path / "first.json").read_text())
     assert result["metric"] == "accuracy" and result["counts"] == {"train": 20, "valid": 10, "test": 10}
     assert result["test"] >= 0.5  # 5 classes: chance is 0.2
-    assert result["settings"]["seed"] == 42 and not result["embeddings_cached"]
+    assert result["settings"]["seeds"] == [42, 43, 44] and result["settings"]["lr"] == 3e-5
+    assert len(result["runs"]) == 3 and not result["embeddings_cached"]
     r2 = run_m2das(*args, "--out", tmp_path / "second.json")
     second = json.loads((tmp_path / "second.json").read_text())
     assert r2.returncode == 0 and second["embeddings_cached"] and second["test"] == result["test"]
@@ -167,6 +123,7 @@ def test_eval_bad_lists_are_one_line_errors(trained, tmp_path):
         "missing.csv": (good + ["audio/nope.wav,/demo/tone,test"], "missing"),
         "split.csv": (good + [good[1].rsplit(",", 1)[0] + ",holdout"], "unknown split"),
         "notrain.csv": ([line for line in good if not line.endswith(",train")], "no 'train' rows"),
+        "novalid.csv": ([line for line in good if not line.endswith(",valid")], "no 'valid' rows"),
     }
     for name, (lines, phrase) in cases.items():
         csv = trained["root"] / name

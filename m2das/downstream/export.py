@@ -1,10 +1,14 @@
-"""`m2das export RUN|CHECKPOINT`: encoder-only weights the published runtime and EVAR load as they are.
+"""`m2das export RUN|CHECKPOINT`: encoder weights the published runtime and EVAR load as they are.
 
-Keeps `patch_embed.*`, `cls_token`, `pos_embed`, `blocks.*`, `norm.*` and
-`norm_stats` (about 330 MB for ViT-B instead of 1.7 GB) in a folder named
+Keeps `patch_embed.*`, `cls_token`, `pos_embed`, `blocks.*`, `norm.*`,
+`norm_stats` and the AudioSet head `offline_predictor.*` (about 340 MB for
+ViT-B instead of 1.7 GB) in a folder named
 `{model}-{F}x{T}p{pf}x{pt}p16k-{YYMMDD}-{config}_enconly`, the name those tools
-parse the sizes from. The file holds tensors only, so a plain `torch.load`
-(weights_only) reads it.
+parse the sizes from. The head is kept because the runtime's loader sizes an
+`m2d_as_vit*` model from `offline_predictor.weight` (a file without it fails
+there with KeyError) and because it makes the file an AudioSet tagger; its class
+list goes to classes.json beside it. The file holds tensors only, so a plain
+`torch.load` (weights_only) reads it.
 """
 
 import argparse
@@ -15,7 +19,7 @@ from pathlib import Path
 from m2das import remote
 from m2das.fileio import is_url
 from m2das.runfolder import EXIT_BAD_INPUT
-from m2das.downstream.weights import WeightsError, read_weights
+from m2das.downstream.weights import HEAD_PREFIX, WeightsError, read_weights
 from m2das.runfolder import folder_name, parse_folder_name
 
 CLASSES_FILE = "classes.json"
@@ -32,22 +36,26 @@ def export_name(w) -> str:
 
 
 def export(source, out_dir=None, epoch: int | None = None, with_head: bool = False) -> Path:
-    """Write the encoder-only file; returns its path. Raises WeightsError for unusable input."""
+    """Write the encoder file (with the head when the weights have one); returns its path.
+
+    `with_head=True` only insists that there is a head. Raises WeightsError for unusable input.
+    """
     import torch
 
     from m2das.fileio import atomic_write, write_json
 
     w = read_weights(source, epoch)
-    if with_head and "offline_predictor.weight" not in w.state:
-        raise WeightsError(f"{w.path}: has no AudioSet head (offline_predictor); export without --with-head")
-    state = {k: v.detach().clone().contiguous() for k, v in w.encoder_state(with_head).items()}
+    has_head = HEAD_PREFIX + "weight" in w.state
+    if with_head and not has_head:
+        raise WeightsError(f"{w.path}: has no AudioSet head ({HEAD_PREFIX}weight); export without --with-head")
+    state = {k: v.detach().clone().contiguous() for k, v in w.encoder_state(with_head=True).items()}
     folder = Path(out_dir) if out_dir is not None else w.path.parent.parent
     folder = folder / export_name(w)
     name = f"weights_ep{w.epoch}.pth" if w.epoch is not None else f"{w.path.stem}.pth"
     dest = folder / name
     with atomic_write(dest) as f:
         torch.save(state, f)
-    if with_head:
+    if has_head and w.classes:
         write_json(folder / CLASSES_FILE, list(w.classes))
     return dest
 
@@ -61,7 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="parent of the export folder (default: the run folder's parent; "
                    "the current folder for a URL)")
     p.add_argument("--with-head", "--with_head", action="store_true", dest="with_head",
-                   help=f"also keep the AudioSet head (offline_predictor) and write {CLASSES_FILE} beside it")
+                   help=f"fail unless the weights have the AudioSet head; the head (and {CLASSES_FILE}) is in "
+                        f"every export of weights that have one, since the runtime's loader reads it")
     args = p.parse_args(argv)
     try:
         source, out = args.source, args.out

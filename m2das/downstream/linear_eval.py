@@ -1,26 +1,38 @@
-"""`m2das eval WEIGHTS --data LIST.csv`: linear evaluation on frozen clip embeddings, as the paper runs it.
+"""`m2das eval WEIGHTS`: linear evaluation on frozen clip embeddings with the paper's Table V protocol.
 
-The list is CSV `file_name,label,split` (split: train, valid or test; labels of a
-multi-label clip separated by commas inside quotes; files are audio or LMS .npy,
-relative to the list's folder). The encoder stays frozen; clip embeddings are
-standardised with the training split's mean and std; one linear layer is
-trained (softmax for single-label, sigmoid for multi-label) with Adam, stopping
-early on the validation split; the best-on-validation layer is scored on test:
-accuracy (single-label) or mAP (multi-label). Defaults follow the EVAR tool:
-seed 42, at most 200 epochs, stop after 20 without improvement.
+Three forms:
+  m2das eval WEIGHTS --task esc50 --data_root DIR    one of the paper's nine tasks
+  m2das eval WEIGHTS --suite paper --data_root DIR   every task whose data is in DIR, one table
+  m2das eval WEIGHTS --data LIST.csv                 your own task (file_name,label,split)
+
+All run the same protocol by default (the authors' evaluation tool, config m2d):
+frozen encoder, 3840-d clip embeddings (mean over time frames) standardised with
+the training split's mean and std; one linear layer, softmax cross-entropy (or
+sigmoid BCE when a clip has several labels); Adam lr 3e-5, betas (0.9, 0.999),
+weight decay 1e-8, batch min(200, training clips); at most 200 epochs, stopping
+after 20 epochs without a validation score >= the best so far; the best weights
+scored on test: accuracy, or macro mAP (a class with no positive scores 0);
+three runs (seeds 42, 43, 44) over every fold; the mean and its 95% confidence
+interval. ESC-50 and US8K draw their validation clips out of the training folds
+per seed, as the tool does (downstream.tasks).
+Embeddings are computed once per weights, files and clip length and cached, so
+the three seeds and every rerun cost one pass over the audio.
 """
 
 import argparse
 import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
+from m2das.downstream.protocol import SEEDS, Settings, Split, run_protocol
 from m2das.runfolder import EXIT_BAD_INPUT
 
 SPLITS = ("train", "valid", "test")
+RANDOM_INIT_SEED = SEEDS[0]  # the random baseline's weights: one draw, so its embeddings cache too
 
 
 class ListError(ValueError):
@@ -62,25 +74,45 @@ def read_eval_list(csv_path, root=None):
     return paths, labels, splits, classes
 
 
-def cache_key(weights: Path, paths, random_init: bool, seed: int) -> str:
-    """Changes when the weight file or the file set changes."""
-    st = weights.stat()
-    h = hashlib.sha1(f"{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}|{random_init}|{seed}".encode())
-    for p in sorted(str(Path(p).resolve()) for p in paths):
-        h.update(p.encode() + b"\0")
-    return h.hexdigest()[:16]
+def targets_of(labels, classes, multi_label: bool) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    if not multi_label:
+        return np.array([index[row[0]] for row in labels], dtype=np.int64)
+    out = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    for r, row in enumerate(labels):
+        out[r, [index[c] for c in row]] = 1.0
+    return out
 
+
+# -- the embedding cache: keyed by the weights, the clips (file, crop start, clip length) and nothing else --
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "m2das" / "embeddings"
 
 
-def random_encoder_like(encoder, model_name: str, seed: int):
+def item_name(item) -> str:
+    """A clip: a path (the whole file) or (path, start sample, clip samples)."""
+    if isinstance(item, tuple):
+        path, start, samples = item
+        return f"{Path(path).resolve()}|{start}|{samples}"
+    return f"{Path(item).resolve()}|whole"
+
+
+def cache_key(weights: Path, items, random_init: bool) -> str:
+    """Changes when the weight file or the clip set changes; not with the classifier's seed or settings."""
+    st = weights.stat()
+    h = hashlib.sha1(f"{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}|{random_init}".encode())
+    for name in sorted(item_name(i) for i in items):
+        h.update(name.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def random_encoder_like(encoder, model_name: str, seed: int = RANDOM_INIT_SEED):
     """An encoder of the same size and norm stats, with M2D-AS's initialisation and fresh random weights."""
     import torch
 
-    from m2das.model import create_model
     from m2das.downstream.weights import is_encoder_key
+    from m2das.model import create_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -90,126 +122,80 @@ def random_encoder_like(encoder, model_name: str, seed: int):
     return encoder
 
 
-def train_linear(x_train, y_train, x_valid, y_valid, n_classes: int, multi_label: bool, lr: float, epochs: int,
-                 patience: int, batch_size: int, seed: int, device="cpu"):
-    """Adam on one linear layer; returns (best layer, best validation score, its epoch, epochs run)."""
-    import torch
+def cached_embeddings(weights_file: Path, items, *, cache_dir=None, device="cpu", random_init=False,
+                      embed_batch=32, progress=True, desc="embedding"):
+    """-> (embeddings [N, D], time frames [N], whether they came from the cache). One pass per clip set."""
+    from m2das.downstream.embed import embed_files, length_hint, read_clip, read_lms
+    from m2das.downstream.encoder import load_encoder
+    from m2das.downstream.weights import read_weights
+    from m2das.fileio import atomic_write
 
-    gen = torch.Generator().manual_seed(seed)
-    layer = torch.nn.Linear(x_train.shape[1], n_classes)
-    bound = 1.0 / np.sqrt(x_train.shape[1])
-    with torch.no_grad():
-        layer.weight.uniform_(-bound, bound, generator=gen)
-        layer.bias.uniform_(-bound, bound, generator=gen)
-    layer.to(device)
-    opt = torch.optim.Adam(layer.parameters(), lr=lr)
-    xt, yt = torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device)
-    xv = torch.from_numpy(x_valid).to(device)
-    loss_fn = torch.nn.BCEWithLogitsLoss() if multi_label else torch.nn.CrossEntropyLoss()
-    best, best_epoch, best_state, epoch = -np.inf, 0, copy_state(layer), 0
-    for epoch in range(1, epochs + 1):
-        for idx in torch.randperm(len(xt), generator=gen).split(batch_size):
-            idx = idx.to(device)
-            opt.zero_grad()
-            loss_fn(layer(xt[idx]), yt[idx]).backward()
-            opt.step()
-        with torch.no_grad():
-            score = score_of(layer(xv).cpu().numpy(), y_valid, multi_label)
-        if np.isnan(score):  # no validation clip has a label the score can use: keep the latest layer
-            best_state, best_epoch = copy_state(layer), epoch
-        elif score > best:
-            best, best_epoch, best_state = score, epoch, copy_state(layer)
-        elif epoch - best_epoch >= patience:
-            break
-    layer.load_state_dict(best_state)
-    return layer, float(best), best_epoch, epoch
+    items = list(items)
+    names = [item_name(i) for i in items]
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_file = cache / f"{cache_key(weights_file, items, random_init)}.npz"
+    if cache_file.exists():
+        with np.load(cache_file, allow_pickle=False) as z:
+            row = {n: i for i, n in enumerate(z["files"])}
+            if all(n in row for n in names):
+                take = [row[n] for n in names]
+                return z["embeddings"][take], z["frames"][take], True
+    encoder = load_encoder(weights_file, device)
+    if random_init:
+        encoder = random_encoder_like(encoder, read_weights(weights_file).model)
 
+    def load(item):
+        return read_clip(*item) if isinstance(item, tuple) else read_lms(item)
 
-def finite_or_none(value: float):
-    """JSON has no NaN: a score with nothing to score (no positive label in the split) is null."""
-    return float(value) if np.isfinite(value) else None
+    def hint(item):
+        return float(item[2]) if isinstance(item, tuple) else length_hint(Path(item))
+
+    emb, frames = embed_files(encoder, items, embed_batch, progress=progress, desc=desc, load=load, hint=hint)
+    with atomic_write(cache_file) as f:
+        np.savez(f, files=np.array(names), embeddings=emb, frames=frames)
+    return emb, frames, False
 
 
-def copy_state(layer) -> dict:
-    return {k: v.detach().clone() for k, v in layer.state_dict().items()}
+def settings_from(args) -> Settings:
+    return Settings(lr=args.lr, max_epochs=args.epochs, patience=args.early_stop_epochs,
+                    max_batch=args.batch_size, seeds=tuple(args.seeds))
 
 
-def score_of(scores: np.ndarray, targets: np.ndarray, multi_label: bool) -> float:
-    from m2das.metrics import accuracy, mean_average_precision
-
-    return mean_average_precision(scores, targets) if multi_label else accuracy(scores, targets)
-
-
-def evaluate(weights, data, *, data_root=None, out=None, seed=42, lr=3e-4, epochs=200, patience=20,
-             batch_size=128, embed_batch=32, device="auto", cache_dir=None, random_init=False,
-             multi_label=None, progress=True) -> dict:
-    """The whole evaluation; returns the result dict that is also written as JSON."""
-    import time
-
+def evaluate(weights, data, *, data_root=None, out=None, settings: Settings = Settings(), clip_seconds=None,
+             embed_batch=32, device="auto", cache_dir=None, random_init=False, multi_label=None,
+             progress=True) -> dict:
+    """The protocol on a file_name,label,split list; returns the result dict that is also written as JSON."""
     t0 = time.monotonic()
     paths, labels, splits, classes = read_eval_list(data, data_root)  # before torch: bad lists fail fast
 
-    import torch
-
-    from m2das.downstream.embed import embed_files, pick_device
-    from m2das.downstream.encoder import load_encoder
-    from m2das.downstream.weights import read_weights, resolve_checkpoint
+    from m2das.downstream.embed import pick_device, samples_16k
+    from m2das.downstream.weights import resolve_checkpoint
+    from m2das.fileio import write_json
 
     weights_file = resolve_checkpoint(weights)
     device = pick_device(device)
     if multi_label is None:
         multi_label = any(len(row) > 1 for row in labels)
-    index = {c: i for i, c in enumerate(classes)}
-    if multi_label:
-        targets = np.zeros((len(paths), len(classes)), dtype=np.float32)
-        for r, row in enumerate(labels):
-            targets[r, [index[c] for c in row]] = 1.0
-    else:
-        targets = np.array([index[row[0]] for row in labels], dtype=np.int64)
+    targets = targets_of(labels, classes, multi_label)
+    items = paths
+    if clip_seconds is not None:
+        from m2das.data.audio import SAMPLE_RATE
 
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_file = cache / f"{cache_key(weights_file, paths, random_init, seed)}.npz"
-    cached = False
-    if cache_file.exists():
-        with np.load(cache_file, allow_pickle=False) as z:
-            if list(z["files"]) == [str(p.resolve()) for p in paths]:
-                emb, cached = z["embeddings"], True
-    if not cached:
-        encoder = load_encoder(weights_file, device)
-        if random_init:
-            model_name = read_weights(weights_file).model
-            encoder = random_encoder_like(encoder, model_name, seed)
-        emb = embed_files(encoder, paths, embed_batch, progress=progress)
-        from m2das.fileio import atomic_write
-
-        with atomic_write(cache_file) as f:
-            np.savez(f, files=np.array([str(p.resolve()) for p in paths]), embeddings=emb)
-
+        items = [(p, 0, int(SAMPLE_RATE * clip_seconds)) for p in paths]
+        samples_16k(paths[0])  # an unreadable first file fails here, before the encoder loads
+    emb, frames, cached = cached_embeddings(weights_file, items, cache_dir=cache_dir, device=device,
+                                            random_init=random_init, embed_batch=embed_batch, progress=progress)
     split = np.array(splits)
-    train, valid, test = (split == s for s in SPLITS)
-    mean, std = emb[train].mean(0), emb[train].std(0) + 1e-8
-    x = ((emb - mean) / std).astype(np.float32)
-    layer, valid_score, best_epoch, ran = train_linear(
-        x[train], targets[train], x[valid], targets[valid], len(classes), multi_label, lr, epochs, patience,
-        batch_size, seed, device)
-    with torch.no_grad():
-        test_scores = layer(torch.from_numpy(x[test]).to(device)).cpu().numpy()
-    metric = "mAP" if multi_label else "accuracy"
-    result = {
-        "metric": metric, "test": finite_or_none(score_of(test_scores, targets[test], multi_label)),
-        "valid": finite_or_none(valid_score),
-        "weights": str(weights_file), "random_init": random_init, "list": str(data),
+    fold = Split("list", *(np.flatnonzero(split == s) for s in SPLITS))
+    result = run_protocol(emb, targets, [fold], len(classes), multi_label, settings, device)
+    result.update({
+        "test": result["mean"], "weights": str(weights_file), "random_init": random_init, "list": str(data),
         "counts": {s: int((split == s).sum()) for s in SPLITS}, "classes": len(classes),
-        "multi_label": multi_label, "feature_dim": int(emb.shape[1]),
-        "settings": {"seed": seed, "lr": lr, "max_epochs": epochs, "early_stop_epochs": patience,
-                     "batch_size": batch_size, "best_epoch": best_epoch, "epochs_run": ran,
-                     "standardised": "train split mean/std", "classifier": "linear, " +
-                     ("sigmoid/BCE" if multi_label else "softmax/CE") + ", Adam"},
+        "multi_label": multi_label, "feature_dim": int(emb.shape[1]), "clip_seconds": clip_seconds,
         "embeddings_cached": cached, "seconds": round(time.monotonic() - t0, 2),
-    }
+    })
+    result["valid"] = float(np.mean([f["valid"] for f in result["folds"]]))
     out = Path(out) if out is not None else weights_file.parent / f"eval_{Path(data).stem}{'_random' if random_init else ''}.json"
-    from m2das.fileio import write_json
-
     write_json(out, result)
     result["out"] = str(out)
     return result
@@ -220,47 +206,73 @@ def format_score(value, digits: int = 4) -> str:
 
 
 def summary_line(r: dict) -> str:
-    c = r["counts"]
-    s = r["settings"]
-    fmt = format_score
-    return (f"linear eval: test {r['metric']} {fmt(r['test'])} (valid {fmt(r['valid'])}) on {r['list']}: "
+    c, s = r["counts"], r["settings"]
+    seeds = ", ".join(str(x) for x in s["seeds"])
+    return (f"linear eval: test {r['metric']} {format_score(r['test'])} ± {format_score(r['ci95'])} (95% CI over "
+            f"{len(r['runs'])} runs, seeds {seeds}; valid {format_score(r['valid'])}) on {r['list']}: "
             f"{c['train']}/{c['valid']}/{c['test']} train/valid/test, {r['classes']} classes, "
-            f"{'random-init ' if r['random_init'] else ''}encoder {r['weights']}; seed {s['seed']}, lr {s['lr']:g}, "
-            f"best epoch {s['best_epoch']} of {s['epochs_run']}; {r['out']}")
+            f"{'random-init ' if r['random_init'] else ''}encoder {r['weights']}; lr {s['lr']:g}; {r['out']}")
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m2das eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = Settings()
     p.add_argument("weights", metavar="WEIGHTS", help="an exported encoder, a checkpoint or a run folder")
-    p.add_argument("--data", required=True, metavar="LIST.csv", help="file_name,label,split")
-    p.add_argument("--data_root", "--data-root", default=None, help="folder the file names are relative to "
-                   "(default: the list's folder)")
-    p.add_argument("--out", default=None, help="result JSON (default: beside the weights, eval_LIST.json)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--epochs", type=int, default=200, help="at most this many passes over the training split")
-    p.add_argument("--early_stop_epochs", "--early-stop-epochs", type=int, default=20)
-    p.add_argument("--batch_size", "--batch-size", type=int, default=128)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", metavar="LIST.csv", help="your own task: file_name,label,split")
+    what.add_argument("--task", metavar="NAME", help="one of the paper's tasks (esc50, us8k, spcv2, vc1, voxforge, "
+                      "cremad, gtzan, nsynth, surge), read from --data_root")
+    what.add_argument("--suite", choices=["paper"], help="every paper task found under --data_root, one table")
+    p.add_argument("--data_root", "--data-root", default=None, help="--data: folder the file names are relative "
+                   "to (default: the list's folder); --task/--suite: the folder holding the tasks' data")
+    p.add_argument("--out", default=None, help="result JSON (default: beside the weights); --suite also writes "
+                   "the table as .md beside it")
+    p.add_argument("--clip_seconds", "--clip-seconds", type=float, default=None,
+                   help="--data only: cut or zero-pad every clip to this length (default: whole files); "
+                        "--task uses the task's length")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds), help=f"one run per seed (default {d.seeds})")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--epochs", type=int, default=d.max_epochs, help="at most this many passes over the training split")
+    p.add_argument("--early_stop_epochs", "--early-stop-epochs", type=int, default=d.patience)
+    p.add_argument("--batch_size", "--batch-size", type=int, default=d.max_batch, help="batch = min(this, training clips)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--cache_dir", "--cache-dir", default=None, help=f"embedding cache (default {default_cache_dir()})")
     p.add_argument("--multi_label", "--multi-label", action="store_true", default=None,
-                   help="sigmoid and mAP even if every row has one label (default: multi-label when any row has two)")
+                   help="--data: sigmoid and mAP even if every row has one label (default: when any row has two)")
     p.add_argument("--random_init", "--random-init", action="store_true",
                    help="baseline: a randomly initialised encoder of the same size and norm stats")
     p.add_argument("--no_progress", "--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
 
     from m2das.downstream.embed import InputError
     from m2das.downstream.weights import WeightsError
 
+    settings = settings_from(args)
+    common = dict(out=args.out, settings=settings, device=args.device, cache_dir=args.cache_dir,
+                  random_init=args.random_init, progress=not args.no_progress)
     try:
-        r = evaluate(args.weights, args.data, data_root=args.data_root, out=args.out, seed=args.seed, lr=args.lr,
-                     epochs=args.epochs, patience=args.early_stop_epochs, batch_size=args.batch_size,
-                     device=args.device, cache_dir=args.cache_dir, random_init=args.random_init,
-                     multi_label=args.multi_label, progress=not args.no_progress)
+        if args.data is not None:
+            r = evaluate(args.weights, args.data, data_root=args.data_root, clip_seconds=args.clip_seconds,
+                         multi_label=args.multi_label, **common)
+            print(summary_line(r))
+            return 0
+        from m2das.downstream import suite
+
+        if args.data_root is None:
+            raise ListError(f"--{'task' if args.task else 'suite'} needs --data_root DIR, the folder holding the "
+                            f"tasks' data")
+        if args.task is not None:
+            r = suite.evaluate_task(args.weights, args.task, args.data_root, log=print, **common)
+            print(suite.task_line(r))
+        else:
+            table = suite.evaluate_suite(args.weights, args.data_root, **common)
+            print(table)
     except (ListError, InputError, WeightsError) as e:
         print(f"m2das eval: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(summary_line(r))
     return 0

@@ -189,3 +189,23 @@ def test_spec_augment_masks_follow_torchaudio_widths():
         expected = (80 - (f1 - f0)) * (240 - (t1 - t0))
         assert int(out[b].sum()) == expected
     assert torch.equal(x, torch.ones(3, 1, 80, 240))  # the input is left as it was
+
+
+def test_two_ranks_over_gloo_finish_and_score(setup):
+    """DDP on CPU: each rank trains on its share, the test list is scored across both ranks."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = setup[0] / "ddp"
+    args = [a for a in command(setup, out, "--batch_size", "4") if a != "finetune"]
+    args[args.index("--epochs") + 1] = "2"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "m2das", "finetune", *map(str, args)], capture_output=True, text=True, cwd=REPO,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((out / "finetune_result.json").read_text())
+    assert len(result["scores"]) == 2 and all(0 < s <= 1 for s in result["scores"])
+    assert json.loads((out / runfolder.CONFIG).read_text())["world_size"] == 2
+    assert "cpu x 2" in r.stdout

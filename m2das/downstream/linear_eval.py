@@ -145,7 +145,7 @@ def cached_embeddings(weights_file: Path, items, *, cache_dir=None, device="cpu"
         encoder = random_encoder_like(encoder, read_weights(weights_file).model)
 
     def load(item):
-        return read_clip(*item) if isinstance(item, tuple) else read_lms(item)
+        return read_clip(item[0], item[2], item[1]) if isinstance(item, tuple) else read_lms(item)
 
     def hint(item):
         return float(item[2]) if isinstance(item, tuple) else length_hint(Path(item))

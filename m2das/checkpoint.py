@@ -1,4 +1,4 @@
-"""The checkpointer: when, what and how a run is saved, and where it resumes from.
+"""The checkpointer: when and what a run saves, and where it resumes from.
 
 What: one dict of state, built from the same stateful objects for saving and
 loading (model, optimizer, scaler, RNG, progress), holding only tensors and
@@ -8,50 +8,41 @@ plain types, so every file opens with a plain `torch.load(path)`
 When: an epoch checkpoint after every `save_freq` epochs and at the end, a
 rolling `last.pth` every `ckpt_interval_min` minutes (written in a thread) and
 on a stop signal. Every save that is due happens, also when a stop lands on
-an epoch's last step.
+an epoch's last step. Nothing non-finite is ever saved: the run ends as
+diverged instead. Resume picks the checkpoint with the most progress that
+loads, and refuses to start over silently when a run folder shows progress
+but nothing loads.
 
-How: atomically (temporary file, fsync, rename; the previous `last.pth`
-hard-linked to `last.prev.pth` first), only when every weight and optimizer
-tensor is finite, with disk-full and I/O errors turned into one line. On
-load, the zip container's CRC32s detect bytes changed after writing; resume
-picks the checkpoint with the most progress that loads, and refuses to
-start over silently when a run folder shows progress but nothing loads.
+How a file is written and read (atomic, CRC32-checked, code-free) is
+m2das.ckptfile's business.
 """
 
-import argparse
 import contextlib
-import errno
-import os
-import re
 import shutil
 import threading
 import time
-import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from m2das import runfolder
-from m2das.fileio import append_jsonl, atomic_write, fsync_dir
+from m2das import events, runfolder
+from m2das.ckptfile import (FORMAT, LEGACY_ALLOWED, CheckpointError, SaveFailed, as_full_state, load_file,
+                            safe_load, save_file, tensor_bytes)
+from m2das.runfolder import EXIT_DIVERGED, EXIT_RESUMABLE
 
-FORMAT = "m2das-full-state-2"  # marks a full-state file; reference-format files lack it
-PUBLISHED_ALLOWED = (argparse.Namespace,)  # what published M2D checkpoints pickle besides tensors
-# Full-state files of m2das 0.1.0 pickled numpy's RNG state: a uint32 array, which these rebuild
-# from bytes and a dtype (data only, no callable of the file's choosing).
-_np_core = getattr(np, "_core", None) or np.core
-LEGACY_ALLOWED = (_np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)))
-LEGACY_KEYS = ("optimizer", "epoch", "batch_in_epoch", "step", "rng")
+__all__ = ["FORMAT", "CheckpointError", "SaveFailed", "Progress", "RNGState", "Outcome", "Checkpointer",
+           "BackgroundWriter", "all_finite", "to_cpu", "load_file", "save_file"]
 
 
-class CheckpointError(Exception):
-    """A checkpoint that must not or cannot be used; the trainer exits 2 with this one line."""
-
-
-class SaveFailed(Exception):
-    """A save that did not complete; the previous checkpoint is intact."""
-
+@dataclass(frozen=True)
+class Outcome:
+    """Why the run ends here: the restarts.jsonl event, the exit code and the line for the user."""
+    event: str
+    exit_code: int
+    message: str
 
 # -- stateful pieces that are not torch objects ----------------------------------------
 
@@ -88,115 +79,6 @@ class RNGState:
                              state["numpy_has_gauss"], state["numpy_gauss"]))
         if self.device.type == "cuda" and "cuda" in state:
             torch.cuda.set_rng_state(state["cuda"], self.device)
-
-
-# -- files -----------------------------------------------------------------------------
-
-def _tensor_bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
-def _describe_failure(e: BaseException, path: Path, need: int) -> str:
-    free = shutil.disk_usage(path.parent).free
-    errors = [e] + [c for c in (e.__cause__, e.__context__) if c is not None]
-    codes = {getattr(x, "errno", None) for x in errors}
-    if codes & {errno.ENOSPC, errno.EDQUOT} or free < need:
-        return (f"no space left in {path.parent} to write {path.name}: {free / 1e9:.2f} GB free, a checkpoint "
-                f"needs about {need / 1e9:.2f} GB; free space (or raise the quota) and rerun")
-    return f"could not write {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r})"
-
-
-def save_file(state: dict, path) -> None:
-    """Atomically write `state` to `path`; before replacing last.pth, keep it as last.prev.pth.
-
-    At every instant a complete checkpoint exists under a known name. Raises
-    SaveFailed with one line (disk full named as such) and leaves the old files.
-    """
-    path = Path(path)
-    if path.name == runfolder.LAST and path.exists():
-        prev, link = path.with_name(runfolder.PREVIOUS), path.with_name(f".{runfolder.PREVIOUS}.link")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(link)
-        try:
-            os.link(path, link)
-            os.replace(link, prev)
-            fsync_dir(path.parent)
-        except OSError:  # file systems without hard links: last.pth itself is still replaced atomically
-            pass
-    need = _tensor_bytes(state)
-    try:
-        with atomic_write(path, "wb") as f:
-            torch.save(state, f)
-    except Exception as e:  # torch's zip writer hides ENOSPC behind RuntimeError("unexpected pos ...")
-        raise SaveFailed(_describe_failure(e, path, need)) from e
-
-
-def verify_integrity(path) -> None:
-    """Check every record of the zip container against its stored CRC32 (torch writes them)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path}: damaged or not a torch zip checkpoint ({e})") from e
-    if bad is not None:
-        raise CheckpointError(f"{path}: damaged (CRC32 mismatch in {bad}: bytes changed after it was written)")
-
-
-def safe_load(path, mmap: bool = False, allowed=(), require_model: bool = True) -> dict:
-    """torch.load that runs no code: only tensors, plain types and the `allowed` classes."""
-    try:
-        with torch.serialization.safe_globals(list(allowed)):
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except Exception as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if unsafe:
-            raise CheckpointError(f"{path}: refused, loading it would run code (it needs {unsafe.group(1)}); "
-                                  f"m2das loads only tensors and plain types") from None
-        detail = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "")
-        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {detail})") from None
-    if require_model and (not isinstance(state, dict) or "model" not in state):
-        raise CheckpointError(f"{path}: not an M2D / m2das checkpoint (no 'model' entry)")
-    return state
-
-
-def load_file(path, mmap: bool = False) -> dict:
-    """A full-state m2das checkpoint, integrity-checked; anything else is a CheckpointError."""
-    verify_integrity(path)
-    # Published classes allowed so a published file gets the right advice below.
-    return as_full_state(safe_load(path, mmap=mmap, allowed=PUBLISHED_ALLOWED + LEGACY_ALLOWED), path)
-
-
-def as_full_state(state: dict, path) -> dict:
-    """The state if it is a full-state m2das checkpoint (an m2das 0.1.0 one converted), else CheckpointError."""
-    if state.get("format") == FORMAT:
-        return state
-    if all(k in state for k in LEGACY_KEYS) and isinstance(state["rng"].get("numpy"), tuple):
-        _, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
-        state["rng"] = {"torch": state["rng"]["torch"], "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-                        "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss),
-                        **({"cuda": state["rng"]["cuda"]} if "cuda" in state["rng"] else {})}
-        return {**state, "format": FORMAT}
-    raise CheckpointError(f"{path}: not a full-state m2das checkpoint (no optimizer position); "
-                          f"to continue pre-training from published weights use --init_from {path}")
-
-
-def load_weight_file(path) -> dict:
-    """Any M2D / M2D-AS / m2das checkpoint or encoder-only file, integrity-checked, running no code.
-
-    Published checkpoints pickle an argparse.Namespace; that one class is allowed, nothing else.
-    """
-    if zipfile.is_zipfile(path):
-        verify_integrity(path)
-    return safe_load(path, allowed=PUBLISHED_ALLOWED, require_model=False)
 
 
 def all_finite(tensors) -> bool:
@@ -314,7 +196,7 @@ class Checkpointer:
         existing = max((p.stat().st_size for p in runfolder.checkpoint_files(self.run_dir)), default=0)
         if existing:
             return existing
-        need = _tensor_bytes(self.state_dict())
+        need = tensor_bytes(self.state_dict())
         opt = self.states.get("optimizer")
         if opt is not None and not opt.state:
             need += 2 * sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
@@ -386,25 +268,37 @@ class Checkpointer:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.flag_group)
         return bool(flags[0]), bool(flags[1])
 
-    def step_boundary(self, stop_requested: bool, epoch_ended: bool):
-        """Save whatever is due after an optimizer step. Returns None to go on, or
-        ("stopped" | "save_failed" | "diverged", message) to end the run."""
-        stop, interval = self._agree(stop_requested, time.monotonic() - self.last_save >= self.interval_s)
-        epoch_due = epoch_ended and self._epoch_due(self.progress.epoch)
-        if not (stop or interval or epoch_due):
+    def diverged(self, *watched) -> Outcome | None:
+        """The one divergence check: the watched tensors (the loss sums) and every weight and optimizer
+        tensor must be finite, else the run ends as diverged, saving nothing over the good files."""
+        if all_finite([*watched, *self._tensors()]):
             return None
-        if not all_finite(self._tensors()):
-            return "diverged", self._diverged_message()
-        if epoch_due or stop:
+        return Outcome(runfolder.EVENT_DIVERGED, EXIT_DIVERGED, self._diverged_message())
+
+    def step_boundary(self, stop: str | None, epoch_ended: bool) -> Outcome | None:
+        """Save whatever is due after an optimizer step. `stop` names this rank's stop request
+        ("SIGTERM", "Ctrl-C (SIGINT)") or is None. Returns None to go on, or the Outcome that ends the run."""
+        stopping, interval = self._agree(stop is not None, time.monotonic() - self.last_save >= self.interval_s)
+        epoch_due = epoch_ended and self._epoch_due(self.progress.epoch)
+        if not (stopping or interval or epoch_due):
+            return None
+        outcome = self.diverged()
+        if outcome is not None:
+            return outcome
+        if epoch_due or stopping:
             path = self.run_dir / (runfolder.epoch_checkpoint_name(self.progress.epoch) if epoch_due
                                    else runfolder.LAST)
             error = self._save_now(path)
             if error is not None:
-                return "save_failed", error
+                return Outcome(runfolder.EVENT_SAVE_FAILED, EXIT_RESUMABLE, f"stopping: {error}; the previous "
+                               f"checkpoint is intact, rerun the same command to resume (exit {EXIT_RESUMABLE})")
             if epoch_due:
                 self.log(f"saved {path}")
-            if stop:
-                return "stopped", str(path)
+            if stopping:
+                p = self.progress
+                return Outcome(runfolder.EVENT_STOPPED, EXIT_RESUMABLE, f"{stop or 'stop'} received: saved {path} "
+                               f"at step {p.step} (epoch {p.epoch + 1}, batch {p.batch_in_epoch}); rerun the same "
+                               f"command to resume (exit {EXIT_RESUMABLE})")
         elif interval and self.rank == 0:
             self._interval_save()
         self.last_save = time.monotonic()
@@ -425,8 +319,7 @@ class Checkpointer:
                 self._published(path, state)
             except SaveFailed as e:
                 error = str(e)
-                append_jsonl(self.run_dir / runfolder.RESTARTS, {"time": time.time(),
-                             "event": runfolder.EVENT_SAVE_FAILED, "file": path.name, "message": error})
+                events.record(self.run_dir, runfolder.EVENT_SAVE_FAILED, file=path.name, message=error)
         if dist.is_initialized():
             box = [error]
             dist.broadcast_object_list(box, src=0, group=self.flag_group)
@@ -452,8 +345,7 @@ class Checkpointer:
 
     def _interval_failed(self, e: SaveFailed) -> None:
         self.log(f"warning: interval save failed, training goes on and retries at the next interval: {e}")
-        append_jsonl(self.run_dir / runfolder.RESTARTS, {"time": time.time(), "event": runfolder.EVENT_SAVE_FAILED,
-                                                         "file": runfolder.LAST, "message": str(e)})
+        events.record(self.run_dir, runfolder.EVENT_SAVE_FAILED, file=runfolder.LAST, message=str(e))
 
     def finish(self) -> None:
         """Wait for the write in flight (its failure is a warning: the final epoch checkpoint is on disk)."""
@@ -465,7 +357,7 @@ class Checkpointer:
     def _diverged_message(self) -> str:
         point = self._best_on_disk()
         where = f"{point} is the resume point" if point else "no checkpoint was saved yet"
-        return (f"weights or optimizer state became non-finite by step {self.progress.step} "
+        return (f"loss, weights or optimizer state became non-finite by step {self.progress.step} "
                 f"(epoch {self.progress.epoch + 1}); nothing saved over the good files: {where}. Lower the "
                 f"learning rate (e.g. --blr half of now) or switch precision (--bf16), keeping --output_dir "
                 f"{self.run_dir}; those flags may change on resume")

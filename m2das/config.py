@@ -1,14 +1,20 @@
 """Training flags (the reference's names, so the paper's command line runs verbatim) and
-the values derived from them (world size, effective batch, absolute LR, steps)."""
+the values derived from them (world size, effective batch, absolute LR, steps).
+
+The parser holds every default; `parse_args` turns its result into a frozen
+TrainConfig, so a misspelt field is an AttributeError at the line that reads
+it and every field can be found by name. config.json is its dataclasses.asdict.
+"""
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import json
 import os
 from pathlib import Path
 
-from m2das import runfolder
+from m2das import machine, runfolder
 from m2das.cliargs import Parser
 from m2das.datafolder import WEIGHTED_LIST
 from m2das.runfolder import folder_name
@@ -92,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--csv_main", default=None, help=f"list with file_name,label[,weight] (default DATA_PATH/{WEIGHTED_LIST})")
     a("--output_dir", default=None, help="run folder (default runs/{model}-{F}x{T}p{pf}x{pt}p16k-{YYMMDD}-{config})")
     a("--runs_dir", default="runs", help="parent of the default run folder")
-    a("--bf16", action="store_true", help="bf16 autocast instead of fp16 + loss scaling (CUDA)")
+    a("--bf16", action="store_true", help="bf16 autocast instead of fp16 + loss scaling")
     a("--num_workers", type=int, default=8, help="DataLoader workers per process")
     a("--blr", type=float, default=3e-4, help="base LR: lr = blr * effective batch / 256")
     a("--lr", type=float, default=None, help="absolute LR (overrides --blr)")
@@ -109,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ckpt_interval_min", type=float, default=30, help="minutes between rolling full-state saves")
     a("--log_every", type=int, default=50, help="optimizer steps between log lines")
     a("--stats_files", type=int, default=5000, help="files drawn for normalisation statistics")
-    a("--device", default="auto", help="auto | cpu | cuda")
+    a("--device", type=machine.device_flag, default="auto", help=machine.DEVICE_HELP)
     a("--force_config", action="store_true", help="continue a run folder whose config.json differs")
     a("--skip_validation", action="store_true", help="do not check every listed file before training")
     a("--print_config", action="store_true", help="print the resolved configuration as JSON and exit")
@@ -119,11 +125,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv) -> dict:
-    cfg = vars(build_parser().parse_args(argv))
-    if cfg["csv_main"] is None:
-        cfg["csv_main"] = str(Path(cfg["data_path"]) / WEIGHTED_LIST)
-    return cfg
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """`m2das train`'s flags, in the parser's order (defaults live in build_parser only)."""
+    model: str
+    input_size: list
+    patch_size: list
+    epochs: int
+    batch_size: int
+    accum_iter: int
+    save_freq: int
+    seed: int
+    loss_off: float
+    data_path: str
+    csv_main: str
+    output_dir: str | None
+    runs_dir: str
+    bf16: bool
+    num_workers: int
+    blr: float
+    lr: float | None
+    min_lr: float
+    warmup_epochs: float
+    mask_ratio: float
+    ema_decay_init: float
+    ema_decay: float
+    clip_grad: float
+    weight_decay: float
+    weighted: bool
+    init_from: str | None
+    resume: str
+    ckpt_interval_min: float
+    log_every: int
+    stats_files: int
+    device: str
+    force_config: bool
+    skip_validation: bool
+    print_config: bool
+    monitor_every: int
+    monitor_list: str | None
+
+    def asdict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_args(argv) -> TrainConfig:
+    values = vars(build_parser().parse_args(argv))
+    if values["csv_main"] is None:
+        values["csv_main"] = str(Path(values["data_path"]) / WEIGHTED_LIST)
+    return TrainConfig(**values)
 
 
 def dist_env() -> dict:
@@ -144,54 +194,54 @@ def count_list_rows(csv_path) -> int | None:
         return None
 
 
-def resolve(cfg: dict, world_size: int, num_files: int | None) -> dict:
+def resolve(cfg: TrainConfig, world_size: int, num_files: int | None) -> dict:
     """The numbers a user wants to see before committing days of GPU time."""
-    effective = cfg["batch_size"] * cfg["accum_iter"] * world_size
-    lr = cfg["lr"] if cfg["lr"] is not None else cfg["blr"] * effective / 256
+    effective = cfg.batch_size * cfg.accum_iter * world_size
+    lr = cfg.lr if cfg.lr is not None else cfg.blr * effective / 256
     out = {"world_size": world_size, "effective_batch_size": effective, "abs_lr": lr,
            "num_files": num_files, "batches_per_epoch": None, "steps_per_epoch": None,
            "total_batches": None, "total_steps": None}
     if num_files is not None:
-        batches = num_files // (cfg["batch_size"] * world_size)
-        out.update(batches_per_epoch=batches, steps_per_epoch=batches // cfg["accum_iter"],
-                   total_batches=batches * cfg["epochs"],
-                   total_steps=batches // cfg["accum_iter"] * cfg["epochs"])
+        batches = num_files // (cfg.batch_size * world_size)
+        out.update(batches_per_epoch=batches, steps_per_epoch=batches // cfg.accum_iter,
+                   total_batches=batches * cfg.epochs, total_steps=batches // cfg.accum_iter * cfg.epochs)
     return out
 
 
-def short_config(cfg: dict, world_size: int) -> str:
+def short_config(cfg: TrainConfig, world_size: int) -> str:
     """A compact, dash-free tag of the run; a hash keeps distinct configs apart."""
-    ident = json.dumps({k: cfg[k] for k in IDENTITY_KEYS}, sort_keys=True)
+    ident = json.dumps(identity(cfg), sort_keys=True)
     digest = hashlib.sha1(ident.encode()).hexdigest()[:6]
-    eff = cfg["batch_size"] * cfg["accum_iter"] * world_size
-    loss_off = f"{cfg['loss_off']:g}".replace(".", "p")
-    return f"M2DASe{cfg['epochs']}b{eff}s{cfg['seed']}off{loss_off}h{digest}"
+    eff = cfg.batch_size * cfg.accum_iter * world_size
+    loss_off = f"{cfg.loss_off:g}".replace(".", "p")
+    return f"M2DASe{cfg.epochs}b{eff}s{cfg.seed}off{loss_off}h{digest}"
 
 
-def run_name(cfg: dict, world_size: int, date: datetime.date | None = None) -> str:
+def run_name(cfg: TrainConfig, world_size: int, date: datetime.date | None = None) -> str:
     """{model}-{F}x{T}p{pf}x{pt}p16k-{YYMMDD}-{config}: the form the published runtime parses."""
     date = date or datetime.date.today()
-    return folder_name(cfg["model"], cfg["input_size"], cfg["patch_size"], f"{date:%y%m%d}",
+    return folder_name(cfg.model, cfg.input_size, cfg.patch_size, f"{date:%y%m%d}",
                        short_config(cfg, world_size))
 
 
-def default_output_dir(cfg: dict, world_size: int) -> Path:
+def default_output_dir(cfg: TrainConfig, world_size: int) -> Path:
     """An unfinished run of the same configuration if there is one, else a new dated folder.
 
     Without this a plain rerun the next day would start over in a new folder.
     """
-    runs = Path(cfg["runs_dir"])
-    pattern = folder_name(cfg["model"], cfg["input_size"], cfg["patch_size"], "*", short_config(cfg, world_size))
-    unfinished = [d for d in sorted(runs.glob(pattern))
-                  if not runfolder.final_weights(d, cfg["epochs"]).exists()]
+    runs = Path(cfg.runs_dir)
+    pattern = folder_name(cfg.model, cfg.input_size, cfg.patch_size, "*", short_config(cfg, world_size))
+    unfinished = [d for d in sorted(runs.glob(pattern)) if not runfolder.final_weights(d, cfg.epochs).exists()]
     return unfinished[-1] if unfinished else runs / run_name(cfg, world_size)
 
 
-def identity(cfg: dict) -> dict:
-    return {k: cfg.get(k) for k in IDENTITY_KEYS}
+def identity(cfg) -> dict:
+    """The identity flags of a TrainConfig or of a saved config.json (missing ones as None)."""
+    values = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    return {k: values.get(k) for k in IDENTITY_KEYS}
 
 
-def config_differences(saved: dict, cfg: dict):
+def config_differences(saved, cfg):
     """(changes that make it another run, resume-safe changes), each as "key: old -> new" lines."""
     old, new = identity(saved), identity(cfg)
     changed = [k for k in IDENTITY_KEYS if old[k] != new[k]]

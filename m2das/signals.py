@@ -9,11 +9,22 @@ A stop signal that arrives while the trainer is still starting (importing
 torch, joining the process group) is held by `hold_early`, which `m2das train`
 installs first thing, and handed to the StopRequest when it is installed: the
 process neither dies from it (SIGUSR2's default is to terminate) nor loses it.
+
+Ctrl-C (SIGINT, which torchrun forwards to its ranks) is a stop request too:
+the first one saves at the next step boundary like SIGTERM; a second one
+aborts at once (KeyboardInterrupt, exit 130), for a user who will not wait.
+Before the StopRequest exists a Ctrl-C aborts as usual: nothing is lost yet.
 """
 
 import signal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+INTERRUPT = signal.SIGINT
+EXIT_ABORTED = 128 + signal.SIGINT  # the shell's status for a process ended by Ctrl-C
+
+
+class Aborted(KeyboardInterrupt):
+    """A second Ctrl-C: stop now, without saving (the last checkpoint stays the resume point)."""
 
 _early = {"signum": None, "previous": {}}
 
@@ -31,9 +42,12 @@ def hold_early(signals=STOP_SIGNALS) -> None:
 
 
 class StopRequest:
-    def __init__(self, signals=STOP_SIGNALS):
+    """The first stop signal, kept for the loop to see at its next step boundary."""
+
+    def __init__(self, signals=STOP_SIGNALS + (INTERRUPT,)):
         self.signals = signals
         self.signum = None
+        self.interrupts = 0
         self.previous = {}
 
     def install(self) -> "StopRequest":
@@ -48,6 +62,10 @@ class StopRequest:
         return self
 
     def _on_signal(self, signum, _frame):
+        if signum == INTERRUPT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise Aborted("a second Ctrl-C (SIGINT): stopped at once, without saving")
         if self.signum is None:
             self.signum = signum
 
@@ -59,10 +77,17 @@ class StopRequest:
     def name(self) -> str | None:
         return signal.Signals(self.signum).name if self.signum is not None else None
 
+    @property
+    def reason(self) -> str | None:
+        """The request as a user reads it: "SIGTERM", "Ctrl-C (SIGINT)", or None."""
+        if self.signum == INTERRUPT:
+            return f"Ctrl-C ({self.name})"
+        return self.name
+
     def hand_over(self) -> None:
         """Call the handler that was there before ours (submitit requeues in it)."""
         previous = self.previous.get(self.signum)
-        if callable(previous):
+        if callable(previous) and previous is not signal.default_int_handler:  # that one would raise
             previous(self.signum, None)
 
     def restore(self) -> None:

@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2das import checkpoint, runfolder
-from m2das.checkpoint import CheckpointError, Checkpointer, Progress, RNGState, SaveFailed
+from m2das import checkpoint, ckptfile, runfolder
+from m2das.checkpoint import Checkpointer, Outcome, Progress, RNGState
+from m2das.ckptfile import CheckpointError, SaveFailed
 
 WRITER = """
 import sys, torch
-from m2das import checkpoint
+from m2das import ckptfile
 # ~400 MB: long enough to be caught mid-write.
-checkpoint.save_file({"model": {"w": torch.full((100_000_000,), 2.0)}, "step": 2}, sys.argv[1])
+ckptfile.save_file({"model": {"w": torch.full((100_000_000,), 2.0)}, "step": 2}, sys.argv[1])
 print("done", flush=True)
 """
 
@@ -63,10 +64,10 @@ def flip_byte_in_tensor_data(path: Path) -> None:
 def test_full_state_opens_with_a_plain_torch_load_and_round_trips(tmp_path):
     a = make_checkpointer(tmp_path, value=1.5, step=7)
     torch.rand(3)  # move the RNG so the restore is visible
-    checkpoint.save_file(a.state_dict(), tmp_path / runfolder.LAST)
+    ckptfile.save_file(a.state_dict(), tmp_path / runfolder.LAST)
     expected_next = torch.rand(3)
     plain = torch.load(tmp_path / runfolder.LAST)  # weights_only=True by default: only plain types inside
-    assert plain["step"] == 7 and plain["format"] == checkpoint.FORMAT and plain["args"] == {"model": "x"}
+    assert plain["step"] == 7 and plain["format"] == ckptfile.FORMAT and plain["args"] == {"model": "x"}
     b = make_checkpointer(tmp_path)
     assert b.resume("auto", shows_progress=True) == str(tmp_path / runfolder.LAST)
     assert b.progress.step == 7 and torch.equal(b.states["model"].weight, torch.full((2, 3), 1.5))
@@ -75,7 +76,7 @@ def test_full_state_opens_with_a_plain_torch_load_and_round_trips(tmp_path):
 
 def test_kill_during_write_leaves_the_previous_checkpoint_and_the_next_start_removes_the_temporary(tmp_path):
     last = tmp_path / runfolder.LAST
-    checkpoint.save_file(make_checkpointer(tmp_path, 1.0, step=1).state_dict(), last)
+    ckptfile.save_file(make_checkpointer(tmp_path, 1.0, step=1).state_dict(), last)
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(last)], stdout=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until the new file is partly on disk
@@ -95,12 +96,12 @@ def test_kill_during_write_leaves_the_previous_checkpoint_and_the_next_start_rem
 
 def test_one_flipped_byte_is_detected_and_the_previous_checkpoint_used(tmp_path):
     last = tmp_path / runfolder.LAST
-    checkpoint.save_file(make_checkpointer(tmp_path, 1.0, step=1).state_dict(), last)
-    checkpoint.save_file(make_checkpointer(tmp_path, 2.0, step=2).state_dict(), last)
+    ckptfile.save_file(make_checkpointer(tmp_path, 1.0, step=1).state_dict(), last)
+    ckptfile.save_file(make_checkpointer(tmp_path, 2.0, step=2).state_dict(), last)
     flip_byte_in_tensor_data(last)
     torch.load(last)  # torch itself does not notice
     with pytest.raises(CheckpointError, match="CRC32 mismatch"):
-        checkpoint.load_file(last)
+        ckptfile.load_file(last)
     ckpt = make_checkpointer(tmp_path)
     assert ckpt.resume("auto", shows_progress=True) == str(tmp_path / runfolder.PREVIOUS)
     assert ckpt.progress.step == 1
@@ -108,8 +109,8 @@ def test_one_flipped_byte_is_detected_and_the_previous_checkpoint_used(tmp_path)
 
 def test_no_loadable_checkpoint_in_a_folder_with_progress_is_an_error_not_a_fresh_start(tmp_path):
     last = tmp_path / runfolder.LAST
-    checkpoint.save_file(make_checkpointer(tmp_path, step=1).state_dict(), last)
-    checkpoint.save_file(make_checkpointer(tmp_path, step=2).state_dict(), last)
+    ckptfile.save_file(make_checkpointer(tmp_path, step=1).state_dict(), last)
+    ckptfile.save_file(make_checkpointer(tmp_path, step=2).state_dict(), last)
     last.write_bytes(last.read_bytes()[:100])
     flip_byte_in_tensor_data(tmp_path / runfolder.PREVIOUS)
     with pytest.raises(CheckpointError) as e:
@@ -119,8 +120,8 @@ def test_no_loadable_checkpoint_in_a_folder_with_progress_is_an_error_not_a_fres
 
 
 def test_resume_picks_the_most_progress_not_the_newest_file(tmp_path):
-    checkpoint.save_file(make_checkpointer(tmp_path, step=7).state_dict(), tmp_path / runfolder.LAST)
-    checkpoint.save_file(make_checkpointer(tmp_path, step=4).state_dict(), tmp_path / "checkpoint-1.pth")
+    ckptfile.save_file(make_checkpointer(tmp_path, step=7).state_dict(), tmp_path / runfolder.LAST)
+    ckptfile.save_file(make_checkpointer(tmp_path, step=4).state_dict(), tmp_path / "checkpoint-1.pth")
     copy = tmp_path / "copy"
     shutil.copytree(tmp_path, copy, ignore=shutil.ignore_patterns("copy"))
     os.utime(copy / "checkpoint-1.pth", (time.time() + 60, time.time() + 60))  # as `cp -r` may leave it
@@ -132,7 +133,7 @@ def test_loading_never_runs_code(tmp_path):
     marker = tmp_path / "hijacked"
     crafted = tmp_path / "crafted.pth"
     torch.save({"model": {}, "payload": Marker(marker)}, crafted)
-    for load in (checkpoint.load_file, checkpoint.load_weight_file):
+    for load in (ckptfile.load_file, ckptfile.load_weight_file):
         with pytest.raises(CheckpointError, match="refused, loading it would run code"):
             load(crafted)
     (tmp_path / "run").mkdir()
@@ -146,9 +147,9 @@ def test_published_checkpoints_load_through_the_allow_list_only(tmp_path):
     published = tmp_path / "m2d_as.pth"
     torch.save({"model": {"blocks.0.w": torch.ones(2)}, "epoch": 299,
                 "args": argparse.Namespace(model="m2d_vit_base", input_size=[80, 608])}, published)
-    assert torch.equal(checkpoint.load_weight_file(published)["model"]["blocks.0.w"], torch.ones(2))
+    assert torch.equal(ckptfile.load_weight_file(published)["model"]["blocks.0.w"], torch.ones(2))
     with pytest.raises(CheckpointError, match="not a full-state m2das checkpoint.*--init_from"):
-        checkpoint.load_file(published)  # --resume on a reference-format file
+        ckptfile.load_file(published)  # --resume on a reference-format file
 
 
 def test_non_finite_state_is_detected():
@@ -161,7 +162,7 @@ def test_non_finite_state_is_detected():
 def test_written_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        checkpoint.save_file({"model": {}}, tmp_path / "a.pth")
+        ckptfile.save_file({"model": {}}, tmp_path / "a.pth")
     finally:
         os.umask(old)
     assert (tmp_path / "a.pth").stat().st_mode & 0o777 == 0o644
@@ -183,9 +184,9 @@ def small_tmpfs(tmp_path):
 
 def test_disk_full_is_one_line_and_the_previous_checkpoint_survives(small_tmpfs):
     last = small_tmpfs / runfolder.LAST
-    checkpoint.save_file({"model": {"w": torch.ones(256 * 1024)}, "step": 1}, last)  # 1 MiB
+    ckptfile.save_file({"model": {"w": torch.ones(256 * 1024)}, "step": 1}, last)  # 1 MiB
     with pytest.raises(SaveFailed) as e:
-        checkpoint.save_file({"model": {"w": torch.ones(1024 * 1024)}, "step": 2}, last)  # 4 MiB: no room
+        ckptfile.save_file({"model": {"w": torch.ones(1024 * 1024)}, "step": 2}, last)  # 4 MiB: no room
     message = str(e.value)
     assert message.startswith(f"no space left in {small_tmpfs}") and "GB free" in message and "\n" not in message
     assert torch.load(last)["step"] == 1

@@ -1,12 +1,13 @@
+import dataclasses
 import datetime
+
+import pytest
 
 from m2das import config
 
 
 def paper_cfg(runs_dir, **overrides):
-    cfg = config.parse_args(["--runs_dir", str(runs_dir), "--data_path", "data"])
-    cfg.update(overrides)
-    return cfg
+    return dataclasses.replace(config.parse_args(["--runs_dir", str(runs_dir), "--data_path", "data"]), **overrides)
 
 
 def test_run_name_is_what_the_published_runtime_parses(tmp_path):
@@ -36,3 +37,28 @@ def test_only_training_relevant_flags_make_a_different_run():
     # The cures for a diverged run may change on resume (on purpose, with --output_dir).
     assert config.config_differences(a, config.parse_args(["--blr", "1e-4", "--bf16"])) == \
         ([], ["blr: 0.0003 -> 0.0001", "bf16: False -> True"])
+
+
+def test_the_configuration_is_a_frozen_dataclass_of_the_parsers_flags():
+    cfg = config.parse_args(["--batch_size", "64"])
+    assert cfg.batch_size == 64 and cfg.csv_main == "data/files_as_weighted.csv"
+    with pytest.raises(AttributeError):
+        cfg.batch_sise  # a typo fails where it is read, not silently
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.batch_size = 32
+    dests = [a.dest for a in config.build_parser()._actions if a.dest != "help"]
+    assert [f.name for f in dataclasses.fields(config.TrainConfig)] == dests  # config.json keeps its keys and order
+    assert list(cfg.asdict()) == dests
+
+
+@pytest.mark.parametrize("given, canonical", [("auto", "auto"), ("cpu", "cpu"), ("cuda", "cuda"),
+                                              ("cuda:1", "cuda:1"), ("gpu", "cuda"), ("GPU", "cuda")])
+def test_one_device_parser(given, canonical):
+    assert config.parse_args(["--device", given]).device == canonical
+
+
+def test_an_unknown_device_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        config.parse_args(["--device", "tpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "'tpu'" in err and "cuda:N" in err

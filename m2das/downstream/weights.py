@@ -77,7 +77,7 @@ def epochs_in(run_dir: Path) -> list:
 
 def _load(path: Path):
     """The checkpointer's reader: integrity-checked, runs no code (published files may hold an argparse.Namespace)."""
-    from m2das.checkpoint import CheckpointError, load_weight_file
+    from m2das.ckptfile import CheckpointError, load_weight_file
 
     if not path.exists():
         raise WeightsError(f"{path}: no such file")

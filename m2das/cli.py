@@ -19,7 +19,7 @@ COMMANDS = {
     "bench": ("m2das.tools.bench", "Benchmarks: `bench train`, `bench prepare`."),
     "export": ("m2das.downstream.export", "Run or checkpoint -> encoder-only weights for the M2D runtime and EVAR."),
     "embed": ("m2das.downstream.embed", "Folder of audio or LMS files -> clip embeddings (.npz)."),
-    "eval": ("m2das.downstream.linear_eval", "Linear evaluation of frozen embeddings on a file_name,label,split list."),
+    "eval": ("m2das.downstream.linear_eval", "Linear evaluation, Table V protocol: --task, --suite paper or --data LIST.csv."),
     "finetune": ("m2das.downstream.finetune", "Fine-tune a pre-trained encoder on AudioSet (Table VI), resumable."),
 }
 

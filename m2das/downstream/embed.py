@@ -143,11 +143,13 @@ def embed_files(encoder, items, batch_size: int = 32, workers: int = 4, progress
 
 
 def pick_device(name: str) -> str:
-    import torch
+    """m2das.machine's device choice; a malformed or absent device is an InputError (one line, exit 2)."""
+    from m2das.machine import DeviceError, resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    try:
+        return str(resolve_device(name))
+    except DeviceError as e:
+        raise InputError(str(e)) from None
 
 
 def main(argv=None) -> int:
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
                    "[N] (time frames averaged into each embedding)")
     p.add_argument("--weights", required=True, help="an exported encoder, a checkpoint or a run folder")
     p.add_argument("--batch_size", "--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | gpu (= cuda)")
     p.add_argument("--no_progress", "--no-progress", action="store_true")
     args = p.parse_args(argv)
 

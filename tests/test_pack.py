@@ -223,3 +223,13 @@ def test_a_re_prepared_file_is_packed_again_and_a_busy_folder_refused(tmp_path):
     finally:
         os.close(fd)
     assert r.returncode == 2 and "another `m2das pack` is writing" in r.stderr
+
+
+def test_flags_take_hyphens_and_underscores(tmp_path):
+    from m2das.data.pack import main
+
+    data = data_folder(tmp_path / "data", n_files=4)
+    assert main([str(data), "--out", str(tmp_path / "a"), "--shard_size", "100K", "--dtype", "float16"]) == 0
+    assert main([str(data), "--out", str(tmp_path / "b"), "--shard-size", "100K", "--dtype", "float16"]) == 0
+    assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
+    assert len(packed.read_manifest(tmp_path / "a")["shards"]) > 1  # the size took effect in both spellings

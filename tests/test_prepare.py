@@ -429,11 +429,12 @@ def test_batched_path_gives_the_same_files_as_per_file_workers(tmp_path):
 
 
 def test_bench_prepare_reports_files_per_core(capsys):
-    from m2das.tools.bench import cpu_model, prepare_main
+    from m2das.machine import cpu_name
+    from m2das.tools.bench import prepare_main
 
     assert prepare_main(["--files", "3", "--workers", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert cpu_model() in out and f"{os.cpu_count()} cores" in out
+    assert cpu_name() in out and f"{os.cpu_count()} cores" in out
     assert "cpu, new (soxr HQ): 3 clips (10 s, 44.1 kHz, stereo, 16-bit wav)" in out
     assert "cpu, old (torchaudio Resample defaults): 3 clips" in out and "files/s per core" in out
 
@@ -726,3 +727,52 @@ def test_a_bad_downloaded_list_is_refused_with_one_line(tmp_path, capsys):
     (mirror / "eval_segments.csv").symlink_to(SHARED / "eval_segments.csv")
     assert main(args) == 0  # the good list is taken
     assert (data / "metadata" / "eval_segments.csv").read_bytes() == (SHARED / "eval_segments.csv").read_bytes()
+
+
+# ---------------------------------------------------------------- flags and inputs
+
+
+def test_flags_take_hyphens_and_underscores(tmp_path, capsys):
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    write(audio / "a.wav", tone(7, 16000), 16000)
+    assert main([str(audio), str(data), "--steps", "lms,list", "--device", "cpu", "--workers", "1",
+                 "--no_progress"]) == 0
+    for flag, count in (("--stats_files", 7), ("--stats-files", 9)):
+        assert main([str(audio), str(data), "--steps", "stats", "--no-progress", flag, str(count)]) == 0
+        assert read_norm_stats(data / "norm_stats.json")["num_files"] == count
+    capsys.readouterr()
+    assert main([str(audio), str(data), "--steps", "stats", "--stats_files", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "m2das prepare: --stats-files 0: expected at least 1 (default 5000)"]
+
+
+def test_a_wrong_metadata_folder_is_refused_before_any_step(tmp_path, capsys, metadata):
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    write(audio / "--PJHxphWEs_30.000.wav", tone(7, 16000), 16000)  # a clip of the lists
+    wrong = tmp_path / "not_metadata"
+    wrong.mkdir()
+    (wrong / "eval_segments.csv").symlink_to(metadata / "eval_segments.csv")
+    assert main([str(audio), str(data), "--device", "cpu", "--workers", "1", "--no-progress",
+                 "--metadata", str(wrong)]) == 2
+    err = capsys.readouterr().err
+    assert "class_labels_indices.csv" in err and str(wrong) in err
+    assert not data.exists()  # not one LMS file converted before the refusal
+    assert main([str(audio), str(data), "--device", "cpu", "--workers", "1", "--no-progress",
+                 "--metadata", str(metadata), "--stats-files", "5"]) == 0
+
+
+def test_device_spellings(tmp_path, capsys):
+    """`gpu` means cuda, as in train; anything else is one line and exit 2 before any work."""
+    import torch
+
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    write(audio / "a.wav", tone(7, 16000), 16000)
+    assert main([str(audio), str(data), "--device", "foo", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device" in err[0] and "'foo'" in err[0]
+    rc = main([str(audio), str(data), "--steps", "lms", "--device", "gpu", "--workers", "1", "--no-progress"])
+    if torch.cuda.is_available():
+        assert rc == 0 and (data / "audioset_lms" / "a.npy").is_file()
+    else:
+        assert rc == 2 and "no CUDA device is visible" in capsys.readouterr().err
+        assert not data.exists()

@@ -349,9 +349,3 @@ def make_loader(dataset: LMSDataset, sampler: ResumableSampler, batch_size: int,
         kwargs.update(worker_init_fn=quiet_worker, prefetch_factor=4, multiprocessing_context="fork"
                       if os.name == "posix" else None)
     return _Loader(dataset, **kwargs)
-
-
-def default_workers(requested: int, world_size: int) -> int:
-    """No more workers than this process's share of the cores."""
-    per_rank = max((os.cpu_count() or 1) // max(world_size, 1) - 1, 0)
-    return min(requested, per_rank) if requested > 0 else 0

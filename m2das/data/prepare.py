@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from m2das import machine
 from m2das.cliargs import Parser
 from m2das.data.convert import Converted, convert_batched, convert_cpu, existing_outputs, find_audio, log, \
     progress_bar
@@ -52,24 +53,13 @@ class PrepareError(RuntimeError):
 # ---------------------------------------------------------------- the lms step
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PrepareError("--device cuda: no CUDA device is visible here; use --device cpu "
-                           "(or run the container with --gpus all)", 2)
-    if device != "cpu" and not device.startswith("cuda"):
-        raise PrepareError(f"--device {device}: expected auto, cpu or cuda", 2)
-    return device
-
-
-def default_workers() -> int:
+def resolve_device(text: str) -> str:
+    """The device the lms step runs on, as a string (m2das.machine's rule: auto, cpu, cuda[:N], gpu)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+        return str(machine.resolve_device(text))
+    except machine.DeviceError as e:
+        container = " (in a container: start it with --gpus all)" if "visible" in str(e) else ""
+        raise PrepareError(f"{e}{container}", 2) from None
 
 
 def read_failures(data_dir) -> list[tuple[str, str]]:
@@ -83,6 +73,12 @@ def write_failures(data_dir, failures) -> Path:
     path = Path(data_dir) / FAILURES
     write_csv(path, ["file", "reason"], sorted(failures))
     return path
+
+
+def _check_audio_dir(audio_dir: Path) -> None:
+    if not audio_dir.is_dir():
+        raise PrepareError(f"audio folder {audio_dir} does not exist; pass AUDIO_DIR or mount "
+                           f"your audio there (docker run -v /path/to/audio:{DEFAULT_AUDIO_DIR})", 2)
 
 
 def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = None,
@@ -99,11 +95,9 @@ def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = Non
     from m2das.data.audio import RESAMPLER, lms_recipe
 
     audio_dir, data_dir = Path(audio_dir), Path(data_dir)
-    if not audio_dir.is_dir():
-        raise PrepareError(f"audio folder {audio_dir} does not exist; pass AUDIO_DIR or mount "
-                           f"your audio there (docker run -v /path/to/audio:{DEFAULT_AUDIO_DIR})", 2)
+    _check_audio_dir(audio_dir)
     device = resolve_device(device)
-    workers = default_workers() if workers is None else max(1, int(workers))
+    workers = machine.usable_cores() if workers is None else max(1, int(workers))
     resampler = resampler or RESAMPLER
     recipe = lms_recipe(resampler)
     jobs, clashes, ignored = find_audio(audio_dir, data_dir)
@@ -312,6 +306,25 @@ def parse_steps(steps) -> list[str]:
     return [s for s in STEPS if s in steps]
 
 
+def check_inputs(steps, audio_dir, data_dir: Path, metadata_dir, device: str, stats_files) -> None:
+    """Every input the chosen steps read, checked before the first step runs: a wrong --metadata
+    must not wait for an hour of LMS conversion to be found."""
+    from m2das.data import labels
+
+    if "lms" in steps:
+        _check_audio_dir(Path(audio_dir))
+        resolve_device(device)
+    if ("labels" in steps or "stats" in steps) and "list" not in steps:
+        read_file_list(data_dir)
+    if "labels" in steps and metadata_dir is not None:
+        try:
+            labels.check_metadata_dir(metadata_dir)
+        except labels.MetadataError as e:
+            raise PrepareError(str(e), 2) from None
+    if "stats" in steps and stats_files is not None and stats_files < 1:
+        raise PrepareError(f"--stats-files {stats_files}: expected at least 1 (default 5000)", 2)
+
+
 def run_prepare(audio_dir, data_dir, metadata_dir=None,
                 device: str = "auto", workers: int | None = None, steps=STEPS,
                 url_base: str | None = None, stats_files: int | None = None,
@@ -320,6 +333,7 @@ def run_prepare(audio_dir, data_dir, metadata_dir=None,
     """Run the chosen steps; return the summary. Raises PrepareError (with .code) when fatal."""
     steps = parse_steps(steps)
     data_dir = Path(data_dir)
+    check_inputs(steps, audio_dir, data_dir, metadata_dir, device, stats_files)
     started = time.monotonic()
     summary: dict = {"steps": steps, "data_dir": str(data_dir)}
     with _lock(data_dir):
@@ -405,7 +419,7 @@ def build_parser() -> Parser:
     p.add_flag("--metadata-url", metavar="URL", default=None,
                help="where to download the lists from: a URL or a mirror folder (env "
                     "M2DAS_AUDIOSET_URL; default Google's AudioSet release)")
-    p.add_flag("--device", default="auto", help="auto|cpu|cuda (default auto)")
+    p.add_flag("--device", type=machine.device_flag, default="auto", help=f"{machine.DEVICE_HELP} (default auto)")
     p.add_flag("--workers", type=int, default=None, help="worker processes (default: all CPU cores)")
     p.add_flag("--steps", default=",".join(STEPS),
                help=f"comma-separated subset of {','.join(STEPS)} (default all)")
@@ -433,7 +447,10 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         log("\nm2das prepare: pass AUDIO_DIR and DATA_DIR")
         return 2
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a bad flag (one line already printed), or --help
+        return int(e.code or 0)
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         summary = run_prepare(args.audio_dir, args.data_dir, args.metadata, args.device,

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from m2das import events, runfolder
+from m2das import datafolder, events, runfolder
 from m2das.checkpoint import Checkpointer, CheckpointError, Outcome, Progress, RNGState
 from m2das.cliargs import Parser
-from m2das.data.dataset import DataListError, ResumableSampler, default_workers, make_dataset, make_loader
+from m2das.data.dataset import DataListError, ResumableSampler, make_dataset, make_loader
 from m2das.data.stats import crop_or_pad
 from m2das.downstream import ft_data
 from m2das.downstream.ft_data import TASKS, FinetuneDataError, augment, batch_rng, kept_columns, targets_of
@@ -38,7 +38,7 @@ from m2das.downstream.protocol import macro_map
 from m2das.downstream.weights import WeightsError
 from m2das.events import log
 from m2das.fileio import append_jsonl, write_json
-from m2das.machine import DeviceError, resolve_device
+from m2das.machine import DeviceError, loader_workers, resolve_device
 from m2das.metrics import accuracy
 from m2das.runfolder import EXIT_BAD_INPUT, RunLock, RunLocked
 from m2das.runsetup import TrainError, broadcast, on_rank0, read_json_file, record_start, shows_progress, tensorboard_writer, \
@@ -63,8 +63,9 @@ def build_parser() -> Parser:
                epilog="exit codes: " + "; ".join(f"{c} {t}" for c, t in sorted(runfolder.EXIT_CODES.items())))
     p.add_argument("weights", help="run folder, checkpoint or exported encoder (anything `m2das export` reads)")
     p.add_flag("--task", choices=sorted(TASKS), default="as20k")
-    p.add_flag("--data_path", default="data", help="data folder made by `m2das prepare` (DATA/audioset_lms)")
-    p.add_flag("--metadata", default=None, help="folder with AudioSet's segment CSVs (default DATA/metadata)")
+    p.add_flag("--data_path", default="data", help=f"data folder made by `m2das prepare` (DATA/{datafolder.LMS_DIR})")
+    p.add_flag("--metadata", default=None,
+               help=f"folder with AudioSet's segment CSVs (default DATA/{datafolder.METADATA_DIR})")
     p.add_flag("--output_dir", default=None, help="run folder (default runs/finetune-{task}-{weights}-s{seed})")
     p.add_flag("--seed", type=int, default=43, help="the reference's first fine-tuning seed")
     for name, kind in (("frames", int), ("optim", str), ("lr", float), ("epochs", int), ("warmup_epochs", float),
@@ -275,7 +276,7 @@ def _finetune(cfg, env, device, flag_group, stop, run_dir: Path) -> int:
         net, device_ids=[device.index] if device.type == "cuda" else None)
     sampler = ResumableSampler(len(train), st.batch_size, rank, world, cfg["seed"], train.weights)
     loader = make_loader(make_dataset(train, st.frames, cfg["seed"]), sampler, st.batch_size,
-                         default_workers(cfg["num_workers"], world), pin_memory=device.type == "cuda")
+                         loader_workers(cfg["num_workers"], world), pin_memory=device.type == "cuda")
     writer = tensorboard_writer(run_dir, rank, progress.step)
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16,  # noqa: E731
                                  enabled=device.type == "cuda" and cfg["bf16"])

@@ -8,9 +8,7 @@ update, in the same process.
 """
 
 import argparse
-import contextlib
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -19,12 +17,7 @@ import torch
 
 from m2das.config import size_pair
 from m2das.datafolder import LMS_DIR, NORM_STATS, WEIGHTED_LIST
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads (torch {torch.__version__})"
+from m2das.machine import cpu_name, describe, device_flag, usable_cores
 
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s: the MFU denominator.
@@ -148,7 +141,7 @@ def train_main(argv) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     args.batch_size = args.batch_size or (256 if device.type == "cuda" else 8)
     args.precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
-    print(f"machine: {machine(device)}")
+    print(f"machine: {describe(device)}")
     print(f"model {args.model}, input {args.input_size[0]}x{args.input_size[1]}, batch {args.batch_size}, "
           f"{args.precision}, {args.steps} timed steps after {args.warmup} warm-up")
     r = bench_step(args, device)
@@ -163,7 +156,7 @@ def train_main(argv) -> int:
     if args.json:
         from m2das.fileio import write_json
 
-        write_json(args.json, {"device": machine(device), "torch": torch.__version__, "model": args.model,
+        write_json(args.json, {"device": describe(device), "torch": torch.__version__, "model": args.model,
                                "input_size": args.input_size, "batch_size": args.batch_size,
                                "precision": args.precision, "compile": args.compile, "steps": args.steps,
                                **{k: v for k, v in r.items() if k != "ema"}})
@@ -198,7 +191,7 @@ def checkpoint_main(argv) -> int:
                                       "exp_avg_sq": torch.zeros_like(param)}
     ckpt = Checkpointer(".", {"model": model, "optimizer": optimizer, "rng": RNGState(device), "progress": Progress()},
                         {"args": {}}, rank=0, epochs=1, save_freq=1, interval_s=0, log=print)
-    print(f"machine: {machine(device)}")
+    print(f"machine: {describe(device)}")
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         path = Path(folder) / "last.pth"
         t0 = time.perf_counter()
@@ -332,7 +325,7 @@ def data_main(argv) -> int:
     p.add_argument("--index-rows", "--index_rows", dest="index_rows", type=int, default=2_000_000,
                    help="samples in the synthetic index whose validation is timed (default 2,000,000)")
     args = p.parse_args(argv)
-    print(f"machine: {machine(torch.device('cpu'))}")
+    print(f"machine: {describe(torch.device('cpu'))}")
     with tempfile.TemporaryDirectory(dir=args.dir, prefix=".m2das-bench-data-") as tmp:
         data = _synthetic_data(Path(tmp) / "data", args.files, 1001)
         crop_bytes = 80 * args.crop * 4
@@ -378,14 +371,6 @@ def data_main(argv) -> int:
 # ---------------------------------------------------------------- bench prepare
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def make_bench_clips(folder, count: int, seconds: float = 10.0, sample_rate: int = 44100,
                      seed: int = 0) -> list[Path]:
     """Stereo 16-bit wav clips of noise plus tones, the typical downloaded AudioSet file."""
@@ -409,28 +394,29 @@ def prepare_main(argv=None) -> int:
     the paper's recipe (soxr HQ) next to the old one (torchaudio's Resample) in the same run."""
     import tempfile
 
-    from m2das.data.prepare import default_workers, run_lms
+    from m2das.data.prepare import run_lms
 
     p = argparse.ArgumentParser(prog="m2das bench prepare",
                                 description="Time the lms step on clips generated here.")
     p.add_argument("--files", type=int, default=None, help="clips (default 32 per worker)")
     p.add_argument("--workers", type=int, default=None, help="default: all CPU cores")
-    p.add_argument("--device", default="auto", help="auto (CPU, then GPU if present)|cpu|cuda")
+    p.add_argument("--device", type=device_flag, default="auto",
+                   help="auto (CPU, then GPU if present) | cpu | cuda[:N] | gpu")
     args = p.parse_args(argv)
-    workers = default_workers() if args.workers is None else args.workers
+    workers = usable_cores() if args.workers is None else args.workers
     files = args.files or 32 * workers
     devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
-    if "cuda" in devices and not torch.cuda.is_available():
+    if devices[-1].startswith("cuda") and not torch.cuda.is_available():
         if args.device != "auto":
             print("m2das bench prepare: no CUDA device visible", file=sys.stderr)
             return 2
-        devices.remove("cuda")
+        devices.pop()
     from m2das.data.audio import LEGACY_RESAMPLER, RESAMPLER, RESAMPLER_QUALITY
 
     variants = [(f"new ({RESAMPLER} {RESAMPLER_QUALITY})", RESAMPLER),
                 (f"old ({LEGACY_RESAMPLER} Resample defaults)", LEGACY_RESAMPLER)]
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores ({default_workers()} usable), "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores ({usable_cores()} usable), "
           f"load average {load} before the run")
     with tempfile.TemporaryDirectory(prefix="m2das-bench-") as tmp:
         audio = Path(tmp) / "audio"

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from m2das import checkpoint, ckptfile, runfolder
+from m2das.runfolder import EXIT_DIVERGED, EXIT_RESUMABLE
 from m2das.checkpoint import Checkpointer, Outcome, Progress, RNGState
 from m2das.ckptfile import CheckpointError, SaveFailed
 
@@ -217,3 +218,21 @@ def test_a_full_state_of_m2das_0_1_0_resumes(tmp_path):
     b = make_checkpointer(tmp_path)
     assert b.resume("auto", shows_progress=True) == str(tmp_path / runfolder.LAST) and b.progress.step == 3
     assert np.array_equal(np.random.rand(3), expected)
+
+
+def test_step_boundary_answers_with_a_typed_outcome(tmp_path):
+    ckpt = make_checkpointer(tmp_path, 1.0, step=5)
+    assert ckpt.step_boundary(None, epoch_ended=False) is None  # nothing due: go on, nothing written
+    assert not list(tmp_path.glob("*.pth"))
+    stopped = ckpt.step_boundary("Ctrl-C (SIGINT)", epoch_ended=False)
+    assert stopped == Outcome(runfolder.EVENT_STOPPED, EXIT_RESUMABLE, stopped.message)
+    assert stopped.message.startswith(f"Ctrl-C (SIGINT) received: saved {tmp_path / runfolder.LAST} at step 5")
+    # The one divergence check: a non-finite loss or weight ends the run as diverged, and saves nothing.
+    assert ckpt.diverged(torch.tensor([1.0, float("nan")])).exit_code == EXIT_DIVERGED
+    with torch.no_grad():
+        ckpt.states["model"].weight[0, 0] = float("inf")
+    before = (tmp_path / runfolder.LAST).read_bytes()
+    diverged = ckpt.step_boundary("SIGTERM", epoch_ended=False)
+    assert (diverged.event, diverged.exit_code) == (runfolder.EVENT_DIVERGED, EXIT_DIVERGED)
+    assert f"{tmp_path / runfolder.LAST} is the resume point" in diverged.message
+    assert (tmp_path / runfolder.LAST).read_bytes() == before

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m2das.downstream.linear_eval import ListError, cached_embeddings, targets_of
+from m2das.downstream.features import ListError, cached_embeddings, targets_of
 from m2das.downstream.protocol import SEEDS, Settings, Split, run_protocol
 
 PAPER_AVERAGE = 80.6  # Table V, M2D-AS row, average of the nine tasks (each task's score: tasks.TASKS)

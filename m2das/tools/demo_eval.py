@@ -89,7 +89,7 @@ def evaluate_demo(out_dir, data_dir, checkpoint, seeds=SEEDS) -> dict:
     from m2das.downstream.embed import embed_files
     from m2das.downstream.encoder import load_encoder
     from m2das.downstream.export import export
-    from m2das.downstream.linear_eval import random_encoder_like
+    from m2das.downstream.features import random_encoder_like
     from m2das.downstream.weights import read_weights
     from m2das.fileio import write_json
 

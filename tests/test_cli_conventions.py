@@ -16,7 +16,7 @@ def test_train_help_shows_defaults_and_exit_codes():
 
 def test_train_accepts_hyphens_and_keeps_underscores_canonical(tmp_path):
     cfg = config.parse_args(["--batch-size", "7", "--accum_iter", "3", "--output-dir", str(tmp_path / "r")])
-    assert (cfg["batch_size"], cfg["accum_iter"], cfg["output_dir"]) == (7, 3, str(tmp_path / "r"))
+    assert (cfg.batch_size, cfg.accum_iter, cfg.output_dir) == (7, 3, str(tmp_path / "r"))
     help_text = run_m2das("train", "--help").stdout
     assert "--batch_size BATCH_SIZE, --batch-size BATCH_SIZE" in help_text  # underscore first
 

@@ -209,3 +209,26 @@ def test_two_ranks_over_gloo_finish_and_score(setup):
     assert len(result["scores"]) == 2 and all(0 < s <= 1 for s in result["scores"])
     assert json.loads((out / runfolder.CONFIG).read_text())["world_size"] == 2
     assert "cpu x 2" in r.stdout
+
+
+def test_a_finetuned_run_folder_exports_and_loads_as_an_encoder(reference, tmp_path):
+    """The fine-tuned encoder (keys under `encoder.`) is read back with its own names and its fine-tuned
+    input length: `m2das export` writes it, load_encoder rebuilds it, and its features are those of the
+    fine-tuned weights."""
+    from m2das.downstream.encoder import load_encoder
+
+    out = reference[0]
+    r = run_m2das("export", out, "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    exported = next(tmp_path.glob("*/weights_ep3.pth"))
+    assert exported.parent.name.startswith("m2d_as_vit_tiny-80x240p16x16p16k-")
+    saved = torch.load(exported, weights_only=True)
+    tuned = torch.load(out / "checkpoint-3.pth", weights_only=True)["model"]
+    assert set(saved) == {k.removeprefix("encoder.") for k in tuned if k.startswith("encoder.")}
+    assert not any(k.startswith(("head.", "offline_predictor.")) for k in saved)
+    for k, v in saved.items():
+        assert torch.equal(v, tuned["encoder." + k]), k
+    enc = load_encoder(exported)
+    assert enc.input_size == (80, 240) and enc.grid == (5, 15) and len(enc.blocks) == 2
+    lms = torch.randn(2, 1, 80, 240) * 2 - 7
+    assert torch.equal(enc(lms).clip, load_encoder(out)(lms).clip)

@@ -14,7 +14,6 @@ AudioSet has no validation split, so the run reports the best epoch's score
 ("best epoch on eval", as the reference tool reports it) and the last epoch's.
 """
 
-import datetime
 import os
 import signal
 import sys
@@ -33,7 +32,7 @@ from m2das.data.dataset import DataListError, ResumableSampler, make_dataset, ma
 from m2das.data.stats import crop_or_pad
 from m2das.downstream import ft_data
 from m2das.downstream.ft_data import TASKS, FinetuneDataError, augment, batch_rng, kept_columns, targets_of
-from m2das.downstream.ft_model import build_net, build_optimizer, finetune_lr, loss_fn
+from m2das.downstream.ft_model import build_net, encoder_args, build_optimizer, finetune_lr, loss_fn
 from m2das.downstream.protocol import macro_map
 from m2das.downstream.weights import WeightsError
 from m2das.events import log
@@ -44,7 +43,7 @@ from m2das.runfolder import EXIT_BAD_INPUT, RunLock, RunLocked
 from m2das.runsetup import TrainError, broadcast, on_rank0, read_json_file, record_start, shows_progress, tensorboard_writer, \
     trim_log
 from m2das.signals import StopRequest
-from m2das.train import FAULT_INJECTION_ENV
+from m2das.train import FAULT_INJECTION_ENV, init_distributed
 
 PROG = "m2das finetune"
 SUMMARY = "finetune_result.json"  # RUN/: the scores, the missing-clip counts, how the model was picked
@@ -106,16 +105,6 @@ def settings_of(cfg: dict) -> ft_data.TaskSettings:
 
 
 # -- set-up --------------------------------------------------------------------------------
-
-def init_distributed(env: dict, device: torch.device):
-    """Default group for gradients; a gloo group for the per-step stop flag (no GPU sync)."""
-    if env["world_size"] == 1:
-        return None
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=env["rank"], world_size=env["world_size"],
-                            timeout=datetime.timedelta(minutes=30))
-    return dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
-
 
 def open_run_dir(cfg: dict, world: int):
     """Lock the run folder and check config.json: another identity needs --force_config."""
@@ -199,6 +188,8 @@ def finetune(cfg: dict, env: dict) -> int:
         device = resolve_device(cfg["device"], env["local_rank"])
     except DeviceError as e:
         raise TrainError(str(e)) from None
+    if device.type == "cuda":  # NCCL and the default stream on this rank's GPU
+        torch.cuda.set_device(device)
     flag_group = init_distributed(env, device)
     stop = StopRequest().install()
     lock = None
@@ -259,7 +250,7 @@ def _finetune(cfg, env, device, flag_group, stop, run_dir: Path) -> int:
     progress, book = Progress(), ScoreBook()
     ckpt = Checkpointer(run_dir, {"model": net, "optimizer": optimizer, "rng": RNGState(device),
                                   "progress": progress, "scores": book},
-                        {"args": {**cfg, "output_dir": str(run_dir)}, "classes": train.classes,
+                        {"args": {**cfg, "output_dir": str(run_dir), **encoder_args(net.encoder)}, "classes": train.classes,
                          "norm_stats": {"mean": float(norm[0]), "std": float(norm[1])}},
                         rank=rank, epochs=st.epochs, save_freq=cfg["save_freq"],
                         interval_s=cfg["ckpt_interval_min"] * 60, log=lambda m: log(m, rank), flag_group=flag_group)

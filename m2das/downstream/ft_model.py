@@ -10,7 +10,7 @@ from torch import nn
 
 from m2das.downstream.encoder import load_encoder
 from m2das.downstream.ft_data import HEAD_STD, MIN_LR, TaskSettings
-from m2das.model import tokens_to_frames
+from m2das.model import MODEL_SIZES, tokens_to_frames
 
 
 def interpolate_pos_embed(pos: torch.Tensor, rows: int, cols: int, new_cols: int) -> torch.Tensor:
@@ -93,6 +93,15 @@ def build_net(weights, frames: int, classes: int, st: TaskSettings) -> FinetuneN
     if st.freeze_embed:
         enc.patch_embed.requires_grad_(False)
     return FinetuneNet(enc, classes)
+
+
+def encoder_args(enc) -> dict:
+    """What m2das.downstream.weights reads from a fine-tuned checkpoint's args to rebuild the encoder:
+    its size name (matched by width and depth) and the input and patch size it was fine-tuned at."""
+    dim, depth = enc.cls_token.shape[-1], len(enc.blocks)
+    model = next((name for name, size in MODEL_SIZES.items()
+                  if size["embed_dim"] == dim and size["depth"] == depth), None)
+    return {"model": model, "input_size": list(enc.input_size), "patch_size": list(enc.patch_size)}
 
 
 class LARS(torch.optim.Optimizer):

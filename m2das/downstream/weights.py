@@ -15,6 +15,7 @@ from m2das.runfolder import parse_folder_name
 ENCODER_KEYS = ("cls_token", "pos_embed", "norm_stats")
 ENCODER_PREFIXES = ("patch_embed.", "blocks.", "norm.")
 HEAD_PREFIX = "offline_predictor."
+FINETUNED_PREFIX = "encoder."  # `m2das finetune`'s network: the encoder under this name, its task head beside it
 DEFAULT_NORM_STATS = (-7.1, 4.2)  # what the runtime assumes for a file without norm_stats
 
 
@@ -102,6 +103,9 @@ def read_weights(path, epoch: int | None = None) -> WeightFile:
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: its 'model' entry is a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    finetuned = any(k.startswith(FINETUNED_PREFIX + "blocks.") for k in state)
+    if finetuned:  # the encoder's own names back; the task head is not the AudioSet head the runtime reads
+        state = {k[len(FINETUNED_PREFIX):]: v for k, v in state.items() if k.startswith(FINETUNED_PREFIX)}
     if "pos_embed" not in state or not any(k.startswith("blocks.") for k in state):
         raise WeightsError(f"{path}: no ViT encoder weights (pos_embed, blocks.*) in it")
     args = raw.get("args")
@@ -115,7 +119,7 @@ def read_weights(path, epoch: int | None = None) -> WeightFile:
                            f"folder name {path.parent.name!r} is not {{model}}-{{F}}x{{T}}p{{pf}}x{{pt}}p16k-...; "
                            f"move it into such a folder")
     epoch_value = raw.get("epoch")
-    classes = raw.get("classes") if isinstance(raw.get("classes"), list) else []
+    classes = raw.get("classes") if isinstance(raw.get("classes"), list) and not finetuned else []
     return WeightFile(path, state, model, input_size, patch_size,
                       int(epoch_value) if isinstance(epoch_value, int) else None, classes)
 

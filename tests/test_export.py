@@ -1,6 +1,7 @@
 """`m2das export`: a file the published runtime's loader reads as it is, loaded here the way it loads it."""
 
 import json
+import os
 from functools import partial
 
 import pytest
@@ -104,3 +105,37 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no such file or run folder" in err
+
+
+def test_two_runs_named_with_output_dir_export_side_by_side_and_never_overwrite(tmp_path):
+    """`--output_dir runs/a` and `runs/b`: each export is named after its run; a different file in the
+    way is refused (one line, exit 2); exporting the same weights again is fine."""
+    a = make_checkpoint(tmp_path / "x", seed=0)
+    b = make_checkpoint(tmp_path / "y", seed=1)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "fixme").mkdir()
+    (runs / "second try").mkdir()
+    a.rename(runs / "fixme" / a.name)
+    b.rename(runs / "second try" / b.name)
+    out = tmp_path / "exports"
+    r1 = run_m2das("export", runs / "fixme", "--out", out)
+    r2 = run_m2das("export", runs / "second try", "--out", out)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    folders = sorted(p.parent.name for p in out.glob("*/weights_ep2.pth"))
+    assert len(folders) == 2 and folders[0].endswith("-fixme_enconly") and folders[1].endswith("-second_try_enconly")
+    for name in folders:  # the prefix the runtime parses is kept
+        assert runtime_parse(name) == ("m2d_as_vit_tiny", [80, 208], [16, 16], "16k")
+    first = next(out.glob("*-fixme_enconly/weights_ep2.pth"))
+    before = first.read_bytes()
+    again = run_m2das("export", runs / "fixme", "--out", out)  # the same source again: idempotent
+    assert again.returncode == 0, again.stderr
+    # Another run whose folder has the same name, exported to the same place: refused, file kept.
+    other = tmp_path / "elsewhere" / "fixme"
+    other.mkdir(parents=True)
+    (runs / "second try" / b.name).rename(other / b.name)
+    os.utime(other / b.name, (first.stat().st_mtime, (runs / "fixme" / a.name).stat().st_mtime))
+    r = run_m2das("export", other, "--out", out)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert str(first) in r.stderr and "different export" in r.stderr and "--out" in r.stderr
+    assert first.read_bytes() == before

@@ -4,7 +4,9 @@ Keeps `patch_embed.*`, `cls_token`, `pos_embed`, `blocks.*`, `norm.*`,
 `norm_stats` and the AudioSet head `offline_predictor.*` (about 340 MB for
 ViT-B instead of 1.7 GB) in a folder named
 `{model}-{F}x{T}p{pf}x{pt}p16k-{YYMMDD}-{config}_enconly`, the name those tools
-parse the sizes from. The head is kept because the runtime's loader sizes an
+parse the sizes from. A run folder named otherwise (--output_dir runs/mine) gives
+its own name as the tag, so exports of two runs never share a folder; an export
+that would replace a different one is refused. The head is kept because the runtime's loader sizes an
 `m2d_as_vit*` model from `offline_predictor.weight` (a file without it fails
 there with KeyError) and because it makes the file an AudioSet tagger; its class
 list goes to classes.json beside it. The file holds tensors only, so a plain
@@ -13,6 +15,7 @@ list goes to classes.json beside it. The file holds tensors only, so a plain
 
 import argparse
 import datetime
+import re
 import sys
 from pathlib import Path
 
@@ -26,13 +29,32 @@ CLASSES_FILE = "classes.json"
 
 
 def export_name(w) -> str:
-    """The run folder's date and config tag when it has them, else today's date and 'export'."""
-    run = parse_folder_name(w.path.parent.name)
-    parts = w.path.parent.name.split("-", 3) if run else []
-    date = parts[2] if len(parts) > 2 else f"{datetime.date.today():%y%m%d}"
-    tag = parts[3] if len(parts) > 3 else "export"
+    """The run folder's date and config tag when its name has them, else the folder's own name as the tag
+    (with the checkpoint's date), so two runs exported side by side land in two folders."""
+    name = w.path.parent.name
+    run = parse_folder_name(name)
+    parts = name.split("-", 3) if run else []
+    if len(parts) == 4:
+        date, tag = parts[2], parts[3]
+    else:
+        date = f"{datetime.date.fromtimestamp(w.path.stat().st_mtime):%y%m%d}"
+        rest = parts[2] if len(parts) == 3 else name if not run else ""
+        tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", rest).strip("_.-") or "export"
     model = w.model or (run or {}).get("model") or "m2d_as_vit_base"
     return folder_name(model, w.input_size, w.patch_size, date, f"{tag}_enconly")
+
+
+def same_tensors(path: Path, state: dict) -> bool:
+    """Does the file at `path` already hold exactly these tensors (a repeated export)?"""
+    import torch
+
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable or not ours: different
+        return False
+    return isinstance(old, dict) and old.keys() == state.keys() and all(
+        isinstance(old[k], torch.Tensor) and old[k].dtype == v.dtype and torch.equal(old[k], v)
+        for k, v in state.items())
 
 
 def export(source, out_dir=None, epoch: int | None = None, with_head: bool = False) -> Path:
@@ -53,8 +75,12 @@ def export(source, out_dir=None, epoch: int | None = None, with_head: bool = Fal
     folder = folder / export_name(w)
     name = f"weights_ep{w.epoch}.pth" if w.epoch is not None else f"{w.path.stem}.pth"
     dest = folder / name
-    with atomic_write(dest) as f:
-        torch.save(state, f)
+    if dest.exists() and not same_tensors(dest, state):
+        raise WeightsError(f"{dest}: already holds a different export (another run or checkpoint); "
+                           f"pass --out ANOTHER_FOLDER, or delete it to replace it")
+    if not dest.exists():  # the same weights again: nothing to write
+        with atomic_write(dest) as f:
+            torch.save(state, f)
     if has_head and w.classes:
         write_json(folder / CLASSES_FILE, list(w.classes))
     return dest

@@ -36,7 +36,7 @@ def device_flag(text: str) -> str:
     """parse_device as an argparse `type`, so a bad value is the parser's one-line error."""
     try:
         return parse_device(text)
-    except DeviceError as e:
+    except DeviceError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected {DEVICE_HELP}") from None
 
 

@@ -244,6 +244,42 @@ def test_debug_cluster_trains_in_process(tiny_data, tmp_path):
     assert (run / "checkpoint-1.pth").exists()
 
 
+@pytest.mark.slow
+def test_a_finished_run_is_refused_and_run_dir_alone_resumes_its_preset(tiny_data, tmp_path):
+    """The printed "--run-dir RUN" hint, typed as printed, reuses the recorded preset and trainer flags;
+    a finished run is refused at submit time instead of queued to print "all epochs done"."""
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test", "--cluster",
+                          "local", "--foreground", "--run-dir", str(run), "--", *user_trainer_flags(tiny_data, 1)],
+                         env=make_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr
+    assert read_jsonl(run / "restarts.jsonl")[-1]["event"] == "finished"
+    again = launcher("--cluster", "local", "--run-dir", run)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stdout + again.stderr
+    assert "has finished all 1 epochs" in again.stderr and "--epochs above 1" in again.stderr
+    assert "reusing --preset cpu-test and the flags of the submit" in again.stdout, again.stdout
+    longer = launcher("--run-dir", run, "--dry-run", "--", "--epochs", "2")
+    assert longer.returncode == 0, longer.stderr
+    trainer = shlex.split(next(ln for ln in longer.stdout.splitlines() if ln.startswith("trainer: ")))[3:]
+    assert trainer[trainer.index("--model") + 1] == "m2d_as_vit_tiny"  # the cpu-test preset, not 48gb
+    assert trainer[trainer.index("--data_path") + 1] == str(tiny_data)  # the recorded trainer flags
+    assert trainer[len(trainer) - 1 - trainer[::-1].index("--epochs") + 1] == "2"  # the new flag wins
+    assert "the supervisor would run this spec" in longer.stdout  # --cluster local reused too
+    assert "preset cpu-test: 2 ranks" in longer.stdout
+    other = launcher("--preset", "48gb", "--run-dir", run, "--", "--epochs", "2")
+    assert other.returncode == 2 and "was submitted with --preset cpu-test" in other.stderr, other.stderr
+
+
+def test_a_gpu_preset_on_a_machine_without_gpus_is_refused_before_launching(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no GPU visible, whatever the machine has
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--cluster", "local", "--preset",
+                          "48gb", "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stdout + out.stderr
+    assert "no GPU is visible" in out.stderr and "--preset cpu-test" in out.stderr
+    assert "job id" not in out.stdout and not (tmp_path / "run" / "logs").exists()
+
+
 def launcher(*args, cwd=REPO):
     return subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, timeout=60)

@@ -35,6 +35,16 @@ def submit(cluster, run, data, *extra, epochs=TINY_EPOCHS):
     return m.group(1)
 
 
+def test_an_unknown_partition_is_one_line_before_submitting(slurm_cluster, tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test",
+                          "--cluster", "slurm", "--run-dir", str(tmp_path / "run"), "--partition", "nosuch"],
+                         env=dict(make_env(), SLURM_CONF=str(slurm_cluster.conf)), capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stdout + out.stderr
+    assert "--partition nosuch" in out.stderr and "sinfo lists" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "launcher.jsonl").exists()
+
+
 def diagnostics(cluster, run, job):
     def text():
         parts = [f"job: {cluster.job(job)}"]

@@ -8,6 +8,7 @@ the ranks and reruns them as m2das/cluster/requeue.py decides. `run_debug`
 runs a single rank in-process. Torch is imported by the ranks, never here.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from m2das import machine, runfolder
 from m2das.cluster import requeue
+from m2das.cluster.plan import UsageError
 from m2das.fileio import append_jsonl
 from m2das.runfolder import EXIT_BAD_INPUT, EXIT_RESUMABLE
 
@@ -32,6 +34,43 @@ def local_spec(plan):
     return {"train_argv": plan.train_argv, "run_dir": str(plan.run_dir), "ranks": plan.ranks_per_node,
             "gpu": plan.gpu, "max_restarts": a.max_requeues, "cwd": os.getcwd(),
             "python": a.python or sys.executable, "foreground": a.foreground}
+
+
+def visible_gpus():
+    """How many NVIDIA GPUs a rank here could use, torch-free: CUDA_VISIBLE_DEVICES narrows the driver's list.
+
+    The driver's list comes from /proc/driver/nvidia/gpus (one folder per GPU), else `nvidia-smi -L`.
+    """
+    gpus = 0
+    with contextlib.suppress(OSError):
+        gpus = len(list(Path("/proc/driver/nvidia/gpus").iterdir()))
+    if not gpus:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+            gpus = sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = []
+        for tok in visible.split(","):
+            tok = tok.strip()
+            if not tok or tok.startswith("-"):
+                break  # CUDA stops at the first invalid entry
+            ids.append(tok)
+        gpus = min(gpus, len(ids))
+    return gpus
+
+
+def refuse_missing_gpus(plan):
+    """A GPU preset on a machine without enough GPUs: say so now, not when the ranks fail a minute later."""
+    if not plan.gpu:
+        return
+    have = visible_gpus()
+    if have < plan.ranks_per_node:
+        where = "no GPU is visible" if have == 0 else f"only {have} GPU(s) are visible"
+        raise UsageError(f"--preset {plan.args.preset} runs {plan.ranks_per_node} GPU rank(s) but {where} here "
+                         f"(/proc/driver/nvidia, nvidia-smi, CUDA_VISIBLE_DEVICES); "
+                         + ("use --preset cpu-test on this machine" if have == 0 else
+                            f"pass --gpus-per-node {have}"))
 
 
 def submit_local(plan):
@@ -46,6 +85,7 @@ def submit_local(plan):
         print(json.dumps(spec, indent=2))
         return None
     plan.refuse_held_run_dir()
+    refuse_missing_gpus(plan)
     logs = plan.run_dir / runfolder.LOGS_DIR
     logs.mkdir(parents=True, exist_ok=True)
     spec_path = logs / "local-spec.json"
@@ -215,7 +255,7 @@ class Supervisor:
                 msg += f"; see {self.logs}"
             elif d.action in (requeue.STOPPED, requeue.CAP):
                 fg = " --foreground" if self.foreground else ""
-                msg += f"; rerun `python launch/submit.py --cluster local{fg} --run-dir {self.run_dir} ...` to resume"
+                msg += f"; rerun `python launch/submit.py --cluster local{fg} --run-dir {self.run_dir}` to resume"
             self._log(msg, event=d.action, by="supervisor", restart_count=attempt, exit_codes=codes,
                       start_id=requeue.start_id(f"local-{os.getpid()}", attempt))
             if d.action != requeue.REQUEUE:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from m2das import runfolder
 from m2das.cluster import requeue
+from m2das.fileio import read_jsonl
 from m2das.runfolder import EXIT_CODES
 
 # GPU presets insist on CUDA: a job landing on a node without a visible GPU fails
@@ -294,3 +295,75 @@ class Plan:
         if holder:
             raise UsageError(f"{self.run_dir} is in use by a live trainer ({holder}); wait for it, stop it, "
                              f"or pass another --run-dir")
+
+    def refuse_finished_run(self):
+        """A run whose last event is `finished` would be queued only to print "all epochs done"."""
+        from m2das import config
+
+        rows = read_jsonl(self.run_dir / runfolder.RESTARTS)
+        if not rows or rows[-1].get("event") != runfolder.EVENT_FINISHED:
+            return
+        try:
+            done = int(_read_json(self.run_dir / runfolder.CONFIG).get("epochs"))
+        except (TypeError, ValueError):
+            return
+        wanted = config.parse_args(list(self.train_argv)).epochs
+        if wanted <= done:
+            raise UsageError(f"{self.run_dir} has finished all {done} epochs ({runfolder.RESTARTS}); "
+                             f"pass --epochs above {done} to train longer, or another --run-dir for a new run")
+
+
+def _read_json(path):
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def last_submit(run_dir):
+    """The newest `submit` row of RUN/launcher.jsonl, or None."""
+    rows = [r for r in read_jsonl(Path(run_dir) / runfolder.LAUNCHER) if r.get("event") == "submit"]
+    return rows[-1] if rows else None
+
+
+def given_launcher_flags(launcher_argv):
+    """The launcher flags this command line sets itself (destinations), defaults left out."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(list(launcher_argv))))
+
+
+NOT_REUSED = ("dry_run",)  # per-command, never carried over from an earlier submit
+
+
+def reuse_earlier_submit(args, launcher_argv, user_argv):
+    """--run-dir naming a submitted run: flags not given now come from its last submit (launcher.jsonl).
+
+    So the printed "resubmit with --run-dir RUN" hint resumes the same preset and trainer
+    flags instead of the default preset. A different --preset is refused (the trainer would
+    refuse the changed configuration after the queue wait). Returns (args, user_argv, note).
+    """
+    if not args.run_dir:
+        return args, user_argv, ""
+    row = last_submit(args.run_dir)
+    if row is None or not row.get("preset") in PRESETS:
+        return args, user_argv, ""
+    given = given_launcher_flags(launcher_argv)
+    if "preset" in given and args.preset != row["preset"]:
+        raise UsageError(f"{args.run_dir} was submitted with --preset {row['preset']}; resume it with that preset "
+                         f"(or no --preset), or pass another --run-dir for a --preset {args.preset} run")
+    earlier = row.get("launcher_args") or vars(build_parser().parse_args(list(row.get("launcher_argv") or [])))
+    for key, value in earlier.items():
+        if key not in given and key not in NOT_REUSED and key != "run_dir":
+            setattr(args, key, value)
+    recorded = row.get("user_argv")
+    if recorded is None:  # older records: the trainer argv less the preset's part and --output_dir
+        preset = PRESETS[row["preset"]]["trainer"]
+        recorded = list(row.get("train_argv") or [])[len(preset) + 4:-2]
+    recorded = _drop_flag(recorded, ("--output_dir", "--output-dir"))
+    note = (f"reusing --preset {args.preset} and the flags of the submit of {row.get('time', '?')} "
+            f"({runfolder.LAUNCHER})")
+    return args, list(recorded) + list(user_argv), note

@@ -13,6 +13,7 @@ import datetime
 import os
 import shlex
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -72,7 +73,7 @@ class TrainJob:
         if rc == EXIT_RESUMABLE and env.global_rank == 0:
             # SIGTERM (scancel, SLURM's own requeue or preemption): submitit does not requeue on it.
             print(f"m2das: saved and stopped (exit {EXIT_RESUMABLE}); a preempted job is requeued by SLURM, "
-                  f"a cancelled one continues with `python launch/submit.py --run-dir {self.run_dir} ...`",
+                  f"a cancelled one continues with `python launch/submit.py --run-dir {self.run_dir}`",
                   file=sys.stderr, flush=True)
         return rc
 
@@ -88,7 +89,7 @@ class TrainJob:
         decision = requeue.decide([EXIT_RESUMABLE], restart, self.max_requeues, signalled=True)
         requeue.record(self.run_dir, decision, "submitit", job_id, restart)
         if decision.action != requeue.REQUEUE:
-            print(f"m2das: {decision.reason}; resubmit with `python launch/submit.py --run-dir {self.run_dir} ...` "
+            print(f"m2das: {decision.reason}; resubmit with `python launch/submit.py --run-dir {self.run_dir}` "
                   f"to continue", file=sys.stderr, flush=True)
             return None
         return submitit.helpers.DelayedSubmission(
@@ -124,6 +125,31 @@ def _executor_class():
             return 1
 
     return SlurmExecutor, DryRunExecutor
+
+
+def cluster_partitions():
+    """Partition names `sinfo` reports, or None where sinfo cannot tell (not installed, no controller)."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = {line.strip() for line in out.stdout.splitlines() if line.strip()}
+    return names if out.returncode == 0 and names else None
+
+
+def refuse_unknown_partition(partition):
+    """A --partition the cluster lacks: one line now instead of sbatch's failure wrapped in a traceback."""
+    known = cluster_partitions() if partition else None
+    if known is not None and partition not in known:
+        raise UsageError(f"--partition {partition}: this cluster has no such partition (sinfo lists: "
+                         f"{', '.join(sorted(known))})")
+
+
+def _sbatch_error(e):
+    """submitit's FailedJobError text -> sbatch's own error line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    said = [ln for ln in lines if "sbatch: error" in ln] or lines[-1:] or ["sbatch failed"]
+    return said[-1].split("sbatch: error:", 1)[-1].strip()
 
 
 def submit_slurm(plan):
@@ -175,9 +201,16 @@ def submit_slurm(plan):
         print(ex._make_submission_file_text(ex._submitit_command_str, "dry-run"))
         return None
     plan.refuse_held_run_dir()
+    refuse_unknown_partition(a.partition)
     _pickle_by_value()
     job_fn = TrainJob(plan.train_argv, plan.run_dir, a.max_requeues, None if plan.gpu else cpus)
-    job = ex.submit(job_fn)
+    from submitit.core.utils import FailedJobError
+
+    try:
+        job = ex.submit(job_fn)
+    except FailedJobError as e:
+        raise UsageError(f"sbatch refused the job: {_sbatch_error(e)} (see `sinfo` for partitions, "
+                         f"`sacctmgr show assoc user=$USER` for accounts and QOS)") from None
     return job.job_id
 
 

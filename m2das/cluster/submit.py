@@ -21,7 +21,8 @@ import sys
 
 from m2das import runfolder
 from m2das.cluster import local, slurm
-from m2das.cluster.plan import Plan, UsageError, build_parser, refuse_control_characters, split_argv
+from m2das.cluster.plan import (Plan, UsageError, build_parser, refuse_control_characters, reuse_earlier_submit,
+                                split_argv)
 from m2das.fileio import append_jsonl
 from m2das.runfolder import EXIT_BAD_INPUT
 
@@ -52,7 +53,11 @@ def main(argv=None):
         return EXIT_BAD_INPUT
     args = build_parser().parse_args(launcher_argv)
     try:
+        args, user_argv, reused = reuse_earlier_submit(args, launcher_argv, user_argv)
+        if reused:
+            print(reused, flush=True)
         plan = Plan(args, user_argv)
+        plan.refuse_finished_run()
         print(f"preset {args.preset}: {plan.world_size} ranks ({plan.nodes} node(s) x {plan.ranks_per_node})"
               + (f"; {plan.scale_note}" if plan.scale_note else ""), flush=True)
         print("trainer: m2das train " + shlex.join(plan.train_argv), flush=True)
@@ -71,7 +76,8 @@ def main(argv=None):
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "event": "submit", "cluster": args.cluster, "job_id": str(job_id), "preset": args.preset,
         "nodes": plan.nodes, "ranks_per_node": plan.ranks_per_node, "train_argv": plan.train_argv,
-        "launcher_argv": launcher_argv, "host": socket.gethostname()})
+        "user_argv": plan.user_argv, "launcher_argv": launcher_argv,
+        "launcher_args": vars(args), "host": socket.gethostname()})
     print(follow_text(plan, str(job_id)), flush=True)
     if args.cluster == "local" and args.foreground:
         return local.Supervisor(local.local_spec(plan)).run()

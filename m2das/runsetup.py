@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from m2das.data import packed
 from m2das.data.dataset import DataListError, read_samples, validate, validate_packed
 from m2das.data.recipe import record_recipe
 from m2das.data.stats import compute_norm_stats, read_norm_stats, write_norm_stats
-from m2das.datafolder import NORM_STATS
+from m2das.datafolder import NORM_STATS, RECIPE_FILE
 from m2das.events import log
 from m2das.fileio import atomic_write, is_url, read_jsonl, write_json
 from m2das.remote import RemoteError, RemoteRunFolder
@@ -97,7 +98,9 @@ def open_run_dir(cfg: TrainConfig, world_size: int):
             log(f"took over the run folder from a dead holder ({lock.took_over})")
         saved_path = run_dir / runfolder.CONFIG
         record = {**cfg.asdict(), "output_dir": cfg.output_dir if mirror else str(run_dir), "world_size": world_size}
-        if saved_path.exists():
+        if saved_path.exists() and not shows_progress(run_dir):
+            take_new_configuration(run_dir, saved_path, record)
+        elif saved_path.exists():
             saved = read_json_file(saved_path, "restore it, or pass --force_config to rewrite it from these flags")
             hard, safe = config.config_differences(saved, cfg)
             if hard and not cfg.force_config:
@@ -116,6 +119,39 @@ def open_run_dir(cfg: TrainConfig, world_size: int):
         lock.release()
         raise
     return run_dir, lock, mirror
+
+
+DATA_PINS = (runfolder.CLASSES, runfolder.NORM_STATS, runfolder.VALIDATED, RECIPE_FILE)
+
+
+def take_new_configuration(run_dir: Path, saved_path: Path, record: dict) -> None:
+    """A folder whose starts never reached a checkpoint holds nothing to protect: the corrected command
+    (the flags the last error asked to change) takes it over, and what was pinned from other data goes."""
+    saved = {}
+    with contextlib.suppress(OSError, ValueError):
+        saved = json.loads(saved_path.read_text())
+    if not isinstance(saved, dict):
+        saved = {}
+    hard, safe = config.config_differences(saved, record)
+    data_moved = any(saved.get(k) != record.get(k) for k in ("data_path", "csv_main"))
+    if hard or safe or data_moved:
+        log(f"{run_dir} never reached a checkpoint: taking this start's configuration"
+            + (f" ({'; '.join(hard + safe)})" if hard or safe else ""))
+    if data_moved:
+        for name in DATA_PINS:
+            with contextlib.suppress(FileNotFoundError):
+                (run_dir / name).unlink()
+    write_json(saved_path, record)
+
+
+def discard_unstarted(run_dir) -> bool:
+    """Remove a dated run folder whose start failed before it was recorded (no start, no checkpoint):
+    a failed start without --output_dir leaves nothing behind. True when removed."""
+    run_dir = Path(run_dir)
+    if (run_dir / runfolder.RESTARTS).exists() or runfolder.checkpoint_files(run_dir):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return not run_dir.exists()
 
 
 def load_samples(cfg: TrainConfig, run_dir: Path):

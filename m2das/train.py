@@ -37,8 +37,8 @@ from m2das.monitor import Monitor
 from m2das.monitor import record as record_quality
 from m2das.remote import RemoteRunFolder
 from m2das.runfolder import EXIT_BAD_INPUT
-from m2das.runsetup import (TrainError, load_data, on_rank0, open_run_dir, print_config, record_start,
-                            shows_progress, tensorboard_writer, trim_log)
+from m2das.runsetup import (TrainError, discard_unstarted, load_data, on_rank0, open_run_dir, print_config,
+                            record_start, shows_progress, tensorboard_writer, trim_log)
 from m2das.schedule import ema_decay, learning_rate
 from m2das.signals import EXIT_ABORTED, StopRequest
 
@@ -325,6 +325,10 @@ def train(cfg: TrainConfig, env: dict) -> int:
         if dist.is_initialized():
             dist.barrier(group=flag_group)
         return _train(cfg, env, device, flag_group, stop, run_dir, mirror)
+    except Exception:
+        if lock is not None and mirror is None and not cfg.output_dir:  # a dated folder of a failed start
+            discard_unstarted(lock.run_dir)
+        raise
     finally:
         stop.restore()
         if mirror is not None:

@@ -338,6 +338,7 @@ def test_bad_input_in_a_rank_is_not_rerun_and_status_shows_why(tiny_data, tmp_pa
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"model": "m2d_as_vit_base", "epochs": 300}))
+    (run / "last.pth").write_bytes(b"saved")  # it got as far as a checkpoint, so its configuration stands
     out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test", "--cluster",
                           "local", "--foreground", "--run-dir", str(run), "--", *user_trainer_flags(tiny_data)],
                          env=make_env(), capture_output=True, text=True, timeout=300, cwd=REPO)

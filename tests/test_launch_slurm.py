@@ -285,6 +285,7 @@ def test_bad_input_in_a_task_is_never_requeued(slurm_cluster, tiny_data, tmp_pat
         run = runs[route] = tmp_path / route
         run.mkdir()
         (run / "config.json").write_text('{"model": "m2d_as_vit_base", "epochs": 300}')
+        (run / "last.pth").write_bytes(b"saved")  # a checkpoint: its configuration stands
     job = submit(cluster, runs["submitit"], tiny_data)
     env = dict(make_env(), SLURM_CONF=str(cluster.conf), M2DAS_RUN=str(runs["template"]),
                M2DAS_DATA=str(tiny_data), M2DAS_VENV=str(Path(sys.executable).parent.parent))

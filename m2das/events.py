@@ -14,9 +14,19 @@ from m2das import runfolder
 from m2das.fileio import append_jsonl
 
 
-def log(msg: str, rank: int = 0, *, prog: str = "m2das", stream=None) -> None:
-    """`[prog HH:MM:SS] msg` on stdout (or `stream`), from rank 0 only."""
+_SHOWN_AS = {}  # local folder -> what messages call it (a staged run folder's URL)
+
+
+def show_as(local, shown: str) -> None:
+    """Log lines name `local` and files in it by `shown` (object storage: the bucket, not the staging copy)."""
+    _SHOWN_AS[str(local).rstrip("/")] = shown.rstrip("/")
+
+
+def log(msg: str, rank: int = 0, *, prog: str = "m2das", stream=None, local_paths: bool = False) -> None:
+    """`[prog HH:MM:SS] msg` on stdout (or `stream`), from rank 0 only; local_paths: a line about the copy itself."""
     if rank == 0:
+        for local, shown in () if local_paths else _SHOWN_AS.items():
+            msg = msg.replace(local, shown)
         print(f"[{prog} {datetime.datetime.now():%H:%M:%S}] {msg}", file=stream or sys.stdout, flush=True)
 
 

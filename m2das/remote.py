@@ -34,8 +34,8 @@ import time
 import uuid
 from pathlib import Path
 
-from m2das import runfolder
-from m2das.fileio import url_fs
+from m2das import events, runfolder
+from m2das.fileio import read_jsonl, url_fs
 
 SMALL_FILES = (runfolder.CONFIG, runfolder.CLASSES, runfolder.NORM_STATS, runfolder.VALIDATED, runfolder.LOG,
                runfolder.RESTARTS, runfolder.LAUNCHER)
@@ -69,6 +69,8 @@ class RemoteRunFolder:
         self._lock_token = None
         self._stop = threading.Event()
         self.took_over = None
+        self._uploaded = set()  # (inode, size, mtime_ns) of the checkpoint files in the bucket
+        self._small_files_uploaded = False
 
     def _key(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -109,7 +111,22 @@ class RemoteRunFolder:
                 fetched.append(name)
         except OSError as e:
             raise RemoteError(f"{self.url}: cannot read the run folder ({type(e).__name__}: {e})") from None
+        for name in fetched:
+            self._mark_uploaded(self.staging / name)  # a copy of what the bucket holds
         return fetched
+
+    def _mark_uploaded(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            self._uploaded.add((st.st_ino, st.st_size, st.st_mtime_ns))
+
+    def _all_uploaded(self) -> bool:
+        """Every checkpoint in the staging folder (last.prev.pth is a renamed last.pth) is in the bucket."""
+        for p in runfolder.checkpoint_files(self.staging):
+            st = p.stat()
+            if (st.st_ino, st.st_size, st.st_mtime_ns) not in self._uploaded:
+                return False
+        return self._small_files_uploaded
 
     def _list(self) -> list:
         try:
@@ -129,6 +146,8 @@ class RemoteRunFolder:
         path = Path(path)
         if path.name != runfolder.LAST:
             self.fs.put_file(str(path), self._key(path.name))
+            self._mark_uploaded(path)
+            events.log(f"uploaded checkpoint {path.name} (step {step}) to {self.url}/{path.name}")
             self._prune_local_epoch_checkpoints(keep=path)
         else:
             obj = f"last-{step:09d}-{uuid.uuid4().hex[:8]}.pth"
@@ -138,6 +157,9 @@ class RemoteRunFolder:
                 self.fs.pipe_file(self._key(runfolder.PREVIOUS + POINTER_SUFFIX), json.dumps(previous).encode())
             self.fs.pipe_file(self._key(runfolder.LAST + POINTER_SUFFIX),
                               json.dumps({"object": obj, "step": step, "bytes": path.stat().st_size}).encode())
+            self._mark_uploaded(path)
+            events.log(f"uploaded checkpoint {path.name} (step {step}) to {self.url}/{OBJECTS_DIR}/{obj} "
+                       f"(named by {self.url}/{runfolder.LAST}{POINTER_SUFFIX})")
             keep = {obj} | ({previous["object"]} if previous else set())
             for key in self.fs.ls(self._key(OBJECTS_DIR), detail=False):
                 if Path(key).name not in keep:
@@ -153,6 +175,7 @@ class RemoteRunFolder:
                     p.unlink()
 
     def publish_small_files(self) -> None:
+        self._small_files_uploaded = False
         for name in SMALL_FILES:
             local = self.staging / name
             if local.exists():
@@ -162,6 +185,7 @@ class RemoteRunFolder:
             for f in events.iterdir():
                 if f.is_file():
                     self.fs.put_file(str(f), self._key(f"{runfolder.EVENTS_DIR}/{f.name}"))
+        self._small_files_uploaded = True
 
     # -- the lock ------------------------------------------------------------------------
     def acquire(self) -> "RemoteRunFolder":
@@ -178,6 +202,7 @@ class RemoteRunFolder:
                                               f"conditional writes, so run one trainer per folder by hand")
                 self._lock_token = me["token"]
                 self._start_heartbeat(key, me)
+                events.show_as(self.staging, self.url)  # messages name the bucket, not this node's copy
                 return self
             except FileExistsError:
                 pass
@@ -219,6 +244,24 @@ class RemoteRunFolder:
         if holder and holder.get("token") == self._lock_token:
             with contextlib.suppress(OSError):
                 self.fs.rm_file(key)
+        self._remove_staging_if_clean()
+
+    def _remove_staging_if_clean(self) -> None:
+        """A run that finished or stopped with everything in the bucket leaves no copy on this node.
+
+        After a failure the copy stays for a look; the next start empties it anyway (hydrate).
+        """
+        rows = [r for r in read_jsonl(self.staging / runfolder.RESTARTS) if r.get("event")]
+        ended = rows and rows[-1]["event"] in (runfolder.EVENT_FINISHED, runfolder.EVENT_STOPPED)
+        try:
+            clean = ended and self._all_uploaded()
+        except OSError:
+            clean = False
+        if clean:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            events.log(f"removed the staging copy {self.staging} (everything is in {self.url})", local_paths=True)
+        elif rows:
+            events.log(f"kept the staging copy {self.staging}: not everything reached {self.url}", local_paths=True)
 
 
 def fetch_for_reading(url: str, checkpoints: bool = True, epoch: int | None = None) -> Path:

@@ -76,7 +76,8 @@ def take_run_dir(cfg: TrainConfig, world_size: int):
             except BaseException:
                 mirror.release()
                 raise
-            log(f"run folder {mirror.url}, staged in {mirror.staging}; fetched {', '.join(fetched) or 'nothing'}")
+            log(f"run folder {mirror.url}, staged in {mirror.staging}; fetched {', '.join(fetched) or 'nothing'}",
+                local_paths=True)
             return mirror.staging, mirror, mirror
         run_dir = Path(cfg.output_dir) if cfg.output_dir else config.default_output_dir(cfg, world_size)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -278,12 +279,14 @@ def tensorboard_writer(run_dir: Path, rank: int, step: int):
 
 def record_start(run_dir: Path, resumed_from, step: int) -> dict:
     """The start event, with why the previous start ended as far as the folder tells."""
+    ends = {runfolder.EVENT_STOPPED: None, runfolder.EVENT_FINISHED: "finished", runfolder.EVENT_DIVERGED: "diverged"}
     previous = [r for r in read_jsonl(run_dir / runfolder.RESTARTS)
-                if r.get("event") in (runfolder.EVENT_STOPPED, runfolder.EVENT_START)]
+                if r.get("event") in ends or r.get("event") == runfolder.EVENT_START]
     last_stop = previous[-1] if previous else None
     reason = None
     if last_stop is not None:
-        reason = f"signal {last_stop.get('signal')}" if last_stop.get("event") == runfolder.EVENT_STOPPED else \
+        event = last_stop.get("event")
+        reason = f"signal {last_stop.get('signal')}" if event == runfolder.EVENT_STOPPED else ends.get(event) or \
             "killed without warning (no clean stop recorded)"
     count = os.environ.get("SLURM_RESTART_COUNT", os.environ.get("M2DAS_LAUNCHER_ATTEMPT"))
     return events.record(run_dir, runfolder.EVENT_START, host=socket.gethostname(),

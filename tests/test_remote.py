@@ -1,7 +1,6 @@
 """Run folders in object storage, against a real S3-compatible server on 127.0.0.1."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -43,6 +42,13 @@ def test_data_and_run_in_object_storage_stop_move_node_resume_and_equal_a_local_
     env = {**s3_server, "M2DAS_STAGING_DIR": str(staging), "M2DAS_TEST_SIGTERM_AT_STEP": "9"}
     r = run_m2das(*args(data_url, run_url, "--ckpt_interval_min", "0"), env=env)
     assert r.returncode == EXIT_RESUMABLE, r.stdout + r.stderr
+    # Messages name the bucket; the one line naming this node's staging copy says so.
+    assert f"uploaded checkpoint last.pth (step 9) to {run_url}/objects/" in r.stdout, r.stdout
+    assert f"uploaded checkpoint checkpoint-1.pth (step " in r.stdout and f"to {run_url}/checkpoint-1.pth" in r.stdout
+    naming_staging = [ln for ln in r.stdout.splitlines() if str(staging) in ln]
+    assert all("staged in" in ln or "staging copy" in ln for ln in naming_staging), naming_staging
+    # Stopped with everything uploaded: nothing is left on this node.
+    assert staging.is_dir() and not any(staging.iterdir()), list(staging.iterdir())
     # What is in the bucket: pointers, one object per pointer, the epoch checkpoint, the logs; no lock.
     names = {p.split("/runs/tiny/")[1] for p in fs.find(run_url)}
     assert {"last.pth.json", "last.prev.pth.json", "checkpoint-1.pth", "config.json", "restarts.jsonl"} <= names
@@ -57,10 +63,10 @@ def test_data_and_run_in_object_storage_stop_move_node_resume_and_equal_a_local_
     finally:
         holder.release()
     # The requeued job lands on another node: nothing local survives.
-    shutil.rmtree(staging)
     r = run_m2das(*args(data_url, run_url), env={**env, "M2DAS_TEST_SIGTERM_AT_STEP": "0"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resumed from" in r.stdout and "at step 9" in r.stdout
+    assert not any(staging.iterdir()) and "removed the staging copy" in r.stdout  # finished: removed too
     with fs.open(f"{run_url}/checkpoint-2.pth", "rb") as f:
         in_bucket = torch.load(f)["model"]
     expected = torch.load(local / "checkpoint-2.pth")["model"]

@@ -232,3 +232,39 @@ def test_a_finetuned_run_folder_exports_and_loads_as_an_encoder(reference, tmp_p
     assert enc.input_size == (80, 240) and enc.grid == (5, 15) and len(enc.blocks) == 2
     lms = torch.randn(2, 1, 80, 240) * 2 - 7
     assert torch.equal(enc(lms).clip, load_encoder(out)(lms).clip)
+
+
+def test_spcv2_from_its_audio_picks_the_test_score_by_validation(setup, tmp_path):
+    """SPCV2 read from the publisher's layout (a stand-in of pitch-coded 1-s words): the clips become
+    101-frame LMS once, the run scores validation and test every epoch, and the reported accuracy is
+    the test score of the epoch best on validation."""
+    from task_standins import make_standin
+
+    root = make_standin("spcv2", tmp_path / "spcv2", per_class=8, seconds=1.0, n_classes=3)
+    out = tmp_path / "run"
+    r = run_m2das("finetune", setup[2], "--task", "spcv2", "--data_path", root, "--output_dir", out,
+                  "--epochs", "4", "--warmup_epochs", "1", "--batch_size", "8", "--lr", "0.05", "--num_workers", "0",
+                  "--log_every", "1", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    result = json.loads((out / "finetune_result.json").read_text())
+    assert result["metric"] == "accuracy" and "validation" in result["selection"]
+    assert (result["train_clips"], result["valid_clips"], result["test_clips"]) == (24, 24, 24)
+    assert len(result["scores"]) == len(result["valid_scores"]) == 4
+    pick = int(np.argmax(result["valid_scores"]))
+    assert (result["best_epoch"], result["best"]) == (pick + 1, result["scores"][pick])
+    assert result["best_valid"] == max(result["valid_scores"]) > 1 / 3  # above chance on 3 words
+    lms = sorted((out / "task_lms").rglob("*.npy"))
+    assert len(lms) == 72 and all(np.load(p).shape == (1, 80, 101) for p in lms)
+    config = json.loads((out / runfolder.CONFIG).read_text())
+    assert (config["frames"], config["optim"], config["mixup"], config["rrc"]) == (101, "sgd", 0.3, True)
+    assert json.loads((out / runfolder.CLASSES).read_text()) == ["no", "up", "yes"]
+
+
+def test_an_esc50_fold_out_of_range_is_one_line_exit_2(setup, tmp_path):
+    from task_standins import make_standin
+
+    root = make_standin("esc50", tmp_path / "esc50", per_class=2, seconds=0.2, n_classes=2)
+    r = run_m2das("finetune", setup[2], "--task", "esc50", "--fold", "6", "--data_path", root,
+                  "--output_dir", tmp_path / "run", "--device", "cpu")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--fold 6" in r.stderr and "1..5" in r.stderr

@@ -9,9 +9,11 @@ signal saved at the step boundary with exit 75, DDP over several ranks, and
 data order and crops are functions of (seed, epoch, position), augmentation
 and column masks of (seed, rank, global batch index).
 
-After every epoch the whole test list is scored (mAP on AudioSet's eval set).
-AudioSet has no validation split, so the run reports the best epoch's score
-("best epoch on eval", as the reference tool reports it) and the last epoch's.
+After every epoch the whole test list is scored (mAP on AudioSet's eval set,
+accuracy elsewhere). A task with a validation split (SPCV2, VC1) reports the test
+score of the epoch best on validation, as EVAR does; one without (AudioSet, an
+ESC-50 fold) reports the best epoch's test score ("best epoch on eval", as the
+reference tool reports it) and the last epoch's.
 """
 
 import os
@@ -31,6 +33,7 @@ from m2das.cliargs import Parser
 from m2das.data.dataset import DataListError, ResumableSampler, make_dataset, make_loader
 from m2das.data.stats import crop_or_pad
 from m2das.downstream import ft_data
+from m2das.downstream import tasks as task_sets
 from m2das.downstream.ft_data import TASKS, FinetuneDataError, augment, batch_rng, kept_columns, targets_of
 from m2das.downstream.ft_model import build_net, encoder_args, build_optimizer, finetune_lr, loss_fn
 from m2das.downstream.protocol import macro_map
@@ -50,7 +53,9 @@ SUMMARY = "finetune_result.json"  # RUN/: the scores, the missing-clip counts, h
 OVERRIDES = ("frames", "optim", "lr", "epochs", "warmup_epochs", "batch_size", "mixup", "freq_mask", "time_mask",
              "rrc", "training_mask")
 # What makes a run folder another run when it changes (the rest may change on resume).
-IDENTITY_KEYS = ("weights", "task", "data_path", "metadata", "seed", "bf16") + OVERRIDES
+IDENTITY_KEYS = ("weights", "task", "fold", "data_path", "metadata", "seed", "bf16") + OVERRIDES
+SELECT_ON_EVAL = "best epoch on eval, as the paper's tool reports it (no validation split)"
+SELECT_BY_VALID = "test score of the epoch best on the validation split, as the paper's tool reports it"
 MASK_PURPOSE = 3  # batch_rng purpose of the column masks (0-2: mixup, SpecAugment, RRC)
 
 
@@ -62,7 +67,12 @@ def build_parser() -> Parser:
                epilog="exit codes: " + "; ".join(f"{c} {t}" for c, t in sorted(runfolder.EXIT_CODES.items())))
     p.add_argument("weights", help="run folder, checkpoint or exported encoder (anything `m2das export` reads)")
     p.add_flag("--task", choices=sorted(TASKS), default="as20k")
-    p.add_flag("--data_path", default="data", help=f"data folder made by `m2das prepare` (DATA/{datafolder.LMS_DIR})")
+    p.add_flag("--data_path", default="data",
+               help=f"as20k, as2m: data folder made by `m2das prepare` (DATA/{datafolder.LMS_DIR}); esc50, spcv2, "
+                    f"vc1: the data set's folder as its publisher distributes it")
+    p.add_flag("--fold", type=int, default=1, help="esc50: the fold tested (1-5); the others: 1")
+    p.add_flag("--lms_cache", default=None,
+               help=f"esc50, spcv2, vc1: folder for the clips' LMS, made once (default RUN/{ft_data.TASK_LMS_DIR})")
     p.add_flag("--metadata", default=None,
                help=f"folder with AudioSet's segment CSVs (default DATA/{datafolder.METADATA_DIR})")
     p.add_flag("--output_dir", default=None, help="run folder (default runs/finetune-{task}-{weights}-s{seed})")
@@ -93,7 +103,8 @@ def parse_args(argv) -> dict:
             task[key] = (args[key] == "on") if key == "rrc" else args[key]
     cfg = {**args, **task, "model": Path(str(args["weights"])).name}
     if cfg["output_dir"] is None:
-        cfg["output_dir"] = str(Path("runs") / f"finetune-{cfg['task']}-{Path(cfg['weights']).stem}-s{cfg['seed']}")
+        fold = f"-fold{cfg['fold']}" if cfg["task"] in task_sets.TASKS and task_sets.TASKS[cfg["task"]].n_folds > 1 else ""
+        cfg["output_dir"] = str(Path("runs") / f"finetune-{cfg['task']}{fold}-{Path(cfg['weights']).stem}-s{cfg['seed']}")
     for key in ("frames", "epochs", "batch_size", "eval_batch_size", "save_freq", "log_every"):
         if cfg[key] < 1:
             raise TrainError(f"--{key} {cfg[key]}: must be at least 1")
@@ -134,22 +145,26 @@ def open_run_dir(cfg: dict, world: int):
 
 
 class ScoreBook:
-    """Test score after each epoch; saved in the checkpoint so the best epoch survives restarts."""
+    """Test (and validation) score after each epoch; saved in the checkpoint so the pick survives restarts."""
 
     def __init__(self):
         self.scores: list = []
+        self.valid: list = []
 
     def state_dict(self) -> dict:
-        return {"scores": list(self.scores)}
+        return {"scores": list(self.scores), "valid": list(self.valid)}
 
     def load_state_dict(self, state: dict) -> None:
         self.scores = [float(s) for s in state["scores"]]
+        self.valid = [float(s) for s in state.get("valid", [])]
 
     def summary(self) -> dict:
+        """best: the test score of the first epoch best on validation, else the best test score."""
         if not self.scores:
             return {"best": None, "best_epoch": None, "last": None}
-        best = int(np.argmax(self.scores))
-        return {"best": self.scores[best], "best_epoch": best + 1, "last": self.scores[-1]}
+        best = int(np.argmax(self.valid if self.valid else self.scores))
+        out = {"best": self.scores[best], "best_epoch": best + 1, "last": self.scores[-1]}
+        return {**out, "best_valid": self.valid[best]} if self.valid else out
 
 
 # -- evaluation ------------------------------------------------------------------------------
@@ -216,7 +231,9 @@ def finetune(cfg: dict, env: dict) -> int:
 def load_data(cfg: dict, run_dir: Path, rank: int):
     """The task's lists (rank 0 reads, every rank gets them) and the class vocabulary pinned in the run folder."""
     def read():
-        data = ft_data.load_task(cfg["task"], cfg["data_path"], cfg["metadata"])
+        cache = cfg["lms_cache"] or run_dir / ft_data.TASK_LMS_DIR
+        data = ft_data.load_task(cfg["task"], cfg["data_path"], cfg["metadata"], cache, cfg["fold"],
+                                 cfg["num_workers"])
         classes_path = run_dir / runfolder.CLASSES
         if classes_path.exists():
             pinned = read_json_file(classes_path, "it pins the label vocabulary: restore it")
@@ -250,8 +267,8 @@ def _finetune(cfg, env, device, flag_group, stop, run_dir: Path) -> int:
     progress, book = Progress(), ScoreBook()
     ckpt = Checkpointer(run_dir, {"model": net, "optimizer": optimizer, "rng": RNGState(device),
                                   "progress": progress, "scores": book},
-                        {"args": {**cfg, "output_dir": str(run_dir), **encoder_args(net.encoder)}, "classes": train.classes,
-                         "norm_stats": {"mean": float(norm[0]), "std": float(norm[1])}},
+                        {"args": {**cfg, "output_dir": str(run_dir), **encoder_args(net.encoder)},
+                         "classes": train.classes, "norm_stats": {"mean": float(norm[0]), "std": float(norm[1])}},
                         rank=rank, epochs=st.epochs, save_freq=cfg["save_freq"],
                         interval_s=cfg["ckpt_interval_min"] * 60, log=lambda m: log(m, rank), flag_group=flag_group)
     resume(ckpt, cfg, rank)
@@ -280,20 +297,30 @@ def _finetune(cfg, env, device, flag_group, stop, run_dir: Path) -> int:
             stop.hand_over()
         return outcome.exit_code
 
-    def score_epoch(epoch: int) -> None:
-        value = evaluate(ddp.module if world > 1 else net, test, st, norm.to(device), device, rank, world,
+    def score(samples):
+        value = evaluate(ddp.module if world > 1 else net, samples, st, norm.to(device), device, rank, world,
                          cfg["eval_batch_size"], amp)
-        value = broadcast(value, rank)
-        book.scores.append(float(value))
+        return float(broadcast(value, rank))
+
+    def score_epoch(epoch: int) -> None:
+        if data.valid is not None:
+            book.valid.append(score(data.valid))
+        value = score(test)
+        book.scores.append(value)
         if rank == 0:
             s = book.summary()
             name = "mAP" if st.multi_label else "accuracy"
             row = {"time": time.time(), "epoch": epoch, "step": progress.step, "eval": value,
                    "eval_best": s["best"], "eval_best_epoch": s["best_epoch"]}
+            valid = f"valid {book.valid[-1]:.4f}, " if book.valid else ""
+            if book.valid:
+                row["valid"] = book.valid[-1]
             append_jsonl(run_dir / runfolder.LOG, row)
             if writer is not None:
                 writer.add_scalar("eval/score", value, progress.step)
-            log(f"epoch {epoch} test {name} {value:.4f} (best {s['best']:.4f} at epoch {s['best_epoch']})")
+                if book.valid:
+                    writer.add_scalar("eval/valid", book.valid[-1], progress.step)
+            log(f"epoch {epoch} {valid}test {name} {value:.4f} (counted: {s['best']:.4f} at epoch {s['best_epoch']})")
 
     if len(book.scores) < progress.epoch:  # stopped after an epoch's last step, before its score
         score_epoch(progress.epoch)
@@ -353,17 +380,19 @@ def _finetune(cfg, env, device, flag_group, stop, run_dir: Path) -> int:
 
     ckpt.finish()
     final = runfolder.final_weights(run_dir, st.epochs)
+    selection = SELECT_BY_VALID if data.valid is not None else SELECT_ON_EVAL
     result = {**book.summary(), "metric": "mAP" if st.multi_label else "accuracy", "task": cfg["task"],
-              "selection": "best epoch on eval, as the paper's tool reports it (no validation split)",
-              "scores": book.scores, "missing": data.missing, "train_clips": len(train), "test_clips": len(test)}
+              "fold": cfg["fold"], "selection": selection, "scores": book.scores, "valid_scores": book.valid,
+              "missing": data.missing, "train_clips": len(train), "test_clips": len(test),
+              "valid_clips": len(data.valid) if data.valid is not None else 0}
     if rank == 0:
         write_json(run_dir / SUMMARY, result)
         if writer is not None:
             writer.close()
         if final.exists():
             events.record(run_dir, runfolder.EVENT_FINISHED, step=progress.step)
-        log(f"{cfg['task']} {result['metric']}: best {result['best']:.4f} at epoch {result['best_epoch']} (best epoch "
-            f"on eval, as the paper's tool reports it), last epoch {result['last']:.4f}; missing clips: "
+        log(f"{cfg['task']} {result['metric']}: {result['best']:.4f} at epoch {result['best_epoch']} ({selection}), "
+            f"last epoch {result['last']:.4f}; missing clips: "
             f"{data.missing['train']} train, {data.missing['test']} test; {run_dir / SUMMARY}")
     return 0
 

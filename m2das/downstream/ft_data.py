@@ -1,5 +1,6 @@
-"""Fine-tuning data: the task settings of Table VI, AudioSet's lists from a data folder, and the
-batch augmentations (mixup, SpecAugment, random resize crop, time-column masking).
+"""Fine-tuning data: the task settings of Table VI, AudioSet's lists from a data folder, ESC-50,
+SPCV2 and VC1 from their publishers' folders (their audio turned into LMS once, in a cache), and
+the batch augmentations (mixup, SpecAugment, random resize crop, time-column masking).
 
 Every random number of a batch comes from one NumPy generator seeded by
 (seed, rank, global batch index, purpose), never from a global generator, so a
@@ -7,6 +8,8 @@ run resumed mid-epoch augments exactly as an uninterrupted one.
 """
 
 import csv
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +20,14 @@ import torch.nn.functional as F
 from m2das import datafolder
 from m2das.data import labels
 from m2das.data.dataset import SampleList
+from m2das.downstream import tasks as task_sets
+from m2das.fileio import atomic_write
 
 BALANCED = "balanced_train_segments.csv"
 UNBALANCED = "unbalanced_train_segments.csv"
 AUDIOSET_TASKS = ("as20k", "as2m")
+AUDIO_TASKS = ("esc50", "spcv2", "vc1")  # read by m2das.downstream.tasks from the data set's own folder
+TASK_LMS_DIR = "task_lms"  # RUN/task_lms/: the LMS of each clip of an audio task, made once
 MIN_LR = 1e-7  # the cosine schedule's floor (timm CosineLRScheduler lr_min of the reference tool)
 HEAD_STD = 0.01  # the linear head's init N(0, 0.01), bias 0
 
@@ -44,17 +51,21 @@ class TaskSettings:
     freeze_embed: bool = False
     weight_decay: float = 0.0
     betas: tuple = field(default=(0.9, 0.95))
+    # False: the pre-trained positional grid is kept and its first columns used (EVAR's dur_frames None,
+    # clips shorter than the pre-training crop); True: resized to `frames` (dur_frames set).
+    interpolate_pos: bool = True
 
 
 TASKS = {
     "as20k": TaskSettings(1001, "sgd", 0.5, 200, 5, 64, 0.3, 30, 192, True, 0.5, True),
     "as2m": TaskSettings(1001, "lars", 2.0, 70, 15, 64, 0.5, 30, 192, False, 0.5, True, balanced=True),
+    # util/ft-esc50.sh: 5 s at dur_frames 501, patch embedding frozen, no mixup.
+    "esc50": TaskSettings(501, "sgd", 0.5, 200, 5, 128, 0.0, 15, 48, True, 0.5, False, freeze_embed=True),
+    # util/ft-spc.sh: dur_frames None, so the 1-s clip's 101 frames on the pre-trained grid.
+    "spcv2": TaskSettings(101, "sgd", 0.5, 200, 5, 128, 0.3, 30, 48, True, 0.5, False, interpolate_pos=False),
+    # util/ft-vc1.sh: AdamW (EVAR's weight decay 1e-4, betas (0.9, 0.95)), 50 epochs of 8.2 s at 821 frames.
+    "vc1": TaskSettings(821, "adamw", 5e-4, 50, 5, 64, 0.0, 30, 48, False, 0.0, False, weight_decay=1e-4),
 }
-# ESC-50, SPCV2 and VC1 (single-label, accuracy) need their own lists first; the loop already takes
-# single-label data (soft-target NLL, accuracy), `freeze_embed` and AdamW for them.
-FOLLOW_UP_TASKS = ("esc50", "spcv2", "vc1")
-
-
 class FinetuneDataError(ValueError):
     """A data folder that cannot give the task's lists; the message names the file and the fix."""
 
@@ -65,6 +76,7 @@ class TaskData:
     test: SampleList
     missing: dict        # split -> listed clips with no LMS file in the data folder
     weights_source: str | None = None
+    valid: SampleList | None = None  # a task with a validation split: it picks the epoch whose test score counts
 
 
 # -- AudioSet lists from the files present ---------------------------------------------------
@@ -158,11 +170,67 @@ def balanced_weights(data_path: Path, rows: list):
         "computed (AudioMAE's rule over the training clips)"
 
 
-def load_task(task: str, data_path, metadata=None) -> TaskData:
+def load_task(task: str, data_path, metadata=None, cache=None, fold: int = 1, workers: int = 1) -> TaskData:
+    """The task's lists: AudioSet's from a prepared data folder, the others from their own folder,
+    their LMS written under `cache` (default DATA_PATH/task_lms)."""
     if task in AUDIOSET_TASKS:
         return audioset_task(task, data_path, metadata)
-    raise FinetuneDataError(f"--task {task}: its lists are not read by m2das yet; fine-tune on "
-                            f"{' or '.join(AUDIOSET_TASKS)}")
+    return audio_task(task, data_path, cache or Path(data_path) / TASK_LMS_DIR, fold, workers)
+
+
+# -- ESC-50, SPCV2, VC1 from their audio -------------------------------------------------------
+
+def audio_task(task: str, data_path, cache, fold: int = 1, workers: int = 1) -> TaskData:
+    """The split m2das.downstream.tasks reads, as EVAR's fine-tuning uses it.
+
+    A fold task (ESC-50) trains on every other fold and has no validation split (EVAR's
+    finetune.py then picks the epoch on the test fold); SPCV2 and VC1 keep theirs.
+    """
+    try:
+        data = task_sets.load_task(task, data_path)
+    except task_sets.TaskError as e:
+        raise FinetuneDataError(str(e)) from None
+    if not 1 <= fold <= len(data.folds):
+        raise FinetuneDataError(f"--fold {fold}: {data.spec.title} has {len(data.folds)} fold(s); pass 1.."
+                                f"{len(data.folds)}")
+    part = data.folds[fold - 1]
+    train = sorted(part.train + part.valid) if data.spec.n_folds > 1 else part.train
+    valid = [] if data.spec.n_folds > 1 else part.valid
+    clip = round(data.spec.clip_seconds * 16000)
+    wanted = sorted(set(train) | set(valid) | set(part.test))
+    names = cache_lms(data, wanted, Path(cache), clip, workers)
+    index = {c: i for i, c in enumerate(data.classes)}
+
+    def samples(ids):
+        offsets = np.arange(len(ids) + 1, dtype=np.int64)
+        flat = np.array([index[data.labels[i]] for i in ids], dtype=np.int32)
+        return SampleList(Path(cache), [names[i] for i in ids], list(data.classes), offsets, flat, None)
+
+    return TaskData(samples(train), samples(part.test), {"train": 0, "test": 0}, None,
+                    samples(valid) if valid else None)
+
+
+def cache_lms(data, ids, cache: Path, clip_samples: int, workers: int) -> dict:
+    """Clip index -> its LMS file under `cache` (relative), written once: the whole clip at 16 kHz,
+    zero-padded to the task's clip length (EVAR's unit_sec), LMS without further padding
+    (the runtime's recipe). Training crops `frames` at random from it, testing takes its start."""
+    from m2das.downstream.embed import InputError, read_clip, samples_16k
+
+    def one(i):
+        rel = str(Path(data.files[i]).relative_to(data.root).with_suffix(".npy"))
+        dest = cache / rel
+        if not dest.exists():
+            lms = read_clip(data.files[i], max(samples_16k(data.files[i]), clip_samples))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(dest) as f:
+                np.save(f, lms)
+        return i, rel
+
+    try:
+        with ThreadPoolExecutor(max(1, min(workers, os.cpu_count() or 1))) as pool:
+            return dict(pool.map(one, ids))
+    except InputError as e:
+        raise FinetuneDataError(f"{e}; replace the file from the data set's download") from None
 
 
 # -- per-sample targets and the deterministic eval crop --------------------------------------

@@ -46,14 +46,11 @@ class FinetuneNet(nn.Module):
     before the blocks: masking whole columns keeps every remaining frame's 3840-d feature.
     """
 
-    def __init__(self, encoder: nn.Module, classes: int):
+    def __init__(self, encoder: nn.Module, classes: int, columns: int | None = None):
         super().__init__()
         self.encoder = encoder
         self.head = TaskHead(encoder.feature_dim, classes)
-
-    @property
-    def columns(self) -> int:
-        return self.encoder.grid[1]
+        self.columns = columns or encoder.grid[1]  # patch columns of one input (<= the positional grid's)
 
     def clip_features(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         enc = self.encoder
@@ -77,22 +74,26 @@ class FinetuneNet(nn.Module):
 
 
 def build_net(weights, frames: int, classes: int, st: TaskSettings) -> FinetuneNet:
-    """Any weights m2das.downstream.weights reads -> the network at `frames` input frames, trainable."""
+    """Any weights m2das.downstream.weights reads -> the network at `frames` input frames, trainable.
+
+    The positional grid is resized to `frames` unless the task keeps the pre-trained one
+    (a shorter input then uses its first columns, as the runtime does)."""
     enc = load_encoder(weights)
     rows, cols = enc.grid
     new_cols = frames // enc.patch_size[1]
     if new_cols < 1:
         raise ValueError(f"--frames {frames} is shorter than one patch ({enc.patch_size[1]} frames)")
-    pos = interpolate_pos_embed(enc.pos_embed.data, rows, cols, new_cols)
-    enc.pos_embed = nn.Parameter(pos, requires_grad=False)
-    enc.input_size = (enc.input_size[0], frames)
-    enc.grid = (rows, new_cols)
+    if st.interpolate_pos or new_cols > cols:
+        pos = interpolate_pos_embed(enc.pos_embed.data, rows, cols, new_cols)
+        enc.pos_embed = nn.Parameter(pos, requires_grad=False)
+        enc.input_size = (enc.input_size[0], frames)
+        enc.grid = (rows, new_cols)
     enc.offline_predictor = None  # the pre-training head is not part of the task network
     enc.train().requires_grad_(True)
     enc.pos_embed.requires_grad_(False)  # fixed sine-cosine, as in pre-training
     if st.freeze_embed:
         enc.patch_embed.requires_grad_(False)
-    return FinetuneNet(enc, classes)
+    return FinetuneNet(enc, classes, new_cols)
 
 
 def encoder_args(enc) -> dict:

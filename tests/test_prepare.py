@@ -610,6 +610,31 @@ def test_workers_and_forkserver_exit_after_the_main_process_is_killed(tmp_path):
 # ---------------------------------------------------------------- the LMS recipe of a data folder
 
 
+def test_a_folder_of_the_references_recipe_without_a_record_is_taken_as_it_is(tmp_path, capsys):
+    """The reference's wav_to_lms.py writes soxr-HQ LMS and no lms_recipe.json: `m2das prepare` tells
+    them from old m2das output by content, adds the new clips and records the paper's recipe."""
+    from m2das.data.recipe import record_recipe
+
+    audio, data = tmp_path / "audio", tmp_path / "data"
+    write(audio / "a16k.wav", tone(7, 16000, seed=1), 16000)
+    write(audio / "b44k.wav", tone(7, 44100, 2, seed=2), 44100, subtype="PCM_16")
+    run_lms(audio, data, device="cpu", workers=1, progress=False)
+    (data / "lms_recipe.json").unlink()  # as the reference leaves it
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    write(audio / "c48k.flac", tone(7, 48000, seed=3), 48000)
+    old = snapshot(data)
+    capsys.readouterr()
+    s = run_lms(audio, data, device="cpu", workers=1, progress=False)
+    assert (s["converted"], s["reconverted"], s["other_recipe_outputs"]) == (1, 0, 0)
+    assert all((data / name).read_bytes() == data_ for name, data_ in old.items())  # kept as they are
+    record = json.loads((data / "lms_recipe.json").read_text())
+    assert record["recipe"]["resampler"] == "soxr" and record["recipe"]["resampler_quality"] == "HQ"
+    assert "warning" not in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    assert record_recipe(tmp_path / "run", copy) is None  # the trainer: no false warning
+
+
 def test_a_folder_of_the_old_recipe_is_refused_then_reconverted(tmp_path, capsys):
     """Old folders (torchaudio resampling, no recipe record) never mix silently with new files."""
     from m2das.data.audio import LEGACY_RESAMPLER
@@ -656,7 +681,9 @@ def test_a_folder_of_the_old_recipe_is_refused_then_reconverted(tmp_path, capsys
     # the trainer's side: the run pins the recipe and warns about the file left over
     run = tmp_path / "run"
     run.mkdir()
-    assert "no lms_recipe.json" in record_recipe(tmp_path / "old_run", old_copy)
+    # without the audio the trainer cannot tell; it assumes the common case, the reference's recipe
+    assert record_recipe(tmp_path / "old_run", old_copy) is None
+    assert json.loads((tmp_path / "old_run" / "lms_recipe.json").read_text())["recipe"]["resampler"] == "soxr"
     warning = record_recipe(run, data)
     assert "1 LMS files" in warning and "gone.npy" in warning
     assert json.loads((run / "lms_recipe.json").read_text())["recipe"] == record["recipe"]

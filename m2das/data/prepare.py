@@ -31,7 +31,7 @@ from m2das.data.convert import Converted, convert_batched, convert_cpu, existing
 from m2das.data.labels import read_csv_rows, write_csv
 from m2das.data.lmsfile import check_lms_file
 from m2das.data.recipe import OTHER_RECIPE_OUTPUTS, RecipeError, describe_recipe, plan_recipe, recipe_record, \
-    recorded_recipe
+    recorded_recipe, resampler_by_content
 from m2das.datafolder import EVAL_LIST, FAILURES, FILE_LIST, LMS_DIR, METADATA_DIR, NORM_STATS, PREPARE_LOCK, \
     RECIPE_FILE, WEIGHTED_LIST
 from m2das.fileio import write_json
@@ -103,7 +103,9 @@ def run_lms(audio_dir, data_dir, device: str = "auto", workers: int | None = Non
     jobs, clashes, ignored = find_audio(audio_dir, data_dir)
     done = existing_outputs(data_dir)
     try:
-        record = recorded_recipe(data_dir, bool(done))
+        # no record: the content tells the reference's LMS from old m2das's (see recipe.py)
+        by_content = resampler_by_content(jobs, done) if done and not (data_dir / RECIPE_FILE).exists() else None
+        record = recorded_recipe(data_dir, bool(done), by_content)
         redo, stale = plan_recipe(jobs, done, record, data_dir, recipe, reconvert, progress)
     except RecipeError as e:
         raise PrepareError(str(e), 2) from None

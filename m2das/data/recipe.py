@@ -3,8 +3,11 @@ were made, so that files of two recipes never mix silently.
 
 `m2das prepare` writes it, plans reconversion when the recipe changed, and the
 trainer pins it in the run folder and warns when the data no longer matches. A
-folder with LMS files but no record predates the record: its recipe is inferred
-here, in one place, as the legacy one (torchaudio's resampler at its defaults).
+folder with LMS files but no record is inferred here, in one place: most such
+folders come from the reference's wav_to_lms.py (soxr HQ through librosa, the
+paper's recipe, which m2das matches), some from m2das 0.1.0 or older (torchaudio's
+resampler). Where the audio is at hand, `m2das prepare` tells them apart by
+content; otherwise the paper's recipe is assumed, never the legacy one.
 Torch-free at import (the recipe itself comes from m2das.data.audio when needed).
 """
 
@@ -60,16 +63,47 @@ def recipe_record(recipe: dict, other_outputs=()) -> dict:
     return record
 
 
-def recorded_recipe(folder, has_lms: bool) -> dict | None:
-    """The folder's record; a folder with LMS files but no record was made before the record
-    existed, with the legacy recipe (marked "inferred"). None when it has neither."""
+def recorded_recipe(folder, has_lms: bool, resampler: str | None = None) -> dict | None:
+    """The folder's record; for a folder with LMS files but no record, the recipe of `resampler`
+    (what its content showed), else the paper's: the reference's wav_to_lms.py makes it, and
+    such folders are the common case (marked "inferred"). None when it has neither."""
     record = read_recipe(folder)
     if record is None and has_lms:
-        from m2das.data.audio import LEGACY_RESAMPLER, lms_recipe
+        from m2das.data.audio import LEGACY_RESAMPLER, RESAMPLER, lms_recipe
 
-        record = {"recipe": lms_recipe(LEGACY_RESAMPLER), "m2das_version": LEGACY_VERSION,
+        resampler = resampler or RESAMPLER
+        record = {"recipe": lms_recipe(resampler),
+                  "m2das_version": LEGACY_VERSION if resampler == LEGACY_RESAMPLER else "none (another tool)",
                   OTHER_RECIPE_OUTPUTS: [], "inferred": True}
     return record
+
+
+def resampler_by_content(jobs, done: set, tries: int = 2) -> str | None:
+    """Which resampler made a record-less folder's LMS: a listed 44.1/48 kHz clip is converted with
+    both and compared with its stored LMS (the two differ by ~1e-2, the same recipe by <1e-3).
+    None when no such clip is at hand."""
+    import numpy as np
+    import soundfile as sf
+
+    from m2das.data.audio import LEGACY_RESAMPLER, RESAMPLER, SAMPLE_RATE, load_audio, lms_from_waveform
+
+    for job in jobs:
+        if job.out_rel not in done:
+            continue
+        try:
+            if sf.info(job.src).samplerate == SAMPLE_RATE:
+                continue
+            stored = np.load(job.out)
+            wave, rate = load_audio(job.src)
+            diffs = {r: float(np.abs(lms_from_waveform(wave, rate, resampler=r) - stored).mean())
+                     for r in (RESAMPLER, LEGACY_RESAMPLER)}
+        except Exception:  # unreadable or another shape: try the next clip
+            tries -= 1
+            if tries <= 0:
+                return None
+            continue
+        return min(diffs, key=diffs.get)
+    return None
 
 
 # ---------------------------------------------------------------- prepare's side: what to convert again
@@ -170,7 +204,7 @@ def record_recipe(run_dir, data_path) -> str | None:
     if others:
         warnings.append(f"{len(others)} LMS files in {data_path} were made with another recipe (e.g. "
                         f"{others[0]}); rerun `m2das prepare --reconvert` on it")
-    if not warnings and current.get("inferred"):
+    if not warnings and current.get("inferred") and current["recipe"] != lms_recipe():
         warnings.append(f"{data_path} has no {RECIPE_FILE}: its LMS were made by another tool or before "
                         f"m2das recorded recipes ({describe_recipe(current['recipe'])}, not the paper's "
                         f"{describe_recipe(lms_recipe())}); `m2das prepare --reconvert` brings it up to date")

@@ -124,3 +124,91 @@ def test_piped_into_head_exits_cleanly(tmp_path):
     out = subprocess.run(f"{sys.executable} -m m2das status {run} | head -n 1", shell=True, capture_output=True,
                          text=True, cwd=REPO)
     assert out.stdout.startswith("run ") and out.stderr == "", out.stderr
+
+
+def m2das_status(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "m2das", "status", "--no-queue", *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_a_finished_run_shows_its_last_step_and_a_resubmit_says_the_previous_one_finished(tmp_path):
+    """Log lines come every --log_every steps (the last one at 10 of 12); a finished run still shows
+    12/12, and running the same command again records that the previous start finished."""
+    from conftest import TINY_TRAIN, run_m2das, write_lms_folder
+
+    data = write_lms_folder(tmp_path / "data", n_files=24)
+    run = tmp_path / "run"
+    argv = ["train", *TINY_TRAIN, "--log_every", "5", "--data_path", data, "--output_dir", run,
+            "--batch_size", "2", "--epochs", "1"]
+    for _ in range(2):
+        r = run_m2das(*argv)
+        assert r.returncode == 0, r.stderr
+    assert [row["step"] for row in status.read_jsonl(run / "log.jsonl")][-1] == 10
+    out = m2das_status(run)
+    assert out.returncode == 0, out.stderr
+    assert "progress   epoch 1 of 1, step 12/12 (100.0%)" in out.stdout, out.stdout
+    assert "previous stop: finished" in out.stdout and "killed without warning" not in out.stdout, out.stdout
+    s = json.loads(m2das_status("--json", run).stdout)
+    assert s["state"] == "finished" and [st["last_stop_reason"] for st in s["starts"]] == [None, "finished"]
+
+
+def test_a_launch_whose_ranks_all_exited_2_says_failed_and_why(tmp_path):
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test", "--cluster",
+                          "local", "--foreground", "--run-dir", str(run), "--", "--data_path", str(tmp_path / "nowhere"),
+                          "--epochs", "1"], capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr
+    shown = m2das_status(run)
+    assert shown.returncode == 0, shown.stderr
+    assert "state      failed: exit 2 (bad input or run folder; not requeued)" in shown.stdout, shown.stdout
+    assert "not started yet" not in shown.stdout
+    error = next(ln for ln in shown.stdout.splitlines() if ln.startswith("error "))
+    assert "m2das train: error:" in error and "nowhere" in error, shown.stdout
+
+
+def test_a_run_folder_in_object_storage_shows_the_checkpoints_in_the_bucket(tmp_path, s3_server):
+    import fsspec
+
+    from m2das import remote
+
+    fs = fsspec.filesystem("s3")
+    bucket = f"m2das-status-{tmp_path.name.lower().replace('_', '-')[-30:]}"
+    fs.mkdir(bucket)
+    url = f"s3://{bucket}/runs/tiny"
+    staging = tmp_path / "staging"
+    now = time.time()
+    made = make_run(tmp_path, now)  # its small files, as the trainer leaves them
+    staging.mkdir()
+    for name in ("config.json", "log.jsonl", "restarts.jsonl"):
+        (staging / name).write_bytes((made / name).read_bytes())
+    mirror = remote.RemoteRunFolder(url, staging)
+    (staging / "checkpoint-1.pth").write_bytes(b"e" * 4096)
+    mirror.publish_checkpoint(staging / "checkpoint-1.pth", 100)
+    time.sleep(1.1)  # the store's times have whole seconds: last.pth is the newer one
+    (staging / "last.pth").write_bytes(b"r" * 3000)
+    mirror.publish_checkpoint(staging / "last.pth", 150)
+    shown = m2das_status(url, env=s3_server)
+    assert shown.returncode == 0, shown.stderr
+    assert "checkpoint none yet" not in shown.stdout, shown.stdout
+    line = next(ln for ln in shown.stdout.splitlines() if ln.startswith("checkpoint "))
+    assert line.startswith("checkpoint last.pth, written ") and "(2.9 KB); 2 in the folder" in line, line
+    s = json.loads(m2das_status("--json", url, env=s3_server).stdout)
+    assert sorted((c["name"], c["bytes"]) for c in s["checkpoints"]) == [("checkpoint-1.pth", 4096),
+                                                                         ("last.pth", 3000)]
+
+
+def test_a_folder_of_runs_lists_them_one_line_each(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    now = time.time()
+    make_run(runs, now).rename(runs / "first")
+    make_run(runs, now, finished=True).rename(runs / "second")
+    (runs / "not-a-run").mkdir()
+    out = m2das_status(runs)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("first  running?") and "step 500/1000 (50.0%)" in lines[0]
+    assert lines[1].startswith("second  finished") and "checkpoint last.pth" in lines[1], lines
+    listed = json.loads(m2das_status("--json", runs).stdout)
+    assert [Path(s["run_dir"]).name for s in listed] == ["first", "second"]

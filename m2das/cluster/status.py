@@ -138,8 +138,76 @@ def _start_key(job_id, restart_count):
     return job, int(restart_count or 0)
 
 
-def collect(run_dir, now=None, queue=True) -> dict:
-    """Everything `m2das status` shows, as a dict (also what `--json` prints)."""
+def local_checkpoints(run: Path) -> list:
+    """name, mtime and bytes of each checkpoint file in a local run folder."""
+    found = []
+    for p in runfolder.checkpoint_files(run):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        found.append({"name": p.name, "mtime": st.st_mtime, "bytes": st.st_size})
+    return found
+
+
+def _modified(entry: dict):
+    when = entry.get("LastModified") or entry.get("mtime") or entry.get("created")
+    return when.timestamp() if hasattr(when, "timestamp") else _ts(when)
+
+
+def remote_checkpoints(url: str, staging: Path) -> list:
+    """The checkpoints a run folder in object storage holds, from the bucket's listing: the epoch
+    checkpoints under their names, the rolling ones through their pointers (m2das.remote's layout)."""
+    folder = remote.RemoteRunFolder(url, staging)
+    try:
+        entries = folder.fs.ls(folder.root, detail=True)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise remote.RemoteError(f"{url}: cannot list the run folder ({type(e).__name__}: {e})") from None
+    found = []
+    for entry in entries:
+        name = Path(entry["name"]).name
+        if runfolder.EPOCH_CHECKPOINT_RE.match(name):
+            found.append({"name": name, "mtime": _modified(entry), "bytes": int(entry.get("size") or 0)})
+        elif name in (runfolder.LAST + remote.POINTER_SUFFIX, runfolder.PREVIOUS + remote.POINTER_SUFFIX):
+            try:
+                pointer = json.loads(folder.fs.cat_file(entry["name"]))
+            except (OSError, ValueError):
+                continue
+            found.append({"name": name[:-len(remote.POINTER_SUFFIX)], "mtime": _modified(entry),
+                          "bytes": int(pointer.get("bytes") or 0)})
+    return found
+
+
+def failed_launch(launcher: list, starts: list) -> dict | None:
+    """The launcher's newest decision when it is "failed" and nothing was submitted or started since."""
+    newest = [(i, r) for i, r in enumerate(launcher) if r.get("event") in (*requeue.EXIT_FOR, "submit", "start")]
+    if not newest or newest[-1][1].get("event") != requeue.FAILED:
+        return None
+    row = newest[-1][1]
+    decided = _ts(row.get("time"))
+    if decided is not None and any((_ts(r.get("time")) or 0) > decided for r in starts):
+        return None  # the trainer was started again by hand since
+    return row
+
+
+def failed_text(row: dict) -> str:
+    codes = sorted({int(c) for c in row.get("exit_codes") or [] if isinstance(c, int) and c != 0})
+    known = [c for c in codes if c in (runfolder.EXIT_BAD_INPUT, runfolder.EXIT_DIVERGED)]
+    if known:
+        meaning = runfolder.EXIT_CODES[known[0]].replace(" (", "; ").rstrip(")")
+        return f"failed: exit {known[0]} ({meaning})"
+    if codes:
+        return f"failed: exit codes {codes}; not requeued"
+    return f"failed: {row.get('message') or 'see the logs'}"
+
+
+def collect(run_dir, now=None, queue=True, checkpoints=None) -> dict:
+    """Everything `m2das status` shows, as a dict (also what `--json` prints).
+
+    `checkpoints`: the listing of a run folder kept elsewhere (object storage), instead of the local files.
+    """
     run = Path(run_dir)
     now = time.time() if now is None else now
     try:
@@ -155,8 +223,12 @@ def collect(run_dir, now=None, queue=True) -> dict:
     epochs = cfg.get("epochs")
     world = cfg.get("world_size")
     last = logs[-1] if logs else {}
-    total_steps = last.get("total_steps") or cfg.get("total_steps")
+    total_steps = cfg.get("total_steps") or last.get("total_steps")
     step = last.get("step")
+    finished_rows = [r for r in restarts if r.get("event") == runfolder.EVENT_FINISHED]
+    if finished_rows and isinstance(finished_rows[-1].get("step"), int):  # log lines come every --log_every steps
+        step = max(step or 0, finished_rows[-1]["step"])
+        last = {**last, "epoch": epochs - 1} if isinstance(epochs, int) and epochs > 0 else last
     out = {"run_dir": str(run), "epochs": epochs, "world_size": world, "model": cfg.get("model"),
            "epoch": last.get("epoch"), "step": step, "total_steps": total_steps,
            "loss": last.get("loss"), "last_log_time": _ts(last.get("time"))}
@@ -179,26 +251,24 @@ def collect(run_dir, now=None, queue=True) -> dict:
     out["steps_per_s"] = steps_per_s
 
     # Checkpoints.
-    ckpts = []
-    for p in runfolder.checkpoint_files(run):
-        try:
-            st = p.stat()
-        except OSError:
-            continue
-        ckpts.append({"name": p.name, "mtime": st.st_mtime, "age_s": now - st.st_mtime, "bytes": st.st_size})
-    ckpts.sort(key=lambda c: c["mtime"], reverse=True)
+    listed = local_checkpoints(run) if checkpoints is None else checkpoints
+    ckpts = [{**c, "age_s": now - c["mtime"] if c.get("mtime") is not None else None} for c in listed]
+    ckpts.sort(key=lambda c: c["mtime"] or 0, reverse=True)
     out["checkpoints"] = ckpts
-    finished_file = epochs is not None and runfolder.final_weights(run, epochs).exists()
-    finished_event = any(r.get("event") == runfolder.EVENT_FINISHED for r in restarts)
+    finished_file = epochs is not None and runfolder.epoch_checkpoint_name(epochs) in {c["name"] for c in ckpts}
+    finished_event = bool(finished_rows)
     diverged = any(r.get("event") == runfolder.EVENT_DIVERGED for r in restarts)
     out["finished"] = bool(finished_file or finished_event)
 
     # State.
+    failed = failed_launch(launcher, starts)
     if out["finished"]:
         state = "finished"
     elif diverged and (not starts or _ts(starts[-1].get("time")) or 0) <= max(
             (_ts(r.get("time")) or 0) for r in restarts if r.get("event") == runfolder.EVENT_DIVERGED):
         state = "diverged (loss non-finite); not requeued"
+    elif failed is not None:
+        state = failed_text(failed)
     elif restarts and restarts[-1].get("event") == runfolder.EVENT_STOPPED:
         state = f"stopped on {restarts[-1].get('signal') or 'a signal'}, waiting to be resumed"
     elif out["last_log_time"] is not None:
@@ -308,19 +378,40 @@ def render(s: dict, now=None) -> str:
     return "\n".join(lines)
 
 
+def summary_line(s: dict) -> str:
+    """One line per run, for `m2das status RUNS_DIR`."""
+    parts = [s["state"]]
+    if s["step"] is not None:
+        pct = f" ({100.0 * s['step'] / s['total_steps']:.1f}%)" if s["total_steps"] else ""
+        parts.append(f"step {s['step']}" + (f"/{s['total_steps']}" if s["total_steps"] else "") + pct)
+    if s["checkpoints"]:
+        c = s["checkpoints"][0]
+        parts.append(f"checkpoint {c['name']} {_duration(c['age_s'])} ago")
+    if s.get("error"):
+        parts.append(s["error"]["line"])
+    return f"{Path(s['run_dir']).name}  " + "; ".join(parts)
+
+
+def is_run_folder(path: Path) -> bool:
+    return any((path / n).exists() for n in runfolder.MARKER_FILES)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="m2das status", description="Progress of a run folder; with SLURM's "
-                                "squeue/sacct on PATH also the job's state, pending reason, nodes and time left.",
+    p = argparse.ArgumentParser(prog="m2das status", description="Progress of a run folder, or one line per run "
+                                "of a folder of runs; with SLURM's squeue/sacct on PATH also the job's state, "
+                                "pending reason, nodes and time left.",
                                 epilog="exit codes: 0 shown; 2 not a run folder",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run_dir", help="the run folder (the launcher prints it; --output_dir of m2das train)")
+    p.add_argument("run_dir", help="the run folder (the launcher prints it; --output_dir of m2das train), "
+                   "or a folder of run folders (e.g. runs/)")
     p.add_argument("--json", action="store_true", help="print the collected fields as JSON")
     p.add_argument("--no-queue", "--no_queue", action="store_true", help="do not ask squeue/sacct")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    run = Path(args.run_dir)
-    if is_url(args.run_dir):  # object storage: read a copy of its small files
+    run, listing = Path(args.run_dir), None
+    if is_url(args.run_dir):  # object storage: a copy of its small files, the bucket's checkpoint listing
         try:
             run = remote.fetch_for_reading(args.run_dir, checkpoints=False)
+            listing = remote_checkpoints(args.run_dir, run)
         except remote.RemoteError as e:
             print(f"m2das status: error: {e}", file=sys.stderr)
             return 2
@@ -328,14 +419,19 @@ def main(argv=None) -> int:
         print(f"m2das status: error: {run} is not a folder; pass the run folder the launcher printed",
               file=sys.stderr)
         return 2
-    if not any((run / n).exists() for n in runfolder.MARKER_FILES):
-        print(f"m2das status: error: {run} has no config.json, log.jsonl or launcher.jsonl; "
-              "is it a run folder?", file=sys.stderr)
+    runs = [run] if is_run_folder(run) else sorted(d for d in run.iterdir() if d.is_dir() and is_run_folder(d))
+    if not runs:
+        print(f"m2das status: error: {run} has no config.json, log.jsonl or launcher.jsonl, nor run folders "
+              "that have; is it a run folder?", file=sys.stderr)
         return 2
-    s = collect(run, queue=not args.no_queue)
-    s["run_dir"] = args.run_dir
+    shown = [collect(r, queue=not args.no_queue, checkpoints=listing) for r in runs]
+    if runs == [run]:
+        shown[0]["run_dir"] = args.run_dir
     try:
-        print(json.dumps(s, indent=2, sort_keys=True) if args.json else render(s), flush=True)
+        if args.json:
+            print(json.dumps(shown[0] if runs == [run] else shown, indent=2, sort_keys=True), flush=True)
+        else:
+            print(render(shown[0]) if runs == [run] else "\n".join(summary_line(s) for s in shown), flush=True)
     except BrokenPipeError:  # `m2das status RUN | head`: the reader left, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

@@ -16,7 +16,8 @@ COMMANDS = {
     "pack": ("m2das.data.pack", "Data folder -> a few large time-major shards + index: one read per crop, any fsspec URL."),
     "submit": ("m2das.cluster.submit", "Send a training job to SLURM or this machine (= python launch/submit.py)."),
     "status": ("m2das.cluster.status", "Progress of a run folder: step, checkpoints, speed, restarts, ETA."),
-    "bench": ("m2das.tools.bench", "Benchmarks: `bench train`, `bench prepare`."),
+    "bench": ("m2das.tools.bench", "Benchmarks: `bench train`, `bench prepare`, `bench checkpoint`, "
+                                   "`bench data`."),
     "export": ("m2das.downstream.export", "Run or checkpoint -> encoder-only weights for the M2D runtime and EVAR."),
     "embed": ("m2das.downstream.embed", "Folder of audio or LMS files -> clip embeddings (.npz)."),
     "eval": ("m2das.downstream.linear_eval", "Linear evaluation, Table V protocol: --task, --suite paper or --data LIST.csv."),
@@ -38,7 +39,10 @@ def usage() -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:  # no command is a mistake: usage on stderr, exit 2 (as argparse does)
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
     if argv[0] == "--commands":

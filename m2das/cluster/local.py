@@ -31,7 +31,8 @@ PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding m2das
 
 def local_spec(plan):
     a = plan.args
-    return {"train_argv": plan.train_argv, "run_dir": str(plan.run_dir), "ranks": plan.ranks_per_node,
+    return {"command": plan.command, "train_argv": plan.train_argv, "run_dir": str(plan.run_dir),
+            "ranks": plan.ranks_per_node,
             "gpu": plan.gpu, "max_restarts": a.max_requeues, "cwd": os.getcwd(),
             "python": a.python or sys.executable, "foreground": a.foreground}
 
@@ -103,14 +104,14 @@ def submit_local(plan):
 def run_debug(plan):
     """In-process, one rank: quickest way to see a configuration start (and fail) at your desk."""
     if plan.args.dry_run:
-        print(shlex.join(["m2das", "train", *plan.train_argv]))
+        print(shlex.join(["m2das", plan.command, *plan.train_argv]))
         return 0
     plan.refuse_held_run_dir()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(machine.free_port()))
-    from m2das import train
+    from m2das.cluster.slurm import command_main
 
-    return int(train.main(list(plan.train_argv)) or 0)
+    return int(command_main(plan.command)(list(plan.train_argv)) or 0)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -188,7 +189,8 @@ class Supervisor:
                 env.setdefault("OMP_NUM_THREADS", str(max(1, machine.usable_cores() // self.spec["ranks"])))
             with open(self.logs / f"rank{rank}.log", "ab") as log:
                 self.procs.append(subprocess.Popen(
-                    [self.spec["python"], "-u", "-m", "m2das", "train", *self.spec["train_argv"]],
+                    [self.spec["python"], "-u", "-m", "m2das", self.spec.get("command", "train"),
+                     *self.spec["train_argv"]],
                     env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     cwd=self.spec["cwd"], preexec_fn=_ignore_stop_signals,
                     # Foreground: a terminal's Ctrl-C reaches the ranks only as the forwarded SIGTERM

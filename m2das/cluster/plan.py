@@ -35,8 +35,10 @@ PRESETS = {
     "cpu-test": dict(ranks=2, gpu=False, batch_size=4, accum_iter=1, cpus=1, about="tiny model, CPU ranks",
                      trainer=["--model", "m2d_as_vit_tiny", "--device", "cpu", "--input_size", "80x208",
                               "--num_workers", "0", "--epochs", "2", "--save_freq", "1",
-                              "--warmup_epochs", "1", "--log_every", "1", "--stats_files", "64"]),
+                              "--warmup_epochs", "1", "--log_every", "1", "--stats_files", "64"],
+                     finetune=["--device", "cpu", "--num_workers", "0", "--save_freq", "1", "--log_every", "1"]),
 }
+COMMANDS = ("train", "finetune")  # what a job runs: `m2das train` or `m2das finetune`, same requeue rules
 
 
 def _presets_text():
@@ -81,6 +83,9 @@ def build_parser():
       help=_presets_text())
     a("--cluster", choices=("slurm", "local", "debug"), default="slurm",
       help="slurm: sbatch via submitit; local: detached supervisor on this machine; debug: in-process")
+    a("--command", choices=COMMANDS, default="train",
+      help="train: pre-training; finetune: `m2das finetune WEIGHTS --task T ...` (its flags after `--`; the "
+           "task's batch is split over the ranks)")
     a("--foreground", action="store_true",
       help="local: run the supervisor in this process until training ends, rank 0's lines on stdout "
            "(a container's entry point)")
@@ -151,11 +156,16 @@ def refuse_control_characters(argv):
             raise UsageError(f"{tok!r}: control characters (newline, tab, ...) are not allowed in arguments")
 
 
-def trainer_parser():
-    """`m2das train`'s own parser, raising UsageError instead of exiting."""
-    from m2das import config
+def trainer_parser(command="train"):
+    """`m2das train`'s (or `m2das finetune`'s) own parser, raising UsageError instead of exiting."""
+    if command == "finetune":
+        from m2das.downstream import ft_config
 
-    parser = config.build_parser()
+        parser = ft_config.build_parser()
+    else:
+        from m2das import config
+
+        parser = config.build_parser()
 
     def error(message):
         raise UsageError(f"trainer flags: {message}")
@@ -164,7 +174,7 @@ def trainer_parser():
     return parser
 
 
-def check_trainer_argv(preset_argv, user_argv):
+def check_trainer_argv(preset_argv, user_argv, command="train"):
     """Parse preset + user trainer flags as `m2das train` will; returns the flags the user set.
 
     Misplaced launcher flags and unknown flags fail here, at submit time, not
@@ -173,16 +183,16 @@ def check_trainer_argv(preset_argv, user_argv):
     if "--print_config" in user_argv or "--print-config" in user_argv:
         raise UsageError("--print_config is not for a job; run `m2das train --print_config <trainer flags>` "
                          "to see the resolved configuration")
-    parser = trainer_parser()
+    parser = trainer_parser(command)
     _, unknown = parser.parse_known_args(list(preset_argv) + list(user_argv))
     if unknown:
         launcher = launcher_flags()
         flag = next((t for t in unknown if t.startswith("-")), unknown[0])
         if flag.split("=", 1)[0] in launcher:
             raise UsageError(f"{flag} is a launcher flag but comes after the trainer flags; {PLACEMENT}")
-        raise UsageError(f"{flag}: not a flag of `m2das train` nor of the launcher (see `m2das train --help`); "
-                         f"{PLACEMENT}")
-    given = trainer_parser()
+        raise UsageError(f"{flag}: not a flag of `m2das {command}` nor of the launcher (see `m2das {command} "
+                         f"--help`); {PLACEMENT}")
+    given = trainer_parser(command)
     for action in given._actions:
         action.default = argparse.SUPPRESS
     return vars(given.parse_args(list(user_argv)))
@@ -253,7 +263,10 @@ class Plan:
         if args.srun_args and args.cluster != "slurm":
             raise UsageError(f"--srun-args applies to --cluster slurm only, not --cluster {args.cluster}")
         refuse_control_characters(user_argv)
-        given = check_trainer_argv(preset["trainer"], user_argv)
+        self.command = getattr(args, "command", "train")
+        if self.command == "finetune":
+            preset = {**preset, "trainer": preset.get("finetune", GPU if preset["gpu"] else [])}
+        given = check_trainer_argv(preset["trainer"], user_argv, self.command)
         self.args = args
         self.preset = preset
         self.gpu = preset["gpu"]
@@ -268,6 +281,9 @@ class Plan:
             nodes = args.nodes
         self.nodes = nodes
         self.world_size = nodes * self.ranks_per_node
+        if self.command == "finetune":
+            self._finetune(preset, given, user_argv)
+            return
         if "batch_size" in given or "accum_iter" in given:
             batch, accum, self.scale_note = preset["batch_size"], preset["accum_iter"], "batch flags given: not rescaled"
         else:
@@ -280,6 +296,34 @@ class Plan:
             raise UsageError("--run-dir and --output_dir disagree; give one of them")
         self.user_argv = user_argv
         self.run_dir = Path(args.run_dir or user_out or self._default_run_dir(base + user_argv)).resolve()
+        self.train_argv = base + user_argv + ["--output_dir", str(self.run_dir)]
+
+    def _finetune(self, preset, given, user_argv):
+        """The task's batch split over the ranks (the reference fine-tunes on one GPU); the run folder
+        `m2das finetune` itself would pick, under --runs-dir."""
+        from m2das.downstream import ft_config
+
+        try:
+            cfg = ft_config.parse_args(list(preset["trainer"]) + list(user_argv))
+        except ft_config.ConfigError as e:
+            raise UsageError(f"trainer flags: {e}") from None
+        base = list(preset["trainer"])
+        self.scale_note = "batch flag given: not rescaled" if "batch_size" in given else ""
+        if "batch_size" not in given and self.world_size > 1:
+            per_rank, rem = divmod(cfg["batch_size"], self.world_size)
+            if rem or not per_rank:
+                raise UsageError(f"{cfg['task']}'s batch {cfg['batch_size']} cannot be split evenly over "
+                                 f"{self.world_size} ranks; choose --gpus-per-node dividing it, or pass --batch_size")
+            base += ["--batch_size", str(per_rank)]
+            self.scale_note = f"{cfg['task']}'s batch {cfg['batch_size']} over {self.world_size} ranks: {per_rank} each"
+        user_out = given.get("output_dir")
+        user_argv = _drop_flag(user_argv, ("--output_dir", "--output-dir"))
+        if self.args.run_dir and user_out and Path(self.args.run_dir).resolve() != Path(user_out).resolve():
+            raise UsageError("--run-dir and --output_dir disagree; give one of them")
+        self.user_argv = user_argv
+        default = ft_config.default_output_dir(cfg["task"], cfg["fold"], cfg["weights"], cfg["seed"],
+                                               self.args.runs_dir)
+        self.run_dir = Path(self.args.run_dir or user_out or default).resolve()
         self.train_argv = base + user_argv + ["--output_dir", str(self.run_dir)]
 
     def _default_run_dir(self, argv):

@@ -31,7 +31,8 @@ def _restart_count():
 class TrainJob:
     """The submitit callable: one per task (= GPU); resumable through `checkpoint`."""
 
-    def __init__(self, train_argv, run_dir, max_requeues=requeue.MAX_REQUEUES, cpu_threads=None):
+    def __init__(self, train_argv, run_dir, max_requeues=requeue.MAX_REQUEUES, cpu_threads=None, command="train"):
+        self.command = command  # plan.COMMANDS: which m2das command's main runs in this task
         self.train_argv = list(train_argv)
         self.run_dir = str(run_dir)
         self.max_requeues = int(max_requeues)
@@ -52,10 +53,8 @@ class TrainJob:
                 "host": socket.gethostname(), "world_size": env.num_tasks})
         if self.cpu_threads:
             os.environ.setdefault("OMP_NUM_THREADS", str(self.cpu_threads))
-        from m2das import train
-
         try:
-            rc = int(train.main(list(self.train_argv)) or 0)
+            rc = int(command_main(getattr(self, "command", "train"))(list(self.train_argv)) or 0)
         except SystemExit as e:  # submitit's requeue path ends a task this way
             code = e.code if isinstance(e.code, int) else 1
             requeue.record_task_exit(self.run_dir, env.job_id, restart, env.global_rank, code)
@@ -93,7 +92,19 @@ class TrainJob:
                   f"to continue", file=sys.stderr, flush=True)
             return None
         return submitit.helpers.DelayedSubmission(
-            TrainJob(self.train_argv, self.run_dir, self.max_requeues, self.cpu_threads))
+            TrainJob(self.train_argv, self.run_dir, self.max_requeues, self.cpu_threads,
+                     getattr(self, "command", "train")))
+
+
+def command_main(command):
+    """The in-process entry point of `m2das COMMAND` (imported in the job, never on the login node)."""
+    if command == "finetune":
+        from m2das.downstream import finetune
+
+        return finetune.main
+    from m2das import train
+
+    return train.main
 
 
 def teardown_lines(run_dir, max_requeues, python):
@@ -203,7 +214,7 @@ def submit_slurm(plan):
     plan.refuse_held_run_dir()
     refuse_unknown_partition(a.partition)
     _pickle_by_value()
-    job_fn = TrainJob(plan.train_argv, plan.run_dir, a.max_requeues, None if plan.gpu else cpus)
+    job_fn = TrainJob(plan.train_argv, plan.run_dir, a.max_requeues, None if plan.gpu else cpus, plan.command)
     from submitit.core.utils import FailedJobError
 
     try:

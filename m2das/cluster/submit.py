@@ -60,7 +60,7 @@ def main(argv=None):
         plan.refuse_finished_run()
         print(f"preset {args.preset}: {plan.world_size} ranks ({plan.nodes} node(s) x {plan.ranks_per_node})"
               + (f"; {plan.scale_note}" if plan.scale_note else ""), flush=True)
-        print("trainer: m2das train " + shlex.join(plan.train_argv), flush=True)
+        print(f"trainer: m2das {plan.command} " + shlex.join(plan.train_argv), flush=True)
         if args.cluster == "debug":
             return local.run_debug(plan)
         job_id = slurm.submit_slurm(plan) if args.cluster == "slurm" else local.submit_local(plan)

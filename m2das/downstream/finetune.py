@@ -20,21 +20,19 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from m2das import datafolder, events, runfolder
+from m2das import events, runfolder
 from m2das.checkpoint import Checkpointer, CheckpointError, Outcome, Progress, RNGState
-from m2das.cliargs import Parser
 from m2das.data.dataset import DataListError, ResumableSampler, make_dataset, make_loader
 from m2das.data.stats import crop_or_pad
 from m2das.downstream import ft_data
-from m2das.downstream import tasks as task_sets
-from m2das.downstream.ft_data import TASKS, FinetuneDataError, augment, batch_rng, kept_columns, targets_of
+from m2das.downstream.ft_config import OVERRIDES, PROG, ConfigError, parse_args
+from m2das.downstream.ft_data import FinetuneDataError, augment, batch_rng, kept_columns, targets_of
 from m2das.downstream.ft_model import build_net, encoder_args, build_optimizer, finetune_lr, loss_fn
 from m2das.downstream.protocol import macro_map
 from m2das.downstream.weights import WeightsError
@@ -43,72 +41,17 @@ from m2das.fileio import append_jsonl, write_json
 from m2das.machine import DeviceError, loader_workers, resolve_device
 from m2das.metrics import accuracy
 from m2das.runfolder import EXIT_BAD_INPUT, RunLock, RunLocked
-from m2das.runsetup import TrainError, broadcast, on_rank0, read_json_file, record_start, shows_progress, tensorboard_writer, \
-    trim_log
+from m2das.runsetup import (TrainError, broadcast, on_rank0, read_json_file, record_start, shows_progress,
+                            tensorboard_writer, trim_log)
 from m2das.signals import StopRequest
 from m2das.train import FAULT_INJECTION_ENV, init_distributed
 
-PROG = "m2das finetune"
 SUMMARY = "finetune_result.json"  # RUN/: the scores, the missing-clip counts, how the model was picked
-OVERRIDES = ("frames", "optim", "lr", "epochs", "warmup_epochs", "batch_size", "mixup", "freq_mask", "time_mask",
-             "rrc", "training_mask")
 # What makes a run folder another run when it changes (the rest may change on resume).
 IDENTITY_KEYS = ("weights", "task", "fold", "data_path", "metadata", "seed", "bf16") + OVERRIDES
 SELECT_ON_EVAL = "best epoch on eval, as the paper's tool reports it (no validation split)"
 SELECT_BY_VALID = "test score of the epoch best on the validation split, as the paper's tool reports it"
 MASK_PURPOSE = 3  # batch_rng purpose of the column masks (0-2: mixup, SpecAugment, RRC)
-
-
-def build_parser() -> Parser:
-    p = Parser(prog=PROG, allow_abbrev=False,
-               description="Fine-tune a pre-trained encoder on a task as the paper's Table VI does. Task "
-                           "defaults are the paper's; each flag below overrides one. Rerunning the same command "
-                           "resumes the run.",
-               epilog="exit codes: " + "; ".join(f"{c} {t}" for c, t in sorted(runfolder.EXIT_CODES.items())))
-    p.add_argument("weights", help="run folder, checkpoint or exported encoder (anything `m2das export` reads)")
-    p.add_flag("--task", choices=sorted(TASKS), default="as20k")
-    p.add_flag("--data_path", default="data",
-               help=f"as20k, as2m: data folder made by `m2das prepare` (DATA/{datafolder.LMS_DIR}); esc50, spcv2, "
-                    f"vc1: the data set's folder as its publisher distributes it")
-    p.add_flag("--fold", type=int, default=1, help="esc50: the fold tested (1-5); the others: 1")
-    p.add_flag("--lms_cache", default=None,
-               help=f"esc50, spcv2, vc1: folder for the clips' LMS, made once (default RUN/{ft_data.TASK_LMS_DIR})")
-    p.add_flag("--metadata", default=None,
-               help=f"folder with AudioSet's segment CSVs (default DATA/{datafolder.METADATA_DIR})")
-    p.add_flag("--output_dir", default=None, help="run folder (default runs/finetune-{task}-{weights}-s{seed})")
-    p.add_flag("--seed", type=int, default=43, help="the reference's first fine-tuning seed")
-    for name, kind in (("frames", int), ("optim", str), ("lr", float), ("epochs", int), ("warmup_epochs", float),
-                       ("batch_size", int), ("mixup", float), ("freq_mask", int), ("time_mask", int),
-                       ("training_mask", float)):
-        p.add_flag(f"--{name}", type=kind, default=None, help="(default: the task's)")
-    p.add_flag("--rrc", choices=("on", "off"), default=None, help="random resize crop (default: the task's)")
-    p.add_flag("--eval_batch_size", type=int, default=64)
-    p.add_flag("--num_workers", type=int, default=8, help="DataLoader workers per process")
-    p.add_flag("--save_freq", type=int, default=50, help="write checkpoint-{epoch}.pth every N epochs")
-    p.add_flag("--ckpt_interval_min", type=float, default=30, help="minutes between rolling full-state saves")
-    p.add_flag("--log_every", type=int, default=50, help="optimizer steps between log lines")
-    p.add_flag("--bf16", action="store_true", help="bf16 autocast (CUDA); default fp32 as the reference")
-    p.add_flag("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_flag("--resume", default="auto", help="auto (newest valid checkpoint in the run folder) | none | PATH")
-    p.add_flag("--force_config", action="store_true", help="continue a run folder whose config.json differs")
-    return p
-
-
-def parse_args(argv) -> dict:
-    """Flags -> one flat configuration: the task's settings with the given flags over them."""
-    args = vars(build_parser().parse_args(argv))
-    task = asdict(TASKS[args["task"]])
-    for key in OVERRIDES:
-        if args.get(key) is not None:
-            task[key] = (args[key] == "on") if key == "rrc" else args[key]
-    cfg = {**args, **task, "model": Path(str(args["weights"])).name}
-    if cfg["output_dir"] is None:
-        fold = f"-fold{cfg['fold']}" if cfg["task"] in task_sets.TASKS and task_sets.TASKS[cfg["task"]].n_folds > 1 else ""
-        cfg["output_dir"] = str(Path("runs") / f"finetune-{cfg['task']}{fold}-{Path(cfg['weights']).stem}-s{cfg['seed']}")
-    for key in ("frames", "epochs", "batch_size", "eval_batch_size", "save_freq", "log_every"):
-        if cfg[key] < 1:
-            raise TrainError(f"--{key} {cfg[key]}: must be at least 1")
-    return cfg
 
 
 def settings_of(cfg: dict) -> ft_data.TaskSettings:
@@ -433,6 +376,6 @@ def main(argv=None) -> int:
         return finetune(cfg, {"world_size": int(os.environ.get("WORLD_SIZE", 1)),
                               "rank": int(os.environ.get("RANK", 0)),
                               "local_rank": int(os.environ.get("LOCAL_RANK", 0))})
-    except (TrainError, DataListError, FinetuneDataError, CheckpointError) as e:
+    except (TrainError, ConfigError, DataListError, FinetuneDataError, CheckpointError) as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -10,7 +10,7 @@ run resumed mid-epoch augments exactly as an uninterrupted one.
 import csv
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,51 +21,11 @@ from m2das import datafolder
 from m2das.data import labels
 from m2das.data.dataset import SampleList
 from m2das.downstream import tasks as task_sets
+from m2das.downstream.ft_config import AUDIOSET_TASKS, TASK_LMS_DIR, TASKS, TaskSettings
 from m2das.fileio import atomic_write
 
 BALANCED = "balanced_train_segments.csv"
 UNBALANCED = "unbalanced_train_segments.csv"
-AUDIOSET_TASKS = ("as20k", "as2m")
-AUDIO_TASKS = ("esc50", "spcv2", "vc1")  # read by m2das.downstream.tasks from the data set's own folder
-TASK_LMS_DIR = "task_lms"  # RUN/task_lms/: the LMS of each clip of an audio task, made once
-MIN_LR = 1e-7  # the cosine schedule's floor (timm CosineLRScheduler lr_min of the reference tool)
-HEAD_STD = 0.01  # the linear head's init N(0, 0.01), bias 0
-
-
-@dataclass(frozen=True)
-class TaskSettings:
-    """One task's fine-tuning recipe (the M2D repository's util/ft-*.sh on EVAR's finetune.py)."""
-    frames: int
-    optim: str           # sgd | lars | adamw
-    lr: float
-    epochs: int
-    warmup_epochs: float
-    batch_size: int
-    mixup: float         # Beta(a, a); 0: off
-    freq_mask: int
-    time_mask: int
-    rrc: bool
-    training_mask: float  # share of time columns dropped before the blocks while training
-    multi_label: bool
-    balanced: bool = False  # class-balanced sampling (the pre-training list's weight column)
-    freeze_embed: bool = False
-    weight_decay: float = 0.0
-    betas: tuple = field(default=(0.9, 0.95))
-    # False: the pre-trained positional grid is kept and its first columns used (EVAR's dur_frames None,
-    # clips shorter than the pre-training crop); True: resized to `frames` (dur_frames set).
-    interpolate_pos: bool = True
-
-
-TASKS = {
-    "as20k": TaskSettings(1001, "sgd", 0.5, 200, 5, 64, 0.3, 30, 192, True, 0.5, True),
-    "as2m": TaskSettings(1001, "lars", 2.0, 70, 15, 64, 0.5, 30, 192, False, 0.5, True, balanced=True),
-    # util/ft-esc50.sh: 5 s at dur_frames 501, patch embedding frozen, no mixup.
-    "esc50": TaskSettings(501, "sgd", 0.5, 200, 5, 128, 0.0, 15, 48, True, 0.5, False, freeze_embed=True),
-    # util/ft-spc.sh: dur_frames None, so the 1-s clip's 101 frames on the pre-trained grid.
-    "spcv2": TaskSettings(101, "sgd", 0.5, 200, 5, 128, 0.3, 30, 48, True, 0.5, False, interpolate_pos=False),
-    # util/ft-vc1.sh: AdamW (EVAR's weight decay 1e-4, betas (0.9, 0.95)), 50 epochs of 8.2 s at 821 frames.
-    "vc1": TaskSettings(821, "adamw", 5e-4, 50, 5, 64, 0.0, 30, 48, False, 0.0, False, weight_decay=1e-4),
-}
 class FinetuneDataError(ValueError):
     """A data folder that cannot give the task's lists; the message names the file and the fix."""
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m2das.downstream.encoder import load_encoder
-from m2das.downstream.ft_data import HEAD_STD, MIN_LR, TaskSettings
+from m2das.downstream.ft_config import HEAD_STD, MIN_LR, TaskSettings
 from m2das.model import MODEL_SIZES, tokens_to_frames
 
 

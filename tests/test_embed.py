@@ -89,3 +89,39 @@ def test_load_encoder_does_not_pad_a_short_waveform(setup):
     assert frames.shape[1] == 7  # 101 LMS frames; padded to 6.1 s it would be 39
     state = torch.load(setup["ckpt"], weights_only=True)["model"]
     assert np.abs(clip[0].numpy() - runtime_clip_embedding(state, wave)[1]).max() < 1e-4
+
+
+def test_unreadable_files_are_listed_and_the_rest_embedded(setup, tmp_path):
+    import csv
+    import shutil
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("a_1s.wav", "b_3s.wav"):
+        shutil.copy(setup["root"] / "audio" / name, folder / name)
+    (folder / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00not audio at all")
+    np.save(folder / "wrong_shape.npy", np.zeros((3, 4), dtype=np.float32))
+    out = tmp_path / "emb.npz"
+    r = run_m2das("embed", folder, out, "--weights", setup["ckpt"], "--device", "cpu", "--no_progress")
+    assert r.returncode == 0, r.stderr
+    z = np.load(out)
+    assert list(z["files"]) == ["a_1s.wav", "b_3s.wav"] and z["embeddings"].shape[0] == 2
+    listed = tmp_path / "emb_failures.csv"
+    rows = list(csv.DictReader(listed.open()))
+    assert [row["file"] for row in rows] == ["broken.wav", "wrong_shape.npy"]
+    assert all(row["error"] for row in rows) and "[1, 80, T]" in rows[1]["error"]
+    warning = [ln for ln in r.stderr.splitlines() if "warning" in ln]
+    assert len(warning) == 1 and "2 of 4 files" in warning[0] and str(listed) in warning[0], r.stderr
+
+    # Nothing readable at all: exit 2, one line, the list written, no OUT.npz.
+    for name in ("a_1s.wav", "b_3s.wav"):
+        (folder / name).unlink()
+    out2 = tmp_path / "none.npz"
+    r = run_m2das("embed", folder, out2, "--weights", setup["ckpt"], "--device", "cpu", "--no_progress")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "none of the 2 files could be read" in r.stderr and not out2.exists()
+    assert (tmp_path / "none_failures.csv").exists()
+    # A clean run later removes the stale list next to its output.
+    r = run_m2das("embed", setup["root"] / "audio", out, "--weights", setup["ckpt"], "--device", "cpu",
+                  "--no_progress")
+    assert r.returncode == 0 and not listed.exists(), r.stderr

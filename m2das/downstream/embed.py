@@ -101,11 +101,14 @@ def length_hint(path: Path) -> float:
 
 
 def embed_files(encoder, items, batch_size: int = 32, workers: int = 4, progress: bool = True,
-                desc: str = "embedding", load=read_lms, hint=None) -> tuple[np.ndarray, np.ndarray]:
+                desc: str = "embedding", load=read_lms, hint=None, failures: dict | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Clip embeddings [N, D] (float32) and time-frame counts [N] of `items`, in their order.
 
     `load(item)` gives an LMS [1, 80, T] (default: `read_lms` of a path); `hint(item)` a length to
-    sort by, so that clips of one length share a batch.
+    sort by, so that clips of one length share a batch. With `failures` (a dict), an item whose load
+    raises InputError is recorded there (index -> message) and left as a zero row instead of
+    stopping the whole run at its first unreadable file.
     """
     import torch
     from tqdm import tqdm
@@ -128,13 +131,25 @@ def embed_files(encoder, items, batch_size: int = 32, workers: int = 4, progress
             bar.update(len(pending))
             pending.clear()
 
+    def load_or_record(j):
+        try:
+            return load(items[j])
+        except InputError as e:
+            if failures is None:
+                raise
+            failures[j] = str(e)
+            return None
+
     window = max(batch_size * 4, 16)
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(items), desc=desc, unit="clip", disable=not progress, file=sys.stderr,
                  mininterval=1.0, dynamic_ncols=True) as bar:
         for start in range(0, len(order), window):
             ids = order[start:start + window]
-            for i, lms in zip(ids, pool.map(lambda j: load(items[j]), ids)):
+            for i, lms in zip(ids, pool.map(load_or_record, ids)):
+                if lms is None:
+                    bar.update(1)
+                    continue
                 if pending and (pending[0][1].shape != lms.shape or len(pending) == batch_size):
                     flush()
                 pending.append((i, lms))
@@ -152,9 +167,17 @@ def pick_device(name: str) -> str:
         raise InputError(str(e)) from None
 
 
+def failures_path(out) -> Path:
+    """Where the unreadable files of OUT.npz are listed: OUT_failures.csv beside it."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_failures.csv")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="m2das embed", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Files that cannot be read are skipped and listed (file,error) in "
+                                       "OUT_failures.csv; exit 0 with a warning when some failed, 2 when all did.")
     p.add_argument("audio_dir", metavar="AUDIO_DIR", help="folder of audio files or LMS .npy files (searched recursively)")
     p.add_argument("out", metavar="OUT.npz", help="writes files (relative names), embeddings [N, D] and frames "
                    "[N] (time frames averaged into each embedding)")
@@ -164,19 +187,35 @@ def main(argv=None) -> int:
     p.add_argument("--no_progress", "--no-progress", action="store_true")
     args = p.parse_args(argv)
 
+    from m2das.data.labels import write_csv
     from m2das.downstream.encoder import load_encoder
-    from m2das.fileio import atomic_write
     from m2das.downstream.weights import WeightsError
+    from m2das.fileio import atomic_write
 
+    failures: dict = {}
     try:
         files = find_inputs(args.audio_dir)
         encoder = load_encoder(args.weights, pick_device(args.device))
-        emb, frames = embed_files(encoder, files, args.batch_size, progress=not args.no_progress)
+        emb, frames = embed_files(encoder, files, args.batch_size, progress=not args.no_progress, failures=failures)
     except (InputError, WeightsError) as e:
         print(f"m2das embed: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    names = np.array([str(f.relative_to(args.audio_dir)) for f in files])
+    names = [str(f.relative_to(args.audio_dir)) for f in files]
+    listed = failures_path(args.out)
+    if failures:
+        rows = [(names[i], msg.removeprefix(f"{files[i]}: ")) for i, msg in sorted(failures.items())]
+        write_csv(listed, ["file", "error"], rows)
+    elif listed.exists():
+        listed.unlink()  # an earlier run's list no longer applies
+    if len(failures) == len(files):
+        print(f"m2das embed: error: none of the {len(files)} files could be read ({rows[0][0]}: {rows[0][1]}); "
+              f"all are listed in {listed}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    keep = [i for i in range(len(files)) if i not in failures]
     with atomic_write(args.out) as f:
-        np.savez(f, files=names, embeddings=emb, frames=frames)
-    print(f"wrote {args.out}: {emb.shape[0]} clips x {emb.shape[1]} features")
+        np.savez(f, files=np.array([names[i] for i in keep]), embeddings=emb[keep], frames=frames[keep])
+    print(f"wrote {args.out}: {len(keep)} clips x {emb.shape[1]} features")
+    if failures:
+        print(f"m2das embed: warning: {len(failures)} of {len(files)} files could not be read and were skipped "
+              f"(e.g. {rows[0][0]}: {rows[0][1]}); listed in {listed}", file=sys.stderr)
     return 0

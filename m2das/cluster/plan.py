@@ -344,6 +344,8 @@ class Plan:
         """A run whose last event is `finished` would be queued only to print "all epochs done"."""
         from m2das import config
 
+        if self.command != "train":  # pre-training runs only; finetune's flags are not the trainer's
+            return
         rows = read_jsonl(self.run_dir / runfolder.RESTARTS)
         if not rows or rows[-1].get("event") != runfolder.EVENT_FINISHED:
             return

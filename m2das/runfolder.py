@@ -82,6 +82,12 @@ def final_weights(run_dir, epochs: int) -> Path:
 _FOLDER_RE = re.compile(r"^(?P<model>[^-]+)-(?P<f>\d+)x(?P<t>\d+)p(?P<pf>\d+)x(?P<pt>\d+)(?:p(?P<sr>\d+k))?(?:-|$)")
 
 
+# The weight keys they keep: the encoder's (the runtime's loader also reads the AudioSet head's shape).
+ENCODER_KEYS = ("cls_token", "pos_embed", "norm_stats")
+ENCODER_PREFIXES = ("patch_embed.", "blocks.", "norm.")
+HEAD_PREFIX = "offline_predictor."
+
+
 def parse_folder_name(name: str) -> dict | None:
     """`m2d_as_vit_base-80x608p16x16p16k-...` -> model, input_size, patch_size, sr; None if it does not parse."""
     m = _FOLDER_RE.match(name)

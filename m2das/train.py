@@ -36,14 +36,13 @@ from m2das.model import create_model
 from m2das.monitor import Monitor
 from m2das.monitor import record as record_quality
 from m2das.remote import RemoteRunFolder
-from m2das.runfolder import EXIT_BAD_INPUT
+from m2das.runfolder import ENCODER_PREFIXES, EXIT_BAD_INPUT
 from m2das.runsetup import (TrainError, discard_unstarted, load_data, on_rank0, open_run_dir, print_config,
                             record_start, shows_progress, tensorboard_writer, trim_log)
 from m2das.schedule import ema_decay, learning_rate
 from m2das.signals import EXIT_ABORTED, StopRequest
 
 FAULT_INJECTION_ENV = "M2DAS_TEST_SIGTERM_AT_STEP"  # tests: a real SIGTERM delivered inside that step
-ENCODER_PREFIXES = ("patch_embed.", "blocks.", "norm.")  # what --init_from must fit
 
 
 # -- set-up ---------------------------------------------------------------------

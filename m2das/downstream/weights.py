@@ -10,11 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from m2das import runfolder
-from m2das.runfolder import parse_folder_name
+from m2das.runfolder import ENCODER_KEYS, ENCODER_PREFIXES, HEAD_PREFIX, parse_folder_name  # noqa: F401
 
-ENCODER_KEYS = ("cls_token", "pos_embed", "norm_stats")
-ENCODER_PREFIXES = ("patch_embed.", "blocks.", "norm.")
-HEAD_PREFIX = "offline_predictor."
 FINETUNED_PREFIX = "encoder."  # `m2das finetune`'s network: the encoder under this name, its task head beside it
 DEFAULT_NORM_STATS = (-7.1, 4.2)  # what the runtime assumes for a file without norm_stats
 

@@ -2,6 +2,7 @@
 take both spellings (--stats_files and --stats-files). Torch- and numpy-free (login nodes)."""
 
 import argparse
+import re
 
 
 class Parser(argparse.ArgumentParser):
@@ -18,3 +19,16 @@ class Parser(argparse.ArgumentParser):
         body = name[2:]
         other = "--" + (body.replace("_", "-") if "_" in body else body.replace("-", "_"))
         return self.add_argument(name, *more, *([other] if other != name else []), **kw)
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where the help does not already say its default, and never
+    "(default: None)": a flag whose help spells "(default DATA_PATH/...)" would show it twice."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None:
+            return re.sub(r"\s*\(default: %\(default\)s\)", "", text)
+        if re.search(r"\(default\b|\bdefault:", text):
+            return text
+        return super()._get_help_string(action)

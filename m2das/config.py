@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from m2das import machine, runfolder
-from m2das.cliargs import Parser
+from m2das.cliargs import DefaultsFormatter, Parser
 from m2das.datafolder import WEIGHTED_LIST
 from m2das.runfolder import folder_name
 
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "seed 3, loss_off 1). Rerunning the same command resumes the run. Flags are spelled "
                     "with underscores, as in the paper's command line; hyphens are accepted too.",
         epilog=_exit_codes_epilog(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
 
     def a(name, *more, **kw):
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(name, *more, *([alias] if alias != name else []), **kw)
 
     a("--model", type=model_name, default="m2d_as_vit_base", help=" | ".join(model_names()))
-    a("--input_size", type=size_pair, default=[80, 608], help="FxT of the training crop (80x608)")
+    a("--input_size", type=size_pair, default=[80, 608], help="FxT of the training crop (default 80x608)")
     a("--patch_size", type=size_pair, default=[16, 16])
     a("--epochs", type=int, default=300)
     a("--batch_size", type=int, default=512, help="per process (GPU)")

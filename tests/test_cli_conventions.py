@@ -53,3 +53,20 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     r = run_m2das("demo", "--out", mine, "--clips", "4")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not made by m2das demo" in r.stderr, r.stderr
     assert (mine / "chapter1.tex").read_text() == "precious"
+
+
+def test_no_help_text_states_a_default_twice():
+    """Every command's --help (and each benchmark's): a help string that spells its default must not
+    also get the formatter's "(default: X)", and "(default: None)" says nothing."""
+    import re
+
+    from m2das.cli import COMMANDS
+
+    stated = re.compile(r"\(default\b|\bdefault:")
+    commands = [(name,) for name in COMMANDS] + [("bench", b) for b in ("train", "prepare", "checkpoint", "data")]
+    for args in commands:
+        r = run_m2das(*args, "--help", env={"COLUMNS": "400"})  # one line per help text
+        assert r.returncode == 0, (args, r.stderr)
+        for line in r.stdout.splitlines():
+            assert len(stated.findall(line)) < 2, f"m2das {' '.join(args)} --help: {line.strip()}"
+            assert "(default: None)" not in line, f"m2das {' '.join(args)} --help: {line.strip()}"

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from m2das import runfolder
+from m2das.cliargs import DefaultsFormatter
 from m2das.cluster import requeue
 from m2das.fileio import read_jsonl
 from m2das.runfolder import EXIT_CODES
@@ -70,7 +71,7 @@ def build_parser():
                     "with `m2das train`'s parser before anything is queued. Every flag is also "
                     "accepted with underscores (--run_dir).",
         epilog=_exit_codes_text(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsFormatter)
 
     def add(group, name, **kw):
         """--name-with-hyphens, also spelled --name_with_underscores."""

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from m2das import runfolder
+from m2das.cliargs import DefaultsFormatter
 from m2das.fileio import append_jsonl, read_jsonl
 from m2das.machine import master_port  # the one MASTER_PORT rule, for `port`
 from m2das.runfolder import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE
@@ -172,7 +173,7 @@ def _cli(argv) -> int:
                     "records one task's exit code for it; `port` prints "
                     "MASTER_PORT for SLURM_JOB_ID and SLURM_RESTART_COUNT; `defaults` prints SIGNAL LEAD_S "
                     "MAX_REQUEUES.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("decide", help="decide after srun returned")
     d.add_argument("--run", required=True, help="the run folder")

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from m2das import remote, runfolder
+from m2das.cliargs import DefaultsFormatter
 from m2das.cluster import requeue
 from m2das.fileio import is_url, read_jsonl
 
@@ -401,7 +402,7 @@ def main(argv=None) -> int:
                                 "of a folder of runs; with SLURM's squeue/sacct on PATH also the job's state, "
                                 "pending reason, nodes and time left.",
                                 epilog="exit codes: 0 shown; 2 not a run folder",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("run_dir", help="the run folder (the launcher prints it; --output_dir of m2das train), "
                    "or a folder of run folders (e.g. runs/)")
     p.add_argument("--json", action="store_true", help="print the collected fields as JSON")

@@ -21,7 +21,7 @@ COMMANDS = {
     "export": ("m2das.downstream.export", "Run or checkpoint -> encoder-only weights for the M2D runtime and EVAR."),
     "embed": ("m2das.downstream.embed", "Folder of audio or LMS files -> clip embeddings (.npz)."),
     "eval": ("m2das.downstream.linear_eval", "Linear evaluation, Table V protocol: --task, --suite paper or --data LIST.csv."),
-    "finetune": ("m2das.downstream.finetune", "Fine-tune a pre-trained encoder on AudioSet (Table VI), resumable."),
+    "finetune": ("m2das.downstream.finetune", "Fine-tune a pre-trained encoder on a Table VI task (AudioSet, ESC-50, SPCV2, VC1), resumable."),
 }
 
 

@@ -16,6 +16,7 @@ from m2das.downstream import ft_data
 from m2das.downstream.ft_model import LARS, finetune_lr, interpolate_pos_embed
 from m2das.model import sincos_pos_embed
 from pretrained_fixture import make_checkpoint
+from slurm_fixture import slurm_cluster  # noqa: F401
 
 AUDIOSET = SHARED / "audioset"
 N_TRAIN, N_TEST = 24, 12
@@ -268,3 +269,46 @@ def test_an_esc50_fold_out_of_range_is_one_line_exit_2(setup, tmp_path):
                   "--output_dir", tmp_path / "run", "--device", "cpu")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "--fold 6" in r.stderr and "1..5" in r.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_finetune_through_the_launcher_on_slurm_is_preempted_requeued_and_finishes(setup, slurm_cluster, tmp_path):
+    """`launch/submit.py --command finetune` on a real SLURM: two CPU ranks fine-tune SPCV2, a
+    preemption warning (SIGUSR2) saves and requeues the job (submitit's checkpoint keeps the
+    command), and the job ends with its result JSON."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from slurm_fixture import make_env, read_jsonl, starts, wait_for, wait_for_progress
+    from task_standins import make_standin
+
+    cluster, run = slurm_cluster, tmp_path / "run"
+    root = make_standin("spcv2", tmp_path / "spcv2", per_class=4, seconds=1.0, n_classes=3)
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test", "--cluster",
+                          "slurm", "--command", "finetune", "--run-dir", str(run), "--time", "10", "--",
+                          str(setup[2]), "--task", "spcv2", "--data_path", str(root), "--epochs", "12",
+                          "--warmup_epochs", "1", "--batch_size", "2"],
+                         env=dict(make_env(), SLURM_CONF=str(cluster.conf)), capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "trainer: m2das finetune " in out.stdout
+    job = re.search(r"job id:\s+(\d+)", out.stdout).group(1)
+
+    def diag():
+        logs = "".join(p.read_text()[-3000:] for p in sorted((run / "slurm").glob(f"{job}_*_log.*")))
+        return f"job: {cluster.job(job)}\n{logs}"
+
+    wait_for_progress(run, 1, 2, 240, diag)
+    cluster.run("scancel", "--signal=USR2", job)
+    wait_for(lambda: len(starts(run)) >= 2, 240, "the requeued start", diag)
+    wait_for(lambda: cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 420,
+             f"job {job} to end", diag)
+    assert cluster.job(job)["JobState"] == "COMPLETED", diag()
+    result = json.loads((run / "finetune_result.json").read_text())
+    assert result["task"] == "spcv2" and len(result["scores"]) == len(result["valid_scores"]) == 12
+    events = [r.get("event") for r in read_jsonl(run / runfolder.RESTARTS)]
+    assert runfolder.EVENT_STOPPED in events and events[-1] == runfolder.EVENT_FINISHED, events
+    assert json.loads((run / runfolder.CONFIG).read_text())["world_size"] == 2

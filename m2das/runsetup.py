@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import torch.distributed as dist
@@ -301,6 +302,12 @@ def print_config(cfg: TrainConfig, world_size: int) -> int:
         if packed.is_packed(cfg.data_path):
             rows = int(packed.read_manifest(cfg.data_path)["samples"])
     derived = config.resolve(cfg, world_size, rows)
+    if rows is None:  # the JSON's null steps would otherwise pass for a plan
+        print(f"m2das train: warning: no list found at {cfg.csv_main}; steps are unknown until it exists "
+              f"(pass --data_path or --csv_main)", file=sys.stderr)
+    elif derived["steps_per_epoch"] == 0:
+        print(f"m2das train: warning: {cfg.csv_main}: {rows} files give no full step of {cfg.batch_size} x "
+              f"{cfg.accum_iter} x {world_size}; lower --batch_size", file=sys.stderr)
     run_dir = cfg.output_dir or str(config.default_output_dir(cfg, world_size))
     stats_sources = [Path(run_dir) / NORM_STATS, Path(cfg.data_path) / NORM_STATS]
     norm = next((str(p) for p in stats_sources if p.exists()), None) or \

@@ -22,3 +22,27 @@ def test_print_config_warns_when_the_list_gives_no_full_step(lms_data):
     assert "warning:" in r.stderr and "48 files give no full step of 64 x 1 x 1; lower --batch_size" in r.stderr
     r = run_m2das("train", "--print_config", "--data_path", lms_data, "--batch_size", "8", env={"WORLD_SIZE": "1"})
     assert r.returncode == 0 and r.stderr == "" and json.loads(r.stdout)["total_steps"] == 6 * 300
+
+
+def test_the_stated_export_size_is_the_default_export_of_vit_base():
+    """The README and `export --help` give the ViT-B export's size: count it from the model's own
+    tensors (on the meta device, nothing allocated) with the keys the export keeps."""
+    import re
+    from pathlib import Path
+
+    import torch
+
+    from m2das.downstream.weights import is_encoder_key
+    from m2das.model import create_model
+    from m2das.runfolder import HEAD_PREFIX
+
+    with torch.device("meta"):
+        state = create_model("m2d_as_vit_base").state_dict()
+    kept = [v for k, v in state.items() if is_encoder_key(k) or k.startswith(HEAD_PREFIX)]
+    megabytes = sum(v.numel() * v.element_size() for v in kept) / 1e6
+    help_text = " ".join(run_m2das("export", "--help").stdout.split())
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    for where, text in (("export --help", help_text), ("README.md", readme)):
+        stated = re.findall(r"about (\d+) MB for ViT-B", text)
+        assert stated, f"{where} gives no ViT-B export size"
+        assert all(abs(int(n) - megabytes) < 5 for n in stated), (where, stated, megabytes)

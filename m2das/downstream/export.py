@@ -1,7 +1,7 @@
 """`m2das export RUN|CHECKPOINT`: encoder weights the published runtime and EVAR load as they are.
 
 Keeps `patch_embed.*`, `cls_token`, `pos_embed`, `blocks.*`, `norm.*`,
-`norm_stats` and the AudioSet head `offline_predictor.*` (about 340 MB for
+`norm_stats` and the AudioSet head `offline_predictor.*` (about 350 MB for
 ViT-B instead of 1.7 GB) in a folder named
 `{model}-{F}x{T}p{pf}x{pt}p16k-{YYMMDD}-{config}_enconly`, the name those tools
 parse the sizes from. A run folder named otherwise (--output_dir runs/mine) gives

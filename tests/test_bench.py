@@ -1,4 +1,5 @@
 import json
+import re
 
 import torch
 
@@ -13,6 +14,8 @@ def test_bench_train_reports_throughput_flops_and_mfu(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "machine:" in r.stdout and "samples/s" in r.stdout and "TFLOP/s" in r.stdout
     assert "EMA update: python loop" in r.stdout and "of a large matmul measured here" in r.stdout
+    matmul = re.search(r"matmul measured here \(([0-9.]+) (GFLOP|TFLOP)/s\)", r.stdout)
+    assert matmul and float(matmul[1]) > 0, r.stdout  # a CPU's rate in GFLOP/s, never "0.0 TFLOP/s"
     result = json.loads(out.read_text())
     assert result["precision"] == "fp32" and result["batch_size"] == 2 and result["torch"] == torch.__version__
     assert 0 < result["mfu_of_matmul"] and result["samples_per_s"] > 0 and "mfu" in result

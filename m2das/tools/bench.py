@@ -36,6 +36,11 @@ def datasheet_peak(device) -> float | None:
     return None
 
 
+def flop_rate(tflops: float) -> str:
+    """A CPU's matmul is well under 1 TFLOP/s: "0.0 TFLOP/s" would say nothing, so GFLOP/s there."""
+    return f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.1f} GFLOP/s"
+
+
 def measured_matmul_tflops(device, n: int | None = None, repeats: int = 20) -> float:
     """The rate of one large matrix product on random data (bf16 on CUDA, fp32 on CPU): a ceiling
     measured in the same run, next to the datasheet's."""
@@ -152,7 +157,7 @@ def train_main(argv) -> int:
     print(line)
     mfu = f"MFU {100 * r['mfu']:.1f}% of the dense bf16 peak ({r['peak_tflops']:.0f} TFLOP/s), " if r["mfu"] else \
         "MFU: no datasheet peak for this device, "
-    print(f"{mfu}{100 * r['mfu_of_matmul']:.1f}% of a large matmul measured here ({r['matmul_tflops']:.1f} TFLOP/s)")
+    print(f"{mfu}{100 * r['mfu_of_matmul']:.1f}% of a large matmul measured here ({flop_rate(r['matmul_tflops'])})")
     if args.json:
         from m2das.fileio import write_json
 

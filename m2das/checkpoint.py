@@ -18,6 +18,7 @@ m2das.ckptfile's business.
 """
 
 import contextlib
+import os
 import shutil
 import threading
 import time
@@ -35,6 +36,17 @@ from m2das.runfolder import EXIT_DIVERGED, EXIT_RESUMABLE
 
 __all__ = ["FORMAT", "CheckpointError", "SaveFailed", "Progress", "RNGState", "Outcome", "Checkpointer",
            "BackgroundWriter", "all_finite", "to_cpu", "load_file", "save_file"]
+
+
+def resume_hint() -> str:
+    """Who resumes a stopped run: under SLURM the job requeues itself and under the local launcher
+    the supervisor restarts it, so "rerun the same command" would send the user to do it twice."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        return f"SLURM job {job} requeues itself and resumes here (a job started by hand: rerun the same command)"
+    if os.environ.get("M2DAS_LAUNCHER_ATTEMPT"):
+        return "the launcher restarts the run and resumes here"
+    return "rerun the same command to resume"
 
 
 @dataclass(frozen=True)
@@ -291,14 +303,14 @@ class Checkpointer:
             error = self._save_now(path)
             if error is not None:
                 return Outcome(runfolder.EVENT_SAVE_FAILED, EXIT_RESUMABLE, f"stopping: {error}; the previous "
-                               f"checkpoint is intact, rerun the same command to resume (exit {EXIT_RESUMABLE})")
+                               f"checkpoint is intact; {resume_hint()} (exit {EXIT_RESUMABLE})")
             if epoch_due:
                 self.log(f"saved {path}")
             if stopping:
                 p = self.progress
                 return Outcome(runfolder.EVENT_STOPPED, EXIT_RESUMABLE, f"{stop or 'stop'} received: saved {path} "
-                               f"at step {p.step} (epoch {p.epoch + 1}, batch {p.batch_in_epoch}); rerun the same "
-                               f"command to resume (exit {EXIT_RESUMABLE})")
+                               f"at step {p.step} (epoch {p.epoch + 1}, batch {p.batch_in_epoch}); "
+                               f"{resume_hint()} (exit {EXIT_RESUMABLE})")
         elif interval and self.rank == 0:
             self._interval_save()
         self.last_save = time.monotonic()

@@ -46,3 +46,21 @@ def test_the_stated_export_size_is_the_default_export_of_vit_base():
         stated = re.findall(r"about (\d+) MB for ViT-B", text)
         assert stated, f"{where} gives no ViT-B export size"
         assert all(abs(int(n) - megabytes) < 5 for n in stated), (where, stated, megabytes)
+
+
+def test_a_stop_under_slurm_or_the_launcher_says_who_resumes(lms_data, tmp_path):
+    """A SIGTERM inside a real step: under SLURM the job requeues itself, under the local launcher the
+    supervisor restarts the run; neither asks the user to rerun the command."""
+    from conftest import TINY_TRAIN
+    from m2das import EXIT_RESUMABLE
+
+    run = tmp_path / "run"
+    args = ("train", *TINY_TRAIN, "--data_path", lms_data, "--output_dir", run, "--batch_size", "8", "--epochs", "2")
+    r = run_m2das(*args, env={"SLURM_JOB_ID": "4242", "M2DAS_TEST_SIGTERM_AT_STEP": "2"})
+    out = r.stdout + r.stderr
+    assert r.returncode == EXIT_RESUMABLE, out
+    assert "SIGTERM received: saved" in out and "SLURM job 4242 requeues itself and resumes here" in out
+    r = run_m2das(*args, env={"M2DAS_LAUNCHER_ATTEMPT": "1", "M2DAS_TEST_SIGTERM_AT_STEP": "4"})
+    out = r.stdout + r.stderr
+    assert r.returncode == EXIT_RESUMABLE and "resumed from" in out, out
+    assert "the launcher restarts the run and resumes here" in out and "rerun the same command" not in out

@@ -22,12 +22,20 @@ def show_as(local, shown: str) -> None:
     _SHOWN_AS[str(local).rstrip("/")] = shown.rstrip("/")
 
 
-def log(msg: str, rank: int = 0, *, prog: str = "m2das", stream=None, local_paths: bool = False) -> None:
-    """`[prog HH:MM:SS] msg` on stdout (or `stream`), from rank 0 only; local_paths: a line about the copy itself."""
+def log(msg: str, rank: int = 0, *, prog: str | None = "m2das", stream=None, stderr: bool = False,
+        clock: bool = True, local_paths: bool = False) -> None:
+    """`[prog HH:MM:SS] msg` on stdout (or `stream`), from rank 0 only; without the clock `prog: msg`
+    (or the bare message without a prog), as prepare and pack print on stderr (`stderr`,
+    looked up at each call). local_paths: a line about
+    the staging copy itself (object storage)."""
     if rank == 0:
         for local, shown in () if local_paths else _SHOWN_AS.items():
             msg = msg.replace(local, shown)
-        print(f"[{prog} {datetime.datetime.now():%H:%M:%S}] {msg}", file=stream or sys.stdout, flush=True)
+        if clock:
+            line = f"[{prog} {datetime.datetime.now():%H:%M:%S}] {msg}"
+        else:
+            line = f"{prog}: {msg}" if prog else msg
+        print(line, file=stream or (sys.stderr if stderr else sys.stdout), flush=True)
 
 
 def record(run_dir, event: str, **fields) -> dict:

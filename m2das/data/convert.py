@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from m2das import events
 from m2das.datafolder import LMS_DIR
 from m2das.fileio import atomic_write
 
@@ -37,8 +38,7 @@ _TMP_NAME = re.compile(r"^\..+\.npy\..+\.tmp$")  # what fileio.atomic_write leav
 CRASHED = "worker process died while converting it (out of memory?); convert or remove the file"
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+log = functools.partial(events.log, prog=None, stderr=True, clock=False)  # prepare's stderr lines
 
 
 def progress_bar(total: int, desc: str, enabled: bool):

@@ -19,6 +19,7 @@ import argparse
 import collections
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m2das import events
 from m2das.data import packed
 from m2das.fileio import atomic_write, write_json
 from m2das.data.lmsfile import N_MELS
@@ -55,8 +57,7 @@ def parse_size(text: str) -> int:
     return value
 
 
-def log(msg: str) -> None:
-    print(f"m2das pack: {msg}", file=sys.stderr, flush=True)
+log = functools.partial(events.log, prog="m2das pack", stderr=True, clock=False)
 
 
 def read_journal(out: Path) -> list:

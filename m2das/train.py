@@ -181,7 +181,18 @@ class LossMeter:
         loss, online, offline = (self.sums / max(self.batches, 1)).tolist()
         elapsed = time.perf_counter() - self.t0
         return {"loss": loss, "loss_online": online, "loss_offline": offline,
-                "samples_per_s": self.samples / elapsed if elapsed > 0 else 0.0}
+                "samples_per_s": self.samples / elapsed if elapsed > 0 else 0.0,
+                "batch_s": elapsed / self.batches if self.batches else None}
+
+
+def eta_text(seconds: float | None) -> str:
+    """Compact time left for a log line: 2d03h, 1h23m, 4m05s (? before any step was timed)."""
+    if seconds is None:
+        return "?"
+    d, rest = divmod(int(max(seconds, 0)), 86400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    return f"{d}d{h:02d}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 # -- the loop ---------------------------------------------------------------------
@@ -294,11 +305,14 @@ def report(run: Run, epoch: int) -> None:
     if run.rank != 0:
         return
     step, total_steps, lr, tau = run.progress.step, run.total_steps, run.lr, run.tau
+    batch_s = m.pop("batch_s")  # the rate since the last log line: the ETA follows speed changes
+    eta_s = None if batch_s is None else (total_steps - step) * run.cfg.accum_iter * batch_s
     row = {"time": time.time(), "epoch": epoch, "step": step, "total_steps": total_steps, "lr": lr, "tau": tau,
-           **m}
+           **m, "eta_s": eta_s}
     append_jsonl(run.run_dir / runfolder.LOG, row)
     log(f"epoch {epoch + 1} step {step}/{total_steps} loss {m['loss']:.4f} (online {m['loss_online']:.4f}, "
-        f"offline {m['loss_offline']:.4f}) lr {lr:.3e} tau {tau:.6f} {m['samples_per_s']:.1f} samples/s")
+        f"offline {m['loss_offline']:.4f}) lr {lr:.3e} tau {tau:.6f} {m['samples_per_s']:.1f} samples/s, "
+        f"ETA {eta_text(eta_s)}")
     if run.writer is not None:
         for k in ("loss", "loss_online", "loss_offline", "lr", "tau", "samples_per_s"):
             run.writer.add_scalar(f"train/{k}", row[k], step)

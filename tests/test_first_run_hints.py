@@ -64,3 +64,35 @@ def test_a_stop_under_slurm_or_the_launcher_says_who_resumes(lms_data, tmp_path)
     out = r.stdout + r.stderr
     assert r.returncode == EXIT_RESUMABLE and "resumed from" in out, out
     assert "the launcher restarts the run and resumes here" in out and "rerun the same command" not in out
+
+
+def test_log_lines_give_the_eta_from_the_recent_rate(lms_data, tmp_path):
+    """Each log line ends in "ETA 1h23m"-style time left: the steps left times the rate since the last
+    line (an optimizer step of accum_iter batches), so the last line says 0m00s."""
+    import re
+    import statistics
+
+    from conftest import TINY_TRAIN
+    from m2das.fileio import read_jsonl
+
+    run = tmp_path / "run"
+    r = run_m2das("train", *TINY_TRAIN, "--data_path", lms_data, "--output_dir", run, "--batch_size", "4",
+                  "--accum_iter", "2", "--epochs", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    def seconds(text):
+        parts = dict((unit, int(n)) for n, unit in re.findall(r"(\d+)([dhms])", text))
+        return parts.get("d", 0) * 86400 + parts.get("h", 0) * 3600 + parts.get("m", 0) * 60 + parts.get("s", 0)
+
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if " samples/s, ETA " in line]
+    rows = read_jsonl(run / "log.jsonl")
+    assert len(lines) == len(rows) == 12  # 48 files / (4 x 2) = 6 steps an epoch, a line a step
+    etas = [re.search(r"ETA ((?:\d+[dhms])+)$", line) for line in lines]
+    assert all(etas), lines
+    for eta, row in zip(etas, rows):
+        assert seconds(eta[1]) == int(row["eta_s"])  # the line shows what log.jsonl keeps
+    assert etas[-1][1] == "0m00s" and rows[0]["eta_s"] > 0
+    # The rate behind the ETA is the time one step took: compare with the log rows' own clock.
+    ratios = [rows[i]["eta_s"] / (row["total_steps"] - row["step"]) / (row["time"] - rows[i - 1]["time"])
+              for i, row in enumerate(rows) if 0 < i < len(rows) - 1]
+    assert 0.5 < statistics.median(ratios) < 2, ratios

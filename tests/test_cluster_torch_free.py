@@ -129,3 +129,12 @@ def test_launcher_in_a_venv_holding_only_submitit(submitit_only_python, tmp_path
                               f"--data_path /data --output_dir {tmp_path / 'runs'}/m2d_as_vit_base-80x608"), trainer
     assert "#SBATCH --partition=debug\n" in out.stdout
     assert f"{submitit_only_python} -m m2das.cluster.requeue decide" in out.stdout  # the job's interpreter
+
+
+def test_finetune_dry_run_without_torch_and_numpy(tmp_path):
+    # The launcher checks `m2das finetune`'s flags with its own parser on the login node, too.
+    out = login_node("run", REPO / "launch" / "submit.py", "--preset", "48gb", "--cluster", "slurm",
+                     "--command", "finetune", "--run-dir", tmp_path / "ft", "--dry-run", "--",
+                     tmp_path / "weights.pth", "--task", "as20k", "--data_path", "/data")
+    assert out.returncode == 0, out.stderr
+    assert "trainer: m2das finetune " in out.stdout and "--task as20k" in out.stdout, out.stdout

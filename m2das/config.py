@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from m2das import machine, runfolder
+from m2das import loggers, machine, runfolder
 from m2das.cliargs import DefaultsFormatter, Parser
 from m2das.datafolder import WEIGHTED_LIST
 from m2das.runfolder import folder_name
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--force_config", action="store_true", help="continue a run folder whose config.json differs")
     a("--skip_validation", action="store_true", help="do not check every listed file before training")
     a("--print_config", action="store_true", help="print the resolved configuration as JSON and exit")
+    a("--logger", choices=loggers.NAMES, default="none", help="an experiment logger beside TensorBoard "
+      f"(rank 0; WANDB_PROJECT, WANDB_MODE=offline as wandb reads them; {loggers.INSTALL_HINT})")
     from m2das.monitor import add_monitor_flags  # --monitor_every, --monitor_list (torch-free)
 
     add_monitor_flags(a)
@@ -162,6 +164,7 @@ class TrainConfig:
     force_config: bool
     skip_validation: bool
     print_config: bool
+    logger: str
     monitor_every: int
     monitor_list: str | None
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from m2das import config, events, machine, runfolder
+from m2das import config, events, loggers, machine, runfolder
 from m2das.checkpoint import Checkpointer, Outcome, Progress, RNGState
 from m2das.ckptfile import CheckpointError, describe_weights, load_weight_file
 from m2das.config import TrainConfig
@@ -215,6 +215,7 @@ class Run:
     meter: LossMeter
     monitor: Monitor
     writer: object
+    logger: loggers.NoLogger
     abs_lr: float
     batches_per_epoch: int
     total_steps: int
@@ -271,6 +272,7 @@ def step_boundary(run: Run, epoch: int, epoch_ended: bool) -> Outcome | None:
         if run.rank == 0:
             row = record_quality(quality, run.run_dir, run.writer, p.epoch, p.step,
                                  time.monotonic() - run.monitor_clock)
+            run.logger.log({f"monitor/{k}": v for k, v in row.items() if isinstance(v, float)}, p.step)
             log(f"quality after epoch {p.epoch}: mAP {row['monitor_map']:.4f}, RankMe "
                 f"{row['monitor_rankme']:.1f}, kNN {row['monitor_knn_acc']:.3f} "
                 f"({row['monitor_seconds']:.1f} s, {100 * row['monitor_share']:.2f}% of training time)")
@@ -313,9 +315,11 @@ def report(run: Run, epoch: int) -> None:
     log(f"epoch {epoch + 1} step {step}/{total_steps} loss {m['loss']:.4f} (online {m['loss_online']:.4f}, "
         f"offline {m['loss_offline']:.4f}) lr {lr:.3e} tau {tau:.6f} {m['samples_per_s']:.1f} samples/s, "
         f"ETA {eta_text(eta_s)}")
+    scalars = {f"train/{k}": row[k] for k in ("loss", "loss_online", "loss_offline", "lr", "tau", "samples_per_s")}
     if run.writer is not None:
-        for k in ("loss", "loss_online", "loss_offline", "lr", "tau", "samples_per_s"):
-            run.writer.add_scalar(f"train/{k}", row[k], step)
+        for k, v in scalars.items():
+            run.writer.add_scalar(k, v, step)
+    run.logger.log(scalars, step)
 
 
 def train(cfg: TrainConfig, env: dict) -> int:
@@ -399,6 +403,10 @@ def _train(cfg: TrainConfig, env, device, flag_group, stop, run_dir: Path, mirro
                         publish=mirror.publish_checkpoint if mirror else None)
     resume_or_start(ckpt, cfg, model, stats, rank)
 
+    loggers_open = []  # rank 0's logger stays on rank 0 (an error is every rank's, through on_rank0)
+    on_rank0(lambda: loggers_open.append(loggers.open_logger(cfg.logger, run_dir, rank, cfg.asdict())), rank)
+    experiment_logger = loggers_open[0] if loggers_open else loggers.NoLogger()  # a crash: wandb's exit hook
+
     ddp = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
         gradient_as_bucket_view=True)
@@ -409,6 +417,7 @@ def _train(cfg: TrainConfig, env, device, flag_group, stop, run_dir: Path, mirro
     run = Run(cfg=cfg, rank=rank, world=world, device=device, run_dir=run_dir, model=model, ddp=ddp,
               optimizer=optimizer, scaler=scaler, progress=progress, ckpt=ckpt, stop=stop,
               meter=LossMeter(device), writer=tensorboard_writer(run_dir, rank, progress.step),
+              logger=experiment_logger,
               monitor=Monitor(cfg.asdict(), samples.classes, device, rank, world),  # no training randomness
               abs_lr=derived["abs_lr"], batches_per_epoch=derived["steps_per_epoch"] * cfg.accum_iter,
               total_steps=derived["total_steps"], amp_dtype=autocast_dtype(cfg, device),
@@ -421,6 +430,7 @@ def _train(cfg: TrainConfig, env, device, flag_group, stop, run_dir: Path, mirro
         log(outcome.message, rank)
         if rank == 0:
             events.record(run_dir, outcome.event, step=progress.step, **({"signal": stop.name} if stop.name else {}))
+        experiment_logger.close(failed=outcome.event == runfolder.EVENT_DIVERGED)
         if outcome.event == runfolder.EVENT_STOPPED:
             stop.hand_over()
         return outcome.exit_code
@@ -434,6 +444,7 @@ def _train(cfg: TrainConfig, env, device, flag_group, stop, run_dir: Path, mirro
             events.record(run_dir, runfolder.EVENT_FINISHED, step=progress.step)
     if not final.exists():
         raise TrainError(f"{final}: the final weights are missing; rerun the same command to write them")
+    experiment_logger.close()
     log(f"finished {cfg.epochs} epochs ({progress.step} steps); weights: {final}", rank)
     return 0
 
@@ -444,8 +455,9 @@ def main(argv=None) -> int:
     if cfg.print_config:
         return print_config(cfg, env["world_size"])
     try:
+        loggers.require(cfg.logger)  # before the run folder is touched
         return train(cfg, env)
-    except (TrainError, DataListError) as e:
+    except (TrainError, DataListError, loggers.LoggerError) as e:
         print(f"m2das train: error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:  # a second Ctrl-C (the first one saves and exits 75)

@@ -13,12 +13,37 @@ class Parser(argparse.ArgumentParser):
 
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
-    def add_flag(self, name: str, *more, **kw):
-        """`name` as written, and also with its hyphens and underscores swapped after the leading
-        `--`: train's flags are the paper's underscores, prepare's and pack's read as hyphens."""
-        body = name[2:]
-        other = "--" + (body.replace("_", "-") if "_" in body else body.replace("-", "_"))
-        return self.add_argument(name, *more, *([other] if other != name else []), **kw)
+    def add_argument(self, *names, **kw):
+        """Every long flag also in its other spelling (see both_spellings)."""
+        return super().add_argument(*both_spellings(names), **kw)
+
+    add_flag = add_argument  # the name prepare and pack were written with
+
+    def add_argument_group(self, *args, **kw):
+        return _spelling_both(super().add_argument_group(*args, **kw))
+
+    def add_mutually_exclusive_group(self, **kw):
+        return _spelling_both(super().add_mutually_exclusive_group(**kw))
+
+
+def both_spellings(names) -> list:
+    """The flag names as written, then each long one with hyphens and underscores swapped after the
+    leading `--`: train's flags are the paper's underscores, prepare's and pack's read as hyphens,
+    and either spelling works with every command."""
+    spelled = list(names)
+    for name in names:
+        if name.startswith("--") and name[2:3].isalnum():
+            body = name[2:]
+            other = "--" + (body.replace("_", "-") if "_" in body else body.replace("-", "_"))
+            if other not in spelled:
+                spelled.append(other)
+    return spelled
+
+
+def _spelling_both(group):
+    add = group.add_argument
+    group.add_argument = lambda *names, **kw: add(*both_spellings(names), **kw)
+    return group
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -70,3 +70,30 @@ def test_no_help_text_states_a_default_twice():
         for line in r.stdout.splitlines():
             assert len(stated.findall(line)) < 2, f"m2das {' '.join(args)} --help: {line.strip()}"
             assert "(default: None)" not in line, f"m2das {' '.join(args)} --help: {line.strip()}"
+
+
+def test_every_flag_of_every_command_takes_both_spellings():
+    """--batch_size and --batch-size, --stats-files and --stats_files: whichever a user types works,
+    with every command and benchmark (the options listed in each --help, both spellings side by side)."""
+    import re
+
+    from m2das.cli import COMMANDS
+
+    option = re.compile(r"^\s+(-\S+(?: \S+)?(?:, -\S+(?: \S+)?)*)\s{2,}|^\s+(-\S+(?: \S+)?(?:, -\S+(?: \S+)?)*)$")
+    commands = [(name,) for name in COMMANDS] + [("bench", b) for b in ("train", "prepare", "checkpoint", "data")]
+    lacking = []
+    for args in commands:
+        r = run_m2das(*args, "--help", env={"COLUMNS": "400"})
+        assert r.returncode == 0, (args, r.stderr)
+        for line in r.stdout.splitlines():
+            m = option.match(line)
+            if not m:
+                continue
+            names = {tok.split(" ")[0] for tok in (m.group(1) or m.group(2)).split(", ")}
+            for name in names:
+                body = name[2:]
+                if name.startswith("--") and body[:1].isalnum() and ("_" in body or "-" in body):
+                    other = "--" + (body.replace("_", "-") if "_" in body else body.replace("-", "_"))
+                    if other not in names:
+                        lacking.append(f"m2das {' '.join(args)}: {name}")
+    assert not lacking, lacking

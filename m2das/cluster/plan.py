@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from m2das import runfolder
-from m2das.cliargs import DefaultsFormatter
+from m2das.cliargs import DefaultsFormatter, Parser
 from m2das.cluster import requeue
 from m2das.fileio import read_jsonl
 from m2das.runfolder import EXIT_CODES
@@ -63,7 +63,7 @@ def _exit_codes_text():
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python launch/submit.py", allow_abbrev=False,
         usage="%(prog)s [launcher flags] [--] [trainer flags]",
         description="Submit M2D-AS pre-training. Trainer flags (everything after `--`, or from "

@@ -10,14 +10,13 @@ only; the sbatch templates' `#SBATCH --signal` line is held to them by a test.
 Torch-free: launchers and batch scripts import it on login nodes.
 """
 
-import argparse
 import datetime
 import os
 import sys
 from pathlib import Path
 
 from m2das import runfolder
-from m2das.cliargs import DefaultsFormatter
+from m2das.cliargs import DefaultsFormatter, Parser
 from m2das.fileio import append_jsonl, read_jsonl
 from m2das.machine import master_port  # the one MASTER_PORT rule, for `port`
 from m2das.runfolder import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE
@@ -166,7 +165,7 @@ def record(run_dir, decision: Decision, by: str, job_id, restart_count, **extra)
 
 # -- command line, for the sbatch templates -----------------------------------------
 def _cli(argv) -> int:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m m2das.cluster.requeue",
         description="The requeue policy for batch scripts. `decide` prints one word (requeue, requeue_cap, "
                     "finished, diverged, failed, stopped) and records it in RUN/launcher.jsonl; `task-exit` "

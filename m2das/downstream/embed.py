@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m2das.cliargs import Parser
 from m2das.runfolder import EXIT_BAD_INPUT
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus"}
@@ -174,7 +175,7 @@ def failures_path(out) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="m2das embed", description=__doc__,
+    p = Parser(prog="m2das embed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Files that cannot be read are skipped and listed (file,error) in "
                                        "OUT_failures.csv; exit 0 with a warning when some failed, 2 when all did.")

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from m2das import remote
+from m2das.cliargs import Parser
 from m2das.fileio import is_url
 from m2das.runfolder import EXIT_BAD_INPUT
 from m2das.downstream.weights import HEAD_PREFIX, WeightsError, read_weights
@@ -87,7 +88,7 @@ def export(source, out_dir=None, epoch: int | None = None, with_head: bool = Fal
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="m2das export", description=__doc__,
+    p = Parser(prog="m2das export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="RUN|CHECKPOINT", help="a run folder (also s3://... and other fsspec URLs) "
                    "or a checkpoint file")

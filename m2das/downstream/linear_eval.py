@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m2das.cliargs import Parser
 from m2das.downstream.features import ListError, cached_embeddings, default_cache_dir, targets_of
 from m2das.downstream.protocol import Settings, Split, run_protocol
 from m2das.runfolder import EXIT_BAD_INPUT
@@ -127,7 +128,7 @@ def summary_line(r: dict) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="m2das eval", description=__doc__,
+    p = Parser(prog="m2das eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Settings()
     p.add_argument("weights", metavar="WEIGHTS", help="an exported encoder, a checkpoint or a run folder")

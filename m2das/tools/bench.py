@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from m2das.cliargs import Parser
 from m2das.config import size_pair
 from m2das.datafolder import LMS_DIR, NORM_STATS, WEIGHTED_LIST
 from m2das.machine import cpu_name, describe, device_flag, usable_cores
@@ -126,7 +127,7 @@ def compare_ema(model, device, repeats: int) -> dict:
 
 
 def train_main(argv) -> int:
-    p = argparse.ArgumentParser(prog="m2das bench train", description=__doc__,
+    p = Parser(prog="m2das bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="m2d_as_vit_base")
     p.add_argument("--input_size", type=size_pair, default=[80, 608])
@@ -182,7 +183,7 @@ def checkpoint_main(argv) -> int:
     from m2das.model import create_model
     from m2das.train import build_optimizer
 
-    p = argparse.ArgumentParser(prog="m2das bench checkpoint", description=checkpoint_main.__doc__)
+    p = Parser(prog="m2das bench checkpoint", description=checkpoint_main.__doc__)
     p.add_argument("--model", default="m2d_as_vit_base")
     p.add_argument("--dir", default=None, help="folder to write the file in (default: a temporary folder)")
     p.add_argument("--repeats", type=int, default=3)
@@ -322,7 +323,7 @@ def data_main(argv) -> int:
     from m2das.data.dataset import LMSDataset, make_dataset, read_list, read_samples, validate
     from m2das.data.pack import pack
 
-    p = argparse.ArgumentParser(prog="m2das bench data", description=data_main.__doc__)
+    p = Parser(prog="m2das bench data", description=data_main.__doc__)
     p.add_argument("--files", type=int, default=400, help="synthetic clips [1, 80, 1001] (default 400)")
     p.add_argument("--crop", type=int, default=608, help="frames per crop (default 608, the paper's)")
     p.add_argument("--dir", default=".", help="folder on the disk to measure (default: the current one; "
@@ -401,7 +402,7 @@ def prepare_main(argv=None) -> int:
 
     from m2das.data.prepare import run_lms
 
-    p = argparse.ArgumentParser(prog="m2das bench prepare",
+    p = Parser(prog="m2das bench prepare",
                                 description="Time the lms step on clips generated here.")
     p.add_argument("--files", type=int, default=None, help="clips (default 32 per worker)")
     p.add_argument("--workers", type=int, default=None, help="default: all CPU cores")

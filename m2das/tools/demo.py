@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m2das.cliargs import Parser
 from m2das.fileio import read_jsonl
 
 SAMPLE_RATE = 16000
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     from m2das import EXIT_RESUMABLE
     from m2das.data.prepare import format_summary, run_prepare
 
-    p = argparse.ArgumentParser(prog="m2das demo", description=__doc__,
+    p = Parser(prog="m2das demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out",
                    help="folder for the corpus, data and runs (recreated if an earlier demo made it; any other "

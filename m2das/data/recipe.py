@@ -50,14 +50,22 @@ def describe_recipe(recipe: dict) -> str:
     return f"{recipe.get('resampler', '?')} {recipe.get('resampler_quality', '?')} resampling"
 
 
+def installed_version() -> str:
+    """m2das's version as installed (pyproject takes it from m2das.__version__, its one home)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("m2das")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def recipe_record(recipe: dict, other_outputs=()) -> dict:
     """What lms_recipe.json holds: the recipe, the versions that made it, and the outputs still
     made with another recipe (listed so that the trainer can warn about them)."""
     import importlib.metadata
 
-    from m2das import __version__
-
-    record = {"recipe": recipe, "m2das_version": __version__, OTHER_RECIPE_OUTPUTS: sorted(other_outputs)}
+    record = {"recipe": recipe, "m2das_version": installed_version(), OTHER_RECIPE_OUTPUTS: sorted(other_outputs)}
     if recipe.get("resampler") == "soxr":
         record["soxr_version"] = importlib.metadata.version("soxr")
     return record

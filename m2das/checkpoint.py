@@ -183,7 +183,8 @@ class Checkpointer:
             if key != "progress" and state.get(key) is not None:
                 obj.load_state_dict(state[key])
 
-    def _tensors(self):
+    def tensors(self):
+        """The model's and the optimizer's tensors: what a save must find finite."""
         model = self.states["model"]
         yield from model.state_dict().values()
         opt = self.states.get("optimizer")
@@ -283,7 +284,7 @@ class Checkpointer:
     def diverged(self, *watched) -> Outcome | None:
         """The one divergence check: the watched tensors (the loss sums) and every weight and optimizer
         tensor must be finite, else the run ends as diverged, saving nothing over the good files."""
-        if all_finite([*watched, *self._tensors()]):
+        if all_finite([*watched, *self.tensors()]):
             return None
         return Outcome(runfolder.EVENT_DIVERGED, EXIT_DIVERGED, self._diverged_message())
 

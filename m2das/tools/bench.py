@@ -178,8 +178,8 @@ def checkpoint_main(argv) -> int:
     """What the integrity check costs: load a full-state checkpoint with and without the CRC32 pass."""
     import tempfile
 
-    from m2das import checkpoint
-    from m2das.checkpoint import Checkpointer, Progress, RNGState
+    from m2das import ckptfile
+    from m2das.checkpoint import Checkpointer, Progress, RNGState, all_finite
     from m2das.model import create_model
     from m2das.train import build_optimizer
 
@@ -201,13 +201,13 @@ def checkpoint_main(argv) -> int:
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         path = Path(folder) / "last.pth"
         t0 = time.perf_counter()
-        checkpoint.save_file(ckpt.state_dict(), path)
+        ckptfile.save_file(ckpt.state_dict(), path)
         save_s = time.perf_counter() - t0
         size = path.stat().st_size
         timings = {"finite check": [], "CRC32 check": [], "torch.load": []}
         for _ in range(args.repeats):  # warm page cache: the check's own cost, not the disk's
-            for name, fn in (("finite check", lambda: checkpoint.all_finite(ckpt._tensors())),
-                             ("CRC32 check", lambda: checkpoint.verify_integrity(path)),
+            for name, fn in (("finite check", lambda: all_finite(ckpt.tensors())),
+                             ("CRC32 check", lambda: ckptfile.verify_integrity(path)),
                              ("torch.load", lambda: torch.load(path, map_location="cpu"))):
                 t0 = time.perf_counter()
                 fn()

@@ -16,6 +16,7 @@ aborts at once (KeyboardInterrupt, exit 130), for a user who will not wait.
 Before the StopRequest exists a Ctrl-C aborts as usual: nothing is lost yet.
 """
 
+import os
 import signal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -66,6 +67,9 @@ class StopRequest:
             self.interrupts += 1
             if self.interrupts > 1:
                 raise Aborted("a second Ctrl-C (SIGINT): stopped at once, without saving")
+            # os.write: a print could re-enter the stream this handler interrupted.
+            os.write(2, b"Ctrl-C: saving at the next step, then stopping; press Ctrl-C again to stop at once "
+                        b"without saving\n")
         if self.signum is None:
             self.signum = signum
 

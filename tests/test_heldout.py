@@ -13,7 +13,7 @@ def rows(path):
 
 
 def test_prepare_lists_eval_segments_and_holds_them_out_when_asked(tmp_path):
-    audio, meta = make_corpus(tmp_path / "corpus", clips=9)  # every third clip is in eval_segments.csv
+    audio, meta = make_corpus(tmp_path / "corpus", clips=6, heldout=3)  # the last three are in eval_segments.csv
     eval_ids = {line.split(",")[0] for line in (meta / "eval_segments.csv").read_text().splitlines()
                 if not line.startswith("#")}
     assert len(eval_ids) == 3

@@ -56,9 +56,16 @@ def test_a_second_ctrl_c_aborts_at_once_with_130(lms_data, tmp_path):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.3)  # two separate presses (one pending signal would absorb the other)
+    # The second press once the first is taken (two pending signals would merge into one), long
+    # before the first step boundary could save.
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("Ctrl-C: saving at the next step"):
+            break
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
+    out = "".join(seen) + out
     assert proc.returncode == EXIT_ABORTED == 130, out
     assert "second Ctrl-C" in out and "Traceback" not in out
     assert "stopped" not in [r["event"] for r in read_jsonl(run / "restarts.jsonl")] and not (run / "last.pth").exists()

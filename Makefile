@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/m2das demo --out demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests  # two workers; the SLURM tests share one
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -32,6 +32,14 @@ def write_lms_folder(root: Path, n_files: int = 48, seed: int = 0, classes=("/m/
     return root
 
 
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs two workers (pytest -n 2 --dist loadgroup): the tests on the real SLURM share
+    one worker, so one cluster serves them all as in a serial run."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 @pytest.fixture
 def lms_data(tmp_path):
     return write_lms_folder(tmp_path / "data")

@@ -1,6 +1,8 @@
 """Command-line conventions: defaults and exit codes in --help, both spellings of a flag,
 one-line errors, and commands that refuse instead of guessing."""
 
+import functools
+
 from conftest import run_m2das
 from m2das import config
 
@@ -55,19 +57,27 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     assert (mine / "chapter1.tex").read_text() == "precious"
 
 
+@functools.lru_cache(maxsize=None)
+def every_help_text() -> dict:
+    """Every command's --help and each benchmark's, one line per help text, read once for the tests below."""
+    from m2das.cli import COMMANDS
+
+    texts = {}
+    for args in [(name,) for name in COMMANDS] + [("bench", b) for b in ("train", "prepare", "checkpoint", "data")]:
+        r = run_m2das(*args, "--help", env={"COLUMNS": "400"})
+        assert r.returncode == 0, (args, r.stderr)
+        texts[args] = r.stdout
+    return texts
+
+
 def test_no_help_text_states_a_default_twice():
     """Every command's --help (and each benchmark's): a help string that spells its default must not
     also get the formatter's "(default: X)", and "(default: None)" says nothing."""
     import re
 
-    from m2das.cli import COMMANDS
-
     stated = re.compile(r"\(default\b|\bdefault:")
-    commands = [(name,) for name in COMMANDS] + [("bench", b) for b in ("train", "prepare", "checkpoint", "data")]
-    for args in commands:
-        r = run_m2das(*args, "--help", env={"COLUMNS": "400"})  # one line per help text
-        assert r.returncode == 0, (args, r.stderr)
-        for line in r.stdout.splitlines():
+    for args, text in every_help_text().items():
+        for line in text.splitlines():
             assert len(stated.findall(line)) < 2, f"m2das {' '.join(args)} --help: {line.strip()}"
             assert "(default: None)" not in line, f"m2das {' '.join(args)} --help: {line.strip()}"
 
@@ -77,15 +87,10 @@ def test_every_flag_of_every_command_takes_both_spellings():
     with every command and benchmark (the options listed in each --help, both spellings side by side)."""
     import re
 
-    from m2das.cli import COMMANDS
-
     option = re.compile(r"^\s+(-\S+(?: \S+)?(?:, -\S+(?: \S+)?)*)\s{2,}|^\s+(-\S+(?: \S+)?(?:, -\S+(?: \S+)?)*)$")
-    commands = [(name,) for name in COMMANDS] + [("bench", b) for b in ("train", "prepare", "checkpoint", "data")]
     lacking = []
-    for args in commands:
-        r = run_m2das(*args, "--help", env={"COLUMNS": "400"})
-        assert r.returncode == 0, (args, r.stderr)
-        for line in r.stdout.splitlines():
+    for args, text in every_help_text().items():
+        for line in text.splitlines():
             m = option.match(line)
             if not m:
                 continue

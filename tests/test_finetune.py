@@ -289,7 +289,7 @@ def test_finetune_through_the_launcher_on_slurm_is_preempted_requeued_and_finish
     root = make_standin("spcv2", tmp_path / "spcv2", per_class=4, seconds=1.0, n_classes=3)
     out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test", "--cluster",
                           "slurm", "--command", "finetune", "--run-dir", str(run), "--time", "10", "--",
-                          str(setup[2]), "--task", "spcv2", "--data_path", str(root), "--epochs", "12",
+                          str(setup[2]), "--task", "spcv2", "--data_path", str(root), "--epochs", "4",
                           "--warmup_epochs", "1", "--batch_size", "2"],
                          env=dict(make_env(), SLURM_CONF=str(cluster.conf)), capture_output=True, text=True,
                          timeout=60, cwd=REPO)
@@ -308,7 +308,7 @@ def test_finetune_through_the_launcher_on_slurm_is_preempted_requeued_and_finish
              f"job {job} to end", diag)
     assert cluster.job(job)["JobState"] == "COMPLETED", diag()
     result = json.loads((run / "finetune_result.json").read_text())
-    assert result["task"] == "spcv2" and len(result["scores"]) == len(result["valid_scores"]) == 12
+    assert result["task"] == "spcv2" and len(result["scores"]) == len(result["valid_scores"]) == 4
     events = [r.get("event") for r in read_jsonl(run / runfolder.RESTARTS)]
     assert runfolder.EVENT_STOPPED in events and events[-1] == runfolder.EVENT_FINISHED, events
     assert json.loads((run / runfolder.CONFIG).read_text())["world_size"] == 2

@@ -112,7 +112,9 @@ def test_crafted_pickles_never_run(data, tmp_path):
 def test_one_trainer_per_run_folder_and_a_killed_holder_does_not_block(data, tmp_path):
     run = tmp_path / "run"
     long = args(data, run, "--epochs", "200")
-    first = subprocess.Popen(m2das_cmd(*long), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # One thread: the holder trains on while the second start is timed, and must not starve it.
+    first = subprocess.Popen(m2das_cmd(*long), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 120
         while not read_jsonl(run / runfolder.LOG):

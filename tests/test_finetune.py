@@ -303,6 +303,12 @@ def test_finetune_through_the_launcher_on_slurm_is_preempted_requeued_and_finish
 
     wait_for_progress(run, 1, 2, 240, diag)
     cluster.run("scancel", "--signal=USR2", job)
+
+    def requeued():  # back in the queue, waiting on its BeginTime: start it now
+        j = cluster.job(job)
+        return j.get("JobState") == "PENDING" and int(j.get("Restarts", -1)) == 1
+    wait_for(requeued, 120, f"job {job} to be requeued", diag)
+    cluster.release(job)
     wait_for(lambda: len(starts(run)) >= 2, 240, "the requeued start", diag)
     wait_for(lambda: cluster.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 420,
              f"job {job} to end", diag)

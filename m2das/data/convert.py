@@ -41,10 +41,10 @@ CRASHED = "worker process died while converting it (out of memory?); convert or 
 log = functools.partial(events.log, prog=None, stderr=True, clock=False)  # prepare's stderr lines
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "file"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="file", disable=not enabled, mininterval=1.0,
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, mininterval=1.0,
                 smoothing=0.05, dynamic_ncols=True, file=sys.stderr)
 
 

@@ -252,7 +252,7 @@ def run_stats(data_dir, num_files: int | None = None, seed: int | None = None,
         raise PrepareError(f"{data_dir / FILE_LIST} is empty: nothing to compute statistics from", 1)
     num_files = stats.DEFAULT_STATS_FILES if num_files is None else num_files
     seed = stats.DEFAULT_STATS_SEED if seed is None else seed
-    with progress_bar(num_files, "stats", progress) as bar:
+    with progress_bar(num_files, "stats", progress, unit="crop") as bar:  # crops drawn with replacement
         try:
             result = stats.compute_norm_stats([os.path.join(data_dir, n) for n in names],
                                               num_files=num_files, seed=seed,
@@ -275,7 +275,8 @@ def _lock(data_dir):
         f = open(data_dir / PREPARE_LOCK, "a+")
     except OSError as e:
         raise PrepareError(f"cannot write to the data folder {data_dir} ({e.strerror or e}); "
-                           f"pass a writable DATA_DIR (in docker: mount it with -v)", 2) from None
+                           f"pass a writable DATA_DIR (in docker: add --user \"$(id -u):$(id -g)\" so the "
+                           f"container writes as you, and mount the folder with -v)", 2) from None
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

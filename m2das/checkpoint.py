@@ -159,8 +159,9 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir, states: dict, meta: dict, *, rank: int, epochs: int, save_freq: int,
-                 interval_s: float, log, flag_group=None, publish=None):
+                 interval_s: float, log, flag_group=None, publish=None, keep_epochs: int = 0):
         self.run_dir = Path(run_dir)
+        self.keep_epochs = keep_epochs  # newest epoch checkpoints kept (0: all)
         self.publish = publish  # publish(path, step): mirror a completed file (object storage), or None
         self.states, self.meta = states, meta
         self.progress: Progress = states["progress"]
@@ -307,6 +308,7 @@ class Checkpointer:
                                f"checkpoint is intact; {resume_hint()} (exit {EXIT_RESUMABLE})")
             if epoch_due:
                 self.log(f"saved {path}")
+                self._drop_old_epochs()
             if stopping:
                 p = self.progress
                 return Outcome(runfolder.EVENT_STOPPED, EXIT_RESUMABLE, f"{stop or 'stop'} received: saved {path} "
@@ -338,6 +340,19 @@ class Checkpointer:
             dist.broadcast_object_list(box, src=0, group=self.flag_group)
             error = box[0]
         return error
+
+    def _drop_old_epochs(self) -> None:
+        """--keep_epochs N: rank 0 deletes local epoch checkpoints older than the newest N, once the
+        newest is complete (a bucket's copies stay)."""
+        if self.rank != 0 or self.keep_epochs <= 0:
+            return
+        epochs = sorted(runfolder.saved_epochs(p.name for p in self.run_dir.iterdir()))
+        for epoch in epochs[:-self.keep_epochs]:
+            path = self.run_dir / runfolder.epoch_checkpoint_name(epoch)
+            try:
+                path.unlink()
+            except OSError as e:
+                self.log(f"warning: --keep_epochs could not delete {path}: {e}")
 
     def _interval_save(self) -> None:
         try:

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch_size", type=int, default=512, help="per process (GPU)")
     a("--accum_iter", type=int, default=1, help="batches per optimizer step")
     a("--save_freq", type=int, default=50, help="write checkpoint-{epoch}.pth every N epochs")
+    a("--keep_epochs", type=int, default=0,
+      help="keep only the newest N checkpoint-{epoch}.pth, deleting older ones as new ones land; 0: keep all")
     a("--seed", type=int, default=3)
     a("--loss_off", type=float, default=1.0, help="weight of the offline (AudioSet label) loss")
     a("--data_path", default="data", help="data root: the list's file names are relative to it; or a packed "
@@ -137,6 +139,7 @@ class TrainConfig:
     batch_size: int
     accum_iter: int
     save_freq: int
+    keep_epochs: int
     seed: int
     loss_off: float
     data_path: str

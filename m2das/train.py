@@ -400,7 +400,7 @@ def _train(cfg: TrainConfig, env, device, flag_group, stop, run_dir: Path, mirro
                          "norm_stats": stats, "classes": samples.classes},
                         rank=rank, epochs=cfg.epochs, save_freq=cfg.save_freq,
                         interval_s=cfg.ckpt_interval_min * 60, log=lambda m: log(m, rank), flag_group=flag_group,
-                        publish=mirror.publish_checkpoint if mirror else None)
+                        publish=mirror.publish_checkpoint if mirror else None, keep_epochs=cfg.keep_epochs)
     resume_or_start(ckpt, cfg, model, stats, rank)
 
     loggers_open = []  # rank 0's logger stays on rank 0 (an error is every rank's, through on_rank0)

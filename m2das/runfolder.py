@@ -265,15 +265,20 @@ class RunLock:
         self.release()
 
 
-def main(argv=None) -> int:
-    """`python -m m2das.runfolder NAME`: print a contract fact for shell scripts (e.g. LAUNCHER, EXIT_RESUMABLE)."""
+def print_fact(facts: dict, module: str, example: str, argv=None) -> int:
+    """`python -m MODULE NAME`: print a contract's constant for shell scripts; usage and exit 2 otherwise."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or not re.fullmatch(r"[A-Z_]+", argv[0]) or argv[0] not in globals():
-        print("usage: python -m m2das.runfolder NAME   (a constant of m2das/runfolder.py, e.g. LAUNCHER)",
+    if len(argv) != 1 or not re.fullmatch(r"[A-Z_]+", argv[0]) or argv[0] not in facts:
+        print(f"usage: python -m {module} NAME   (a constant of {module.replace('.', '/')}.py, e.g. {example})",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(globals()[argv[0]])
+    print(facts[argv[0]])
     return 0
+
+
+def main(argv=None) -> int:
+    """`python -m m2das.runfolder NAME`: a run-folder fact for shell scripts (e.g. LAUNCHER, EXIT_RESUMABLE)."""
+    return print_fact(globals(), "m2das.runfolder", "LAUNCHER", argv)
 
 
 if __name__ == "__main__":

@@ -167,11 +167,14 @@ def test_foreground_stop_then_rerun_finishes_exactly(tiny_data, reference_weight
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=90) == EXIT_RESUMABLE, diag()
     assert not [p for p in ranks if _alive(p)], "ranks outlived the foreground launcher"
-    assert (run / "last.pth").exists()
+    shown = (tmp_path / "launcher.out").read_text()
+    # The stop saves last.pth, or the epoch checkpoint when it lands on an epoch's last step.
+    saved = re.search(r"received: saved (\S+) at step", shown)
+    assert saved and Path(saved.group(1)).name in ("last.pth", "checkpoint-1.pth"), shown[-3000:]
+    assert Path(saved.group(1)).exists()
     events = read_jsonl(run / "launcher.jsonl")
     assert events[-1]["event"] == "stopped" and events[-1]["job_id"] == f"local-{proc.pid}", events[-1]
     assert "on request" in (run / "logs" / "supervisor.log").read_text()  # same log file as detached
-    shown = (tmp_path / "launcher.out").read_text()
     assert "on request" in shown  # and on stdout (docker logs)
     assert re.search(r"\] epoch 1 step 3/\d+ loss", shown), shown[-3000:]  # rank 0's progress too
 

@@ -451,21 +451,19 @@ def prepare_main(argv=None) -> int:
     return 0
 
 
+def _benches() -> dict:
+    """Each benchmark's entry point, by the word that names it on the command line."""
+    return {"train": train_main, "prepare": prepare_main, "checkpoint": checkpoint_main, "data": data_main}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: m2das bench {train,prepare,checkpoint,data} [options]"
+    benches = _benches()
+    usage = f"usage: m2das bench {{{','.join(benches)}}} [options]"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0
-    if argv[0] == "train":
-        return train_main(argv[1:])
-    if argv[0] == "checkpoint":
-        return checkpoint_main(argv[1:])
-    if argv[0] == "data":
-        return data_main(argv[1:])
-    if argv[0] == "prepare":
-        return prepare_main(argv[1:])
+    if argv[0] in benches:
+        return benches[argv[0]](argv[1:])
     print(f"m2das bench: unknown benchmark {argv[0]!r}\n{usage}", file=sys.stderr)
     return 2

@@ -16,20 +16,37 @@ DEFAULT_STATS_FILES = 5000
 DEFAULT_STATS_SEED = 0
 
 
+LMS_BOUND = 100.0
+"""Largest |value| a log-mel may hold; beyond it a file is bad data, not a training problem.
+
+A value is ln(mel power + eps): ln(float32 eps) = -15.9 is the floor, and a full-scale
+waveform's mel power stays below e**10, so the paper's LMS lie within about [-16, 10].
+100 leaves room for any gain while refusing files of 1e30 (a broken conversion or a
+foreign array), which would otherwise pin absurd norm stats or diverge with the blame on
+the learning rate.
+"""
+
+
 class NonFiniteLMS(ValueError):
-    """An LMS crop holding NaN or inf: the file is broken, the message names it."""
+    """An LMS crop holding NaN, inf or values beyond LMS_BOUND: the file is broken, the message names it."""
 
 
 def finite_crop(x: np.ndarray, path) -> np.ndarray:
-    """`x` if every value is finite, else NonFiniteLMS naming `path`.
+    """`x` if every value is finite and within +-LMS_BOUND, else NonFiniteLMS naming `path`.
 
-    One isfinite over the crop (608 x 80 values), not over the file: cheap enough
-    for every sample the trainer or the stats step reads.
+    One min and one max over the crop (608 x 80 values, in cache), not over the
+    file; NaN propagates through both, so this one check replaces an isfinite and
+    costs about the same, for every sample the trainer or the stats step reads.
     """
-    if not np.isfinite(x).all():
-        raise NonFiniteLMS(f"{path}: NaN or inf values in the LMS; delete it and rerun "
-                           f"`m2das prepare` to convert it again, or take it out of the list")
-    return x
+    lo, hi = float(x.min()), float(x.max())
+    if -LMS_BOUND <= lo and hi <= LMS_BOUND:
+        return x
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        what = "NaN or inf values in the LMS"
+    else:
+        what = f"value {hi if hi > LMS_BOUND else lo:.3g} in the LMS, outside the log-mel range +-{LMS_BOUND:g}"
+    raise NonFiniteLMS(f"{path}: {what}; delete it and rerun `m2das prepare` to convert it again, or take it "
+                       f"out of the list")
 
 
 def crop_or_pad(lms: np.ndarray, frames: int, start: int) -> np.ndarray:
@@ -88,6 +105,14 @@ def read_norm_stats(path) -> dict:
         mean, std = float(stats["mean"]), float(stats["std"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a valid norm stats file ({e}); delete it to recompute") from e
-    if not np.isfinite(mean) or not np.isfinite(std) or std <= 0:
-        raise ValueError(f"{path}: mean {mean} / std {std} unusable; delete it to recompute")
+    problem = norm_stats_problem(mean, std)
+    if problem:
+        raise ValueError(f"{path}: {problem}; delete it to recompute")
     return stats
+
+
+def norm_stats_problem(mean: float, std: float) -> str | None:
+    """Why (mean, std) cannot normalise log-mels, or None: both must lie within what LMS_BOUND allows."""
+    if not (np.isfinite(mean) and np.isfinite(std) and 0 < std <= LMS_BOUND and abs(mean) <= LMS_BOUND):
+        return f"mean {mean} / std {std} unusable (log-mels lie within +-{LMS_BOUND:g})"
+    return None

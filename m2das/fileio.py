@@ -1,8 +1,10 @@
 """File primitives: atomic writes (a kill at any instant leaves the old file or the new one), JSON lines, URLs."""
 
 import contextlib
+import errno
 import json
 import os
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -68,21 +70,68 @@ def write_json(path, obj) -> None:
         f.write("\n")
 
 
+class LinkRefused(OSError):
+    """A file or folder of ours found as a symbolic link: writing through it would change a file elsewhere.
+
+    The rule: a file written whole (atomic_write) replaces a link, its target untouched; a file
+    appended to, or a folder written into, is refused while it is a link.
+    """
+
+
+def link_message(path) -> str:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return f"{path} is a symbolic link (to {target}); remove the link (this folder writes only its own files)"
+
+
+def refuse_links(folder, names) -> None:
+    """LinkRefused for the first of folder/NAME that is a symbolic link (appended to or written into)."""
+    for name in names:
+        if os.path.islink(Path(folder) / name):
+            raise LinkRefused(link_message(Path(folder) / name))
+
+
+def open_append(path, mode: str = "a"):
+    """`open(path, mode)` for appending, refusing a symbolic link (O_NOFOLLOW) with LinkRefused."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise LinkRefused(link_message(path)) from None
+        raise
+    return os.fdopen(fd, mode)
+
+
 def append_jsonl(path, obj) -> None:
-    """One self-contained line per call; a torn last line is skipped by readers."""
+    """One self-contained line per call; a torn last line is skipped by readers. A link is refused."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    with open_append(path) as f:
         f.write(json.dumps(obj, sort_keys=True) + "\n")
         f.flush()
 
 
+_WARNED_UNDECODABLE = set()
+
+
 def read_jsonl(path) -> list:
-    """Rows (dicts) of a JSON-lines file; a torn last line from a kill mid-write is skipped."""
-    rows = []
-    with contextlib.suppress(OSError), open(path) as f:
+    """Rows (dicts) of a JSON-lines file; a torn last line from a kill mid-write is skipped, and so is a
+    line that is not UTF-8 (with one warning per file): a damaged line must not stop a resume."""
+    rows, undecodable = [], 0
+    with contextlib.suppress(OSError), open(path, "rb") as f:
         for line in f:
-            with contextlib.suppress(json.JSONDecodeError):
-                row = json.loads(line)
-                if isinstance(row, dict):
-                    rows.append(row)
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                undecodable += 1
+                continue
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    if undecodable and str(path) not in _WARNED_UNDECODABLE:
+        _WARNED_UNDECODABLE.add(str(path))
+        print(f"warning: {path}: skipped {undecodable} line(s) that are not UTF-8 text", file=sys.stderr)
     return rows

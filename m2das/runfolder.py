@@ -44,6 +44,9 @@ EPOCH_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.pth$")
 # before last.pth is replaced; a kill mid-write leaves them behind.
 TEMPORARY_RE = re.compile(r"^\..+\.tmp$|^\.last\.prev\.pth\.link$")
 MARKER_FILES = (CONFIG, LAUNCHER, RESTARTS, LOG)  # any of them makes a folder a run folder
+# Appended to or written into (never replaced whole): a symbolic link planted under one of these
+# names is refused (fileio.refuse_links), as writing through it would change a file elsewhere.
+WRITTEN_IN_PLACE = (LOG, RESTARTS, LAUNCHER, EVENTS_DIR, LOGS_DIR)
 
 # -- events in restarts.jsonl ------------------------------------------------------
 EVENT_START = "start"

@@ -26,7 +26,7 @@ from m2das.data.recipe import record_recipe
 from m2das.data.stats import compute_norm_stats, read_norm_stats, write_norm_stats
 from m2das.datafolder import NORM_STATS, RECIPE_FILE
 from m2das.events import log
-from m2das.fileio import atomic_write, is_url, read_jsonl, write_json
+from m2das.fileio import LinkRefused, atomic_write, is_url, read_jsonl, refuse_links, write_json
 from m2das.remote import RemoteError, RemoteRunFolder
 from m2das.runfolder import RunLock, RunLocked
 
@@ -96,6 +96,7 @@ def open_run_dir(cfg: TrainConfig, world_size: int):
     """
     run_dir, lock, mirror = take_run_dir(cfg, world_size)
     try:
+        refuse_planted_links(run_dir)
         if lock.took_over:
             log(f"took over the run folder from a dead holder ({lock.took_over})")
         saved_path = run_dir / runfolder.CONFIG
@@ -121,6 +122,14 @@ def open_run_dir(cfg: TrainConfig, world_size: int):
         lock.release()
         raise
     return run_dir, lock, mirror
+
+
+def refuse_planted_links(run_dir) -> None:
+    """A log, event file or folder planted as a symbolic link: one line naming it, before anything is written."""
+    try:
+        refuse_links(run_dir, runfolder.WRITTEN_IN_PLACE)
+    except LinkRefused as e:
+        raise TrainError(str(e)) from None
 
 
 DATA_PINS = (runfolder.CLASSES, runfolder.NORM_STATS, runfolder.VALIDATED, RECIPE_FILE)
@@ -275,6 +284,7 @@ def tensorboard_writer(run_dir: Path, rank: int, step: int):
     except ImportError as e:
         log(f"TensorBoard logging off ({e})")
         return None
+    refuse_planted_links(run_dir)  # events/ planted since the start was checked
     return SummaryWriter(str(run_dir / runfolder.EVENTS_DIR), purge_step=step + 1)
 
 

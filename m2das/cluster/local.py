@@ -23,7 +23,7 @@ from pathlib import Path
 from m2das import machine, runfolder
 from m2das.cluster import requeue
 from m2das.cluster.plan import UsageError
-from m2das.fileio import append_jsonl
+from m2das.fileio import append_jsonl, open_append, write_json
 from m2das.runfolder import EXIT_BAD_INPUT, EXIT_RESUMABLE
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding m2das/, for the detached supervisor
@@ -88,12 +88,11 @@ def submit_local(plan):
     plan.refuse_held_run_dir()
     refuse_missing_gpus(plan)
     logs = plan.run_dir / runfolder.LOGS_DIR
-    logs.mkdir(parents=True, exist_ok=True)
     spec_path = logs / "local-spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    write_json(spec_path, spec)  # written whole: a planted link is replaced, its target untouched
     if plan.args.foreground:
         return f"local-{os.getpid()}"
-    with open(logs / "supervisor.log", "ab") as out:
+    with open_append(logs / "supervisor.log", "ab") as out:
         path = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))
         proc = subprocess.Popen([sys.executable, "-m", "m2das.cluster.local", str(spec_path)],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -171,7 +170,7 @@ class Supervisor:
         line = f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] m2das supervisor: {msg}"
         print(line, flush=True)
         if self.foreground:  # detached, stdout already is this file
-            with open(self.logs / "supervisor.log", "a") as f:
+            with open_append(self.logs / "supervisor.log") as f:
                 f.write(line + "\n")
         append_jsonl(self.run_dir / runfolder.LAUNCHER, {
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -187,7 +186,7 @@ class Supervisor:
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), M2DAS_LAUNCHER_ATTEMPT=str(attempt))
             if not self.spec["gpu"]:
                 env.setdefault("OMP_NUM_THREADS", str(max(1, machine.usable_cores() // self.spec["ranks"])))
-            with open(self.logs / f"rank{rank}.log", "ab") as log:
+            with open_append(self.logs / f"rank{rank}.log", "ab") as log:
                 self.procs.append(subprocess.Popen(
                     [self.spec["python"], "-u", "-m", "m2das", self.spec.get("command", "train"),
                      *self.spec["train_argv"]],

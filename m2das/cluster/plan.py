@@ -14,7 +14,7 @@ from pathlib import Path
 from m2das import runfolder
 from m2das.cliargs import DefaultsFormatter, Parser
 from m2das.cluster import requeue
-from m2das.fileio import read_jsonl
+from m2das.fileio import LinkRefused, read_jsonl, refuse_links
 from m2das.runfolder import EXIT_CODES
 
 # GPU presets insist on CUDA: a job landing on a node without a visible GPU fails
@@ -340,6 +340,10 @@ class Plan:
         if holder:
             raise UsageError(f"{self.run_dir} is in use by a live trainer ({holder}); wait for it, stop it, "
                              f"or pass another --run-dir")
+        try:  # the launchers append to its logs: a symbolic link planted there would send them elsewhere
+            refuse_links(self.run_dir, runfolder.WRITTEN_IN_PLACE)
+        except LinkRefused as e:
+            raise UsageError(str(e)) from None
 
     def refuse_finished_run(self):
         """A run whose last event is `finished` would be queued only to print "all epochs done"."""

@@ -41,8 +41,8 @@ from m2das.fileio import append_jsonl, write_json
 from m2das.machine import DeviceError, loader_workers, resolve_device
 from m2das.metrics import accuracy
 from m2das.runfolder import EXIT_BAD_INPUT, RunLock, RunLocked
-from m2das.runsetup import (TrainError, broadcast, on_rank0, read_json_file, record_start, shows_progress,
-                            tensorboard_writer, trim_log)
+from m2das.runsetup import (TrainError, broadcast, on_rank0, read_json_file, record_start, refuse_planted_links,
+                            shows_progress, tensorboard_writer, trim_log)
 from m2das.signals import StopRequest
 from m2das.train import FAULT_INJECTION_ENV, init_distributed
 
@@ -68,6 +68,7 @@ def open_run_dir(cfg: dict, world: int):
     except RunLocked as e:
         raise TrainError(str(e)) from None
     try:
+        refuse_planted_links(run_dir)
         if lock.took_over:
             log(f"took over the run folder from a dead holder ({lock.took_over})")
         path = run_dir / runfolder.CONFIG

@@ -4,7 +4,9 @@ Written atomically (temporary file, fsync, rename; the previous `last.pth`
 hard-linked to `last.prev.pth` first), with disk-full and I/O errors turned
 into one line. Read back running no code (tensors, plain types and a short
 allow-list only), after checking the zip container's CRC32s, which detect
-bytes changed after writing. Files of m2das 0.1.0 (numpy RNG state pickled)
+bytes changed after writing. torch writes every record stored, never
+compressed, so a compressed record (a file crafted to expand in memory) is
+refused from the zip directory alone, before any record is read. Files of m2das 0.1.0 (numpy RNG state pickled)
 and published M2D files (an argparse.Namespace) open too. Downstream code
 reads weights through this module without the training policy in
 m2das.checkpoint.
@@ -87,10 +89,34 @@ def save_file(state: dict, path) -> None:
         raise SaveFailed(_describe_failure(e, path, need)) from e
 
 
+def _check_records(z: zipfile.ZipFile, path) -> None:
+    """Refuse compressed records and records reaching past the file's end, from the directory alone:
+    a stored record's size is bounded by the bytes on disk, a deflated one's is not."""
+    size = os.fstat(z.fp.fileno()).st_size
+    for info in z.infolist():
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+            raise CheckpointError(f"{path}: refused, record {info.filename} is compressed ({info.compress_size} "
+                                  f"bytes that expand to {info.file_size}); torch writes records uncompressed, "
+                                  f"so this file was altered or crafted: use the original checkpoint")
+        if info.header_offset + info.compress_size > size:
+            raise CheckpointError(f"{path}: damaged (record {info.filename} reaches past the end of the file, "
+                                  f"truncated?)")
+
+
+def check_records(path) -> None:
+    """_check_records for a file that may or may not be a zip (a legacy pickle has no records)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            _check_records(z, path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return  # not a zip container: torch.load reads it as a legacy pickle, or says why it cannot
+
+
 def verify_integrity(path) -> None:
     """Check every record of the zip container against its stored CRC32 (torch writes them)."""
     try:
         with zipfile.ZipFile(path) as z:
+            _check_records(z, path)
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: damaged or not a torch zip checkpoint ({e})") from e
@@ -99,7 +125,9 @@ def verify_integrity(path) -> None:
 
 
 def safe_load(path, mmap: bool = False, allowed=(), require_model: bool = True) -> dict:
-    """torch.load that runs no code: only tensors, plain types and the `allowed` classes."""
+    """torch.load that runs no code: only tensors, plain types and the `allowed` classes; compressed
+    records (a decompression bomb) refused before torch reads any."""
+    check_records(path)
     try:
         with torch.serialization.safe_globals(list(allowed)):
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

@@ -236,3 +236,59 @@ def test_step_boundary_answers_with_a_typed_outcome(tmp_path):
     assert (diverged.event, diverged.exit_code) == (runfolder.EVENT_DIVERGED, EXIT_DIVERGED)
     assert f"{tmp_path / runfolder.LAST} is the resume point" in diverged.message
     assert (tmp_path / runfolder.LAST).read_bytes() == before
+
+
+def write_bomb(path: Path, expanded: int = 1 << 30) -> Path:
+    """A torch zip whose tensor record is `expanded` bytes of deflated zeros: about 1 MB on disk."""
+    import zipfile
+    import zlib
+
+    plain = path.with_suffix(".plain")
+    torch.save({"model": {"w": torch.zeros(4)}}, plain)
+    chunk = bytes(16 << 20)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = packer.compress(chunk) + packer.flush(zlib.Z_FULL_FLUSH)  # byte-aligned, no back-references
+    crc = 0
+    for _ in range(expanded // len(chunk)):
+        crc = zlib.crc32(chunk, crc)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(path, "w") as out:
+        for info in src.infolist():
+            if "/data/" not in info.filename:
+                out.writestr(info, src.read(info))
+                continue
+            bomb = zipfile.ZipInfo(info.filename)
+            with out.open(bomb, "w") as f:  # raw bytes stored, then relabelled as deflated below
+                f.write(block * (expanded // len(chunk)) + zlib.compressobj(9, zlib.DEFLATED, -15).flush())
+            bomb.compress_type, bomb.file_size, bomb.CRC = zipfile.ZIP_DEFLATED, expanded, crc
+            end = out.fp.tell()
+            out.fp.seek(bomb.header_offset)
+            out.fp.write(bomb.FileHeader())
+            out.fp.seek(end)
+    plain.unlink()
+    return path
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_expanded(tmp_path):
+    bomb = write_bomb(tmp_path / "bomb.pth")
+    assert bomb.stat().st_size < 2_000_000
+    for load in (ckptfile.load_file, ckptfile.load_weight_file, ckptfile.verify_integrity,
+                 lambda p: ckptfile.safe_load(p, mmap=True)):
+        with pytest.raises(CheckpointError, match="compressed"):
+            load(bomb)
+    # export reads weights as --init_from does (load_weight_file); its peak memory and time, from wait4.
+    t0, err = time.monotonic(), tmp_path / "stderr"
+    with open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "m2das", "export", str(bomb), "--out", str(tmp_path / "out")],
+                                stdout=subprocess.DEVNULL, stderr=f)
+    while (waited := os.wait4(proc.pid, os.WNOHANG))[0] == 0 and time.monotonic() - t0 < 60:
+        time.sleep(0.02)
+    if waited[0] == 0:
+        proc.kill()
+        waited = os.wait4(proc.pid, 0)
+    seconds, proc.returncode = time.monotonic() - t0, os.waitstatus_to_exitcode(waited[1])
+    lines = err.read_text().strip().splitlines()
+    assert proc.returncode == runfolder.EXIT_BAD_INPUT and len(lines) == 1, lines
+    assert str(bomb) in lines[0] and "compressed" in lines[0]
+    assert waited[2].ru_maxrss < 1_000_000, f"peak RSS {waited[2].ru_maxrss} KB: the record was expanded"
+    assert seconds < 20, f"{seconds:.1f} s"
+    assert not (tmp_path / "out").exists()

@@ -49,8 +49,10 @@ def same_tensors(path: Path, state: dict) -> bool:
     """Does the file at `path` already hold exactly these tensors (a repeated export)?"""
     import torch
 
+    from m2das.ckptfile import safe_load
+
     try:
-        old = torch.load(path, map_location="cpu", weights_only=True)
+        old = safe_load(path, require_model=False)  # runs no code, refuses a compressed record
     except Exception:  # unreadable or not ours: different
         return False
     return isinstance(old, dict) and old.keys() == state.keys() and all(

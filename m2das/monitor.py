@@ -13,6 +13,7 @@ imported only inside the functions that need them: the flags are read by the
 launcher on login nodes, where neither is installed.
 """
 
+import os
 import time
 from pathlib import Path
 
@@ -36,21 +37,49 @@ def center_start(num_frames: int, frames: int) -> int:
     return max(num_frames - frames, 0) // 2
 
 
+class CentreCrops:
+    """List rows `ids` as their fixed centre crops: what a monitor DataLoader worker reads.
+
+    A plain map-style dataset (no torch import), float32 arrays [1, F, frames].
+    """
+
+    def __init__(self, samples, ids, frames: int):
+        self.samples, self.ids, self.frames = samples, list(ids), frames
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, j: int):
+        import numpy as np
+
+        from m2das.data.stats import crop_or_pad
+
+        lms = np.load(self.samples.root / self.samples.files[self.ids[j]], mmap_mode="r")  # reads the crop only
+        return np.array(crop_or_pad(lms, self.frames, center_start(lms.shape[-1], self.frames)), dtype=np.float32)
+
+
 class Monitor:
     """Call `due(epoch)` after each finished epoch (1-based count) and, when it is, `run(model, epoch)`.
 
-    With torch.distributed initialised, every rank must call `run`: each
-    encodes its share of the list and rank 0 gets the metrics (other ranks get
-    an empty dict). `run` leaves the model's mode and every random state as it found them.
+    With torch.distributed initialised, every rank must call `run`: each loads
+    (through DataLoader workers) and encodes its share of the list, the
+    embeddings are gathered so every rank can find neighbours for its own
+    share, and rank 0 gets the metrics (other ranks get an empty dict). All
+    metrics are computed on the device. `run` leaves the model's mode and
+    every random state as it found them.
     """
 
     def __init__(self, cfg: dict, classes: list, device, rank: int = 0, world_size: int = 1,
-                 knn_k: int = 10, batch_size: int = 64):
+                 knn_k: int = 10, batch_size: int | None = None, workers: int | None = None):
+        from m2das.machine import loader_workers
+
         self.every = int(cfg.get("monitor_every") or 0)
         self.rank, self.world = rank, world_size
-        self.device, self.knn_k, self.batch_size = device, knn_k, batch_size
+        self.device, self.knn_k = device, knn_k
+        self.batch_size = batch_size or (256 if device.type == "cuda" else 64)
+        self.workers = loader_workers(int(cfg.get("num_workers") or 0), world_size) if workers is None else workers
         self.frames = int(cfg["input_size"][1])
-        self.samples, self.targets = None, None
+        self.samples, self.targets, self._device_targets = None, None, None
         if self.every > 0:
             self.list_path = Path(cfg.get("monitor_list") or Path(cfg["data_path"]) / EVAL_LIST)
             self.samples, self.targets = self._read(self.list_path, Path(cfg["data_path"]), classes,
@@ -79,26 +108,32 @@ class Monitor:
     def due(self, epoch: int) -> bool:
         return self.every > 0 and epoch > 0 and epoch % self.every == 0
 
-    def _crop(self, i: int):
-        """The centre crop of list row `i` as a float32 array."""
-        import numpy as np
+    def loader(self, ids):
+        """Batches of the centre crops of list rows `ids`, read by `self.workers` processes.
 
-        from m2das.data.stats import crop_or_pad
+        The DataLoader draws its workers' base seed from its own generator, so
+        the process's random state is left alone (a resumed run stays bit-identical).
+        """
+        import torch
 
-        lms = np.load(self.samples.root / self.samples.files[i], mmap_mode="r")
-        return np.array(crop_or_pad(lms, self.frames, center_start(lms.shape[-1], self.frames)), dtype=np.float32)
+        from m2das.data.dataset import _Loader, quiet_worker
+
+        kwargs = dict(batch_size=self.batch_size, num_workers=self.workers, generator=torch.Generator(),
+                      pin_memory=self.device.type == "cuda")
+        if self.workers > 0:
+            kwargs.update(worker_init_fn=quiet_worker, prefetch_factor=4,
+                          multiprocessing_context="fork" if os.name == "posix" else None)
+        return _Loader(CentreCrops(self.samples, ids, self.frames), **kwargs)
 
     def _encode(self, model, ids) -> tuple:
         """(probabilities [n, C], clip embeddings [n, rows*D]) of list rows `ids`, on this rank's device."""
-        import numpy as np
         import torch
 
         from m2das.model import encode_tokens, tokens_to_frames
 
         probs, embs = [], []
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        for start in range(0, len(ids), self.batch_size):
-            x = torch.from_numpy(np.stack([self._crop(i) for i in ids[start:start + self.batch_size]]))
+        for x in self.loader(ids):
             x = model.normalize(x.to(self.device, non_blocking=True))
             with amp:
                 tokens = encode_tokens(model, x, model.grid[0])
@@ -122,20 +157,42 @@ class Monitor:
         dist.all_gather(parts, padded)
         return torch.stack(parts, dim=1).reshape(per_rank * self.world, -1)[:n]
 
-    def run(self, model, epoch: int) -> dict:
-        """Metrics as a flat dict of monitor_* numbers (empty on ranks other than 0)."""
-        import numpy as np
+    def _metrics(self, probs, embs, sharded: bool) -> dict:
+        """The numbers from all clips' probabilities and embeddings, on the device; kNN queries
+        split over ranks (each adds the hits of its own rows), the rest on rank 0."""
         import torch
         import torch.distributed as dist
 
-        from m2das.metrics import knn_accuracy, mean_average_precision, rankme
+        from m2das.metrics import torch_knn_hits, torch_mean_average_precision, torch_rankme
+
+        if self._device_targets is None:
+            self._device_targets = torch.from_numpy(self.targets).to(self.device)
+        n = len(self.samples)
+        hits = None
+        if self.knn_k:
+            rows = torch.arange(self.rank, n, self.world, device=self.device) if sharded else None
+            hits = torch_knn_hits(embs, self._device_targets, self.knn_k, rows)
+            if sharded:
+                dist.reduce(hits, dst=0)
+        if self.rank != 0:
+            return {}
+        out = {"monitor_map": torch_mean_average_precision(probs, self._device_targets),
+               "monitor_rankme": torch_rankme(embs), "monitor_clips": n}
+        if self.knn_k:
+            out["monitor_knn_acc"] = int(hits) / n if min(self.knn_k, n - 1) >= 1 else float("nan")
+        return out
+
+    def run(self, model, epoch: int) -> dict:
+        """Metrics as a flat dict of monitor_* numbers (empty on ranks other than 0)."""
+        import torch
+        import torch.distributed as dist
 
         model = getattr(model, "module", model)  # DDP-wrapped or not
         t0 = time.perf_counter()
         sharded = self.world > 1 and dist.is_available() and dist.is_initialized()
         if not sharded and self.rank != 0:
             return {}
-        ids = list(range(self.rank, len(self.samples), self.world)) if sharded else list(range(len(self.samples)))
+        ids = range(self.rank, len(self.samples), self.world) if sharded else range(len(self.samples))
         was_training = model.training
         model.eval()
         try:
@@ -143,16 +200,11 @@ class Monitor:
                 probs, embs = self._encode(model, ids)
                 if sharded:
                     probs, embs = self._gather(probs), self._gather(embs)
+                out = self._metrics(probs, embs, sharded)
         finally:
             model.train(was_training)
-        if self.rank != 0:
-            return {}
-        probs, embs = probs.cpu().numpy(), embs.cpu().numpy().astype(np.float64)
-        out = {"monitor_map": mean_average_precision(probs, self.targets), "monitor_rankme": rankme(embs),
-               "monitor_clips": len(self.samples)}
-        if self.knn_k:
-            out["monitor_knn_acc"] = knn_accuracy(embs, self.targets, self.knn_k)
-        out["monitor_seconds"] = time.perf_counter() - t0
+        if out:
+            out["monitor_seconds"] = time.perf_counter() - t0
         return out
 
 

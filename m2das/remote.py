@@ -61,7 +61,7 @@ def _fs(url: str):
                           f"(s3fs for s3://, gcsfs for gs://)") from None
 
 
-class RemoteRunFolder:
+class RemoteRunFolder(runfolder.LockWatch):
     def __init__(self, url: str, staging: Path | None = None):
         self.url = url.rstrip("/")
         self.fs, self.root = _fs(self.url)
@@ -189,6 +189,7 @@ class RemoteRunFolder:
 
     # -- the lock ------------------------------------------------------------------------
     def acquire(self) -> "RemoteRunFolder":
+        heartbeat_s, _ = runfolder.lock_timing()  # a bad setting is refused before anything is touched
         me = {**runfolder.holder_record(), "url": self.url}
         key = self._key(runfolder.LOCK)
         for _ in range(5):
@@ -201,7 +202,7 @@ class RemoteRunFolder:
                                               f"({runfolder.describe(holder or {})}); this store may not honour "
                                               f"conditional writes, so run one trainer per folder by hand")
                 self._lock_token = me["token"]
-                self._start_heartbeat(key, me)
+                self._start_heartbeat(key, me, heartbeat_s)
                 events.show_as(self.staging, self.url)  # messages name the bucket, not this node's copy
                 return self
             except FileExistsError:
@@ -218,20 +219,36 @@ class RemoteRunFolder:
         raise runfolder.RunLocked(f"{key}: could not take the lock after repeated races with another trainer")
 
     def _read_lock(self, key: str):
+        """(holder, age of the object) or (None, None) when absent; an empty or garbled object is a holder
+        we know nothing of ({}), judged by its age like a silent one."""
+        with contextlib.suppress(AttributeError):
+            self.fs.invalidate_cache(key)  # a listing cached earlier must not hide a newer lock
         try:
             info = self.fs.info(key)
+        except FileNotFoundError:
+            return None, None
+        modified = info.get("LastModified") or info.get("mtime") or info.get("created")
+        when = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or time.time())
+        try:
             holder = json.loads(self.fs.cat_file(key))
         except FileNotFoundError:
             return None, None
         except (OSError, ValueError):
-            return {}, 0.0
-        modified = info.get("LastModified") or info.get("mtime") or info.get("created")
-        when = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or time.time())
-        return holder, time.time() - when
+            holder = {}
+        return (holder if isinstance(holder, dict) else {}), time.time() - when
 
-    def _start_heartbeat(self, key: str, me: dict) -> None:
+    def _start_heartbeat(self, key: str, me: dict, heartbeat_s: float) -> None:
+        """Refresh the lock object each beat, after checking it still names us; stop the trainer if not."""
         def beat():
-            while not self._stop.wait(runfolder.HEARTBEAT_S):
+            while not self._stop.wait(heartbeat_s):
+                try:
+                    holder, _ = self._read_lock(key)
+                except Exception:  # the store did not answer (whatever its client raises): the next beat asks again
+                    continue
+                why = runfolder.lost_reason(holder, me["token"], f"{self.url}/{runfolder.LOCK}")
+                if why is not None:
+                    self._lose(why)
+                    return
                 with contextlib.suppress(OSError):
                     self.fs.pipe_file(key, json.dumps(me).encode())
 
@@ -240,7 +257,10 @@ class RemoteRunFolder:
     def release(self) -> None:
         self._stop.set()
         key = self._key(runfolder.LOCK)
-        holder, _ = self._read_lock(key)
+        try:
+            holder, _ = self._read_lock(key)
+        except OSError:
+            holder = None  # the store did not answer: the lock goes stale by its age
         if holder and holder.get("token") == self._lock_token:
             with contextlib.suppress(OSError):
                 self.fs.rm_file(key)

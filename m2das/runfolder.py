@@ -9,6 +9,7 @@ nodes.
 
 import contextlib
 import json
+import math
 import os
 import re
 import socket
@@ -17,6 +18,8 @@ import threading
 import time
 import uuid
 from pathlib import Path
+
+from m2das.fileio import read_jsonl
 
 # -- exit codes of `m2das train` (and of the launchers that wrap it) ---------------
 EXIT_OK = 0
@@ -110,13 +113,53 @@ def folder_name(model: str, input_size, patch_size, date: str, tag: str) -> str:
 # a hard link (atomic on every POSIX file system, NFS included) and kept fresh by a
 # heartbeat (its modification time). A holder that died without cleaning up is
 # recognised three ways: the same SLURM job id (a requeued job takes over at once),
-# the same host with the pid gone, or a heartbeat older than STALE_AFTER_S.
-HEARTBEAT_S = 30.0
-STALE_AFTER_S = float(os.environ.get("M2DAS_LOCK_STALE_S", 600))
+# the same host with the pid gone, or a heartbeat older than the staleness setting.
+# The holder checks at every heartbeat that the lock still names it: one removed or
+# taken by another trainer stops it resumably (its on_lost callback, the stop path).
+LOCK_HEARTBEAT_ENV = "M2DAS_LOCK_HEARTBEAT_S"  # seconds between heartbeats (tests shorten it)
+LOCK_STALE_ENV = "M2DAS_LOCK_STALE_S"  # seconds without heartbeat after which a holder counts as dead
+DEFAULT_HEARTBEAT_S = 30.0
+DEFAULT_STALE_S = 600.0
+MIN_STALE_HEARTBEATS = 3  # a live holder that misses a beat or two (a slow NFS) must not be taken over
+LOCK_LOST_GRACE_S = 120.0  # a holder that lost its lock has this long after its next heartbeat to save and go
 
 
 class RunLocked(Exception):
     """Another live trainer holds the run folder."""
+
+
+class LockSettingError(RunLocked, ValueError):
+    """M2DAS_LOCK_STALE_S / M2DAS_LOCK_HEARTBEAT_S cannot keep one trainer per folder; one line."""
+
+
+def _seconds_setting(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise LockSettingError(f"{name}={raw!r}: expected a positive number of seconds (the run lock cannot be "
+                               f"switched off); unset it for the default {default:g}")
+    return value
+
+
+def lock_timing() -> tuple:
+    """(heartbeat, staleness) in seconds, read at each use so a bad value is one line where it matters."""
+    beat = _seconds_setting(LOCK_HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S)
+    stale = _seconds_setting(LOCK_STALE_ENV, DEFAULT_STALE_S)
+    if stale < MIN_STALE_HEARTBEATS * beat:
+        raise LockSettingError(f"{LOCK_STALE_ENV}={stale:g}: must be at least {MIN_STALE_HEARTBEATS} heartbeats "
+                               f"({MIN_STALE_HEARTBEATS * beat:g} s with {LOCK_HEARTBEAT_ENV}={beat:g}), or a live "
+                               f"trainer could be taken over; raise it or unset it for the default "
+                               f"{DEFAULT_STALE_S:g}")
+    return beat, stale
+
+
+def stale_after_s() -> float:
+    return lock_timing()[1]
 
 
 def holder_record() -> dict:
@@ -151,16 +194,19 @@ def _pid_alive(pid) -> bool:
 def stale_reason(holder: dict, age: float, job_id=None, host=None) -> str | None:
     """Why a recorded holder no longer counts (None: it is alive as far as we can tell)."""
     host = host or socket.gethostname()
+    stale_s = stale_after_s()
     if job_id and holder.get("job_id") and str(holder["job_id"]) == str(job_id):
         return f"same SLURM job {job_id} (requeued)"
     if holder.get("host") == host and holder.get("pid") and not _pid_alive(holder["pid"]):
         return f"pid {holder['pid']} is gone"
-    if age is not None and age > STALE_AFTER_S:
-        return f"no heartbeat for {age:.0f} s (> {STALE_AFTER_S:.0f} s, M2DAS_LOCK_STALE_S)"
+    if age is not None and age > stale_s:
+        return f"no heartbeat for {age:.0f} s (> {stale_s:.0f} s, {LOCK_STALE_ENV})"
     return None
 
 
 def describe(holder: dict, age: float | None = None) -> str:
+    if not holder:  # an empty or garbled lock: nothing to name but its age
+        return "an unreadable lock" + (f", written {age:.0f} s ago" if age is not None else "")
     job = f", SLURM job {holder['job_id']}" if holder.get("job_id") else ""
     beat = f", heartbeat {age:.0f} s ago" if age is not None else ""
     return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}{job}{beat}"
@@ -168,8 +214,8 @@ def describe(holder: dict, age: float | None = None) -> str:
 
 def locked_message(where, holder: dict, age) -> str:
     return (f"{where} is in use by another trainer ({describe(holder, age)}); wait for it, cancel it, or use "
-            f"another --output_dir. A holder that died without cleaning up is ignored after {STALE_AFTER_S:.0f} s "
-            f"without heartbeat ({LOCK}, M2DAS_LOCK_STALE_S)")
+            f"another --output_dir. A holder that died without cleaning up is ignored after {stale_after_s():.0f} "
+            f"s without heartbeat ({LOCK}, {LOCK_STALE_ENV})")
 
 
 def live_holder(run_dir, job_id=None):
@@ -180,7 +226,75 @@ def live_holder(run_dir, job_id=None):
     return describe(holder, age)
 
 
-class RunLock:
+def lost_reason(holder, token: str, where) -> str | None:
+    """Why a holder's lock is no longer its own (None: it still is); `holder` as read back, None if absent."""
+    if holder is None:
+        return f"{where} was removed"
+    if holder.get("token") != token:
+        return f"{where} now names another trainer ({describe(holder)})"
+    return None
+
+
+def unfinished_trainer(run_dir, me: dict, heartbeat_s: float):
+    """The trainer restarts.jsonl says may still train here without the lock (removed under it), or None.
+
+    Its last start has no end row and: on this host its pid lives; elsewhere the folder changed within
+    two heartbeats. Such a trainer stops at its next heartbeat; a newcomer waits for it (wait_for_unfinished).
+    """
+    run_dir = Path(run_dir)
+    ends = (EVENT_STOPPED, EVENT_FINISHED, EVENT_DIVERGED)
+    rows = [r for r in read_jsonl(run_dir / RESTARTS) if r.get("event") in ends + (EVENT_START,)]
+    if not rows or rows[-1].get("event") != EVENT_START:
+        return None
+    start = rows[-1]
+    if start.get("host") == me["host"]:
+        pid = start.get("pid")
+        return start if pid and int(pid) != me["pid"] and _pid_alive(pid) else None
+    changed = max((p.stat().st_mtime for p in (run_dir / LOG, run_dir / RESTARTS, run_dir / LAST) if p.exists()),
+                  default=0.0)
+    return start if time.time() - changed < 2 * heartbeat_s else None
+
+
+def wait_for_unfinished(run_dir, me: dict, heartbeat_s: float, say=None) -> str | None:
+    """Wait (holding the lock) until a trainer that lost its lock has stopped; what was waited for, if any."""
+    start = unfinished_trainer(run_dir, me, heartbeat_s)
+    if start is None:
+        return None
+    who = f"host {start.get('host', '?')}, pid {start.get('pid', '?')}"
+    (say or print)(f"{run_dir}: a trainer ({who}) still runs here without the lock; waiting for it to stop "
+                   f"at its next heartbeat before training")
+    patience = 2 * heartbeat_s + LOCK_LOST_GRACE_S
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        time.sleep(min(1.0, heartbeat_s / 4))
+        if unfinished_trainer(run_dir, me, heartbeat_s) is None:
+            return f"waited for {who} to stop"
+    (say or print)(f"warning: {run_dir}: {who} did not stop within {patience:.0f} s of losing the lock; "
+                   f"going on (its pid may belong to another program now)")
+    return f"{who} did not stop"
+
+
+class LockWatch:
+    """What a lock holder does once its heartbeat finds the lock gone or another's: tell the trainer once."""
+
+    lost = None  # why the lock stopped being ours, once a heartbeat saw it
+    _on_lost = None
+
+    def on_lost(self, callback) -> None:
+        """Call `callback(reason)` when the lock is lost (at once if it already is): the trainer's stop path."""
+        self._on_lost = callback
+        if self.lost is not None:
+            callback(self.lost)
+
+    def _lose(self, why: str) -> None:
+        self.lost = why
+        if self._on_lost is not None:
+            self._on_lost(why)
+        else:
+            print(f"m2das: warning: the run lock was lost: {why}", file=sys.stderr, flush=True)
+
+
+class RunLock(LockWatch):
     """Held by rank 0 for a trainer's whole life; a second trainer gets RunLocked at once."""
 
     def __init__(self, run_dir):
@@ -190,12 +304,19 @@ class RunLock:
         self.took_over = None
         self._stop = threading.Event()
         self._thread = None
+        self.heartbeat_s = DEFAULT_HEARTBEAT_S
 
     def acquire(self) -> "RunLock":
+        self.heartbeat_s, _ = lock_timing()  # a bad setting is refused before anything is touched
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
             if self._try_link():
                 self._start_heartbeat()
+                try:
+                    wait_for_unfinished(self.run_dir, self.me, self.heartbeat_s)
+                except BaseException:
+                    self.release()
+                    raise
                 return self
             holder, age = read_lock(self.run_dir)
             if holder is None:
@@ -245,11 +366,33 @@ class RunLock:
         with contextlib.suppress(OSError):
             aside.unlink()
 
+    def _check(self) -> str | None:
+        """One heartbeat: the lock still names us (then refresh it), or why it does not."""
+        try:
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            holder = None
+        except OSError:
+            return None  # a file-system hiccup: the next beat looks again
+        except ValueError:
+            holder = {}
+        why = lost_reason(holder if isinstance(holder, dict) or holder is None else {}, self.me["token"], self.path)
+        if why is None:
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                why = f"{self.path} was removed"
+            except OSError:
+                pass
+        return why
+
     def _start_heartbeat(self) -> None:
         def beat():
-            while not self._stop.wait(HEARTBEAT_S):
-                with contextlib.suppress(OSError):
-                    os.utime(self.path)
+            while not self._stop.wait(self.heartbeat_s):
+                why = self._check()
+                if why is not None:
+                    self._lose(why)
+                    return
 
         self._thread = threading.Thread(target=beat, name="m2das-lock-heartbeat", daemon=True)
         self._thread.start()

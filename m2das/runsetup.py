@@ -297,7 +297,8 @@ def record_start(run_dir: Path, resumed_from, step: int) -> dict:
     reason = None
     if last_stop is not None:
         event = last_stop.get("event")
-        reason = f"signal {last_stop.get('signal')}" if event == runfolder.EVENT_STOPPED else ends.get(event) or \
+        reason = (last_stop.get("reason") or f"signal {last_stop.get('signal')}") if event == runfolder.EVENT_STOPPED \
+            else ends.get(event) or \
             "killed without warning (no clean stop recorded)"
     count = os.environ.get("SLURM_RESTART_COUNT", os.environ.get("M2DAS_LAUNCHER_ATTEMPT"))
     return events.record(run_dir, runfolder.EVENT_START, host=socket.gethostname(),

@@ -48,6 +48,7 @@ class StopRequest:
     def __init__(self, signals=STOP_SIGNALS + (INTERRUPT,)):
         self.signals = signals
         self.signum = None
+        self.own = None  # a stop the trainer asked of itself (its run lock was lost), in words
         self.interrupts = 0
         self.previous = {}
 
@@ -73,9 +74,15 @@ class StopRequest:
         if self.signum is None:
             self.signum = signum
 
+    def request(self, reason: str) -> None:
+        """Stop at the next step boundary as on a signal (saved, exit 75), for `reason`; thread-safe enough:
+        the loop only reads it."""
+        if self.own is None:
+            self.own = reason
+
     @property
     def requested(self) -> bool:
-        return self.signum is not None
+        return self.signum is not None or self.own is not None
 
     @property
     def name(self) -> str | None:
@@ -83,7 +90,9 @@ class StopRequest:
 
     @property
     def reason(self) -> str | None:
-        """The request as a user reads it: "SIGTERM", "Ctrl-C (SIGINT)", or None."""
+        """The request as a user reads it: "SIGTERM", "Ctrl-C (SIGINT)", the trainer's own reason, or None."""
+        if self.own is not None and self.signum is None:
+            return self.own
         if self.signum == INTERRUPT:
             return f"Ctrl-C ({self.name})"
         return self.name

@@ -338,6 +338,8 @@ def train(cfg: TrainConfig, env: dict) -> int:
         run_dir = Path(on_rank0(open_and_keep_lock, rank))
         if is_url(cfg.output_dir) and rank != 0 and env["local_rank"] == 0 and \
                 not (run_dir / runfolder.CONFIG).exists():  # another node: its own read-only copy
+        if lock is not None:  # a lock removed or taken under us stops the run as a signal would
+            lock.on_lost(lambda why: stop.request(f"run lock lost ({why})"))
             RemoteRunFolder(cfg.output_dir, run_dir).hydrate()
         if dist.is_initialized():
             dist.barrier(group=flag_group)
@@ -429,7 +431,8 @@ def _train(cfg: TrainConfig, env, device, flag_group, stop, run_dir: Path, mirro
     if outcome is not None:
         log(outcome.message, rank)
         if rank == 0:
-            events.record(run_dir, outcome.event, step=progress.step, **({"signal": stop.name} if stop.name else {}))
+            why = {"signal": stop.name} if stop.name else {"reason": stop.reason} if stop.reason else {}
+            events.record(run_dir, outcome.event, step=progress.step, **why)
         experiment_logger.close(failed=outcome.event == runfolder.EVENT_DIVERGED)
         if outcome.event == runfolder.EVENT_STOPPED:
             stop.hand_over()

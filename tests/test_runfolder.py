@@ -70,10 +70,10 @@ def test_a_requeued_job_takes_over_its_own_lock_at_once(tmp_path, monkeypatch):
 
 
 def test_a_silent_foreign_holder_is_stale_after_the_timeout(tmp_path):
-    write_foreign_lock(tmp_path, age_s=runfolder.STALE_AFTER_S - 60)
+    write_foreign_lock(tmp_path, age_s=runfolder.DEFAULT_STALE_S - 60)
     with pytest.raises(RunLocked):
         RunLock(tmp_path).acquire()
-    write_foreign_lock(tmp_path, age_s=runfolder.STALE_AFTER_S + 60)
+    write_foreign_lock(tmp_path, age_s=runfolder.DEFAULT_STALE_S + 60)
     lock = RunLock(tmp_path).acquire()
     assert "no heartbeat" in lock.took_over
     lock.release()

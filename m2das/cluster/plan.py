@@ -336,7 +336,10 @@ class Plan:
 
     def refuse_held_run_dir(self):
         """One trainer per run folder: a live one holding it means this submit would be refused later."""
-        holder = runfolder.live_holder(self.run_dir)
+        try:
+            holder = runfolder.live_holder(self.run_dir)
+        except runfolder.LockSettingError as e:
+            raise UsageError(str(e)) from None
         if holder:
             raise UsageError(f"{self.run_dir} is in use by a live trainer ({holder}); wait for it, stop it, "
                              f"or pass another --run-dir")

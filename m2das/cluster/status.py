@@ -271,7 +271,8 @@ def collect(run_dir, now=None, queue=True, checkpoints=None) -> dict:
     elif failed is not None:
         state = failed_text(failed)
     elif restarts and restarts[-1].get("event") == runfolder.EVENT_STOPPED:
-        state = f"stopped on {restarts[-1].get('signal') or 'a signal'}, waiting to be resumed"
+        why = restarts[-1].get("signal") or restarts[-1].get("reason") or "a signal"
+        state = f"stopped on {why}, waiting to be resumed"
     elif out["last_log_time"] is not None:
         state = f"running? last log line {_duration(now - out['last_log_time'])} ago"
     elif starts:
@@ -290,7 +291,8 @@ def collect(run_dir, now=None, queue=True, checkpoints=None) -> dict:
                       "host": r.get("host"), "resumed_from": r.get("resumed_from"),
                       "resumed_step": r.get("resumed_step"), "last_stop_reason": r.get("last_stop_reason")}
                      for r in starts]
-    out["stops"] = [{"time": _ts(r.get("time")), "signal": r.get("signal"), "step": r.get("step")}
+    out["stops"] = [{"time": _ts(r.get("time")), "signal": r.get("signal"), "reason": r.get("reason"),
+                     "step": r.get("step")}
                     for r in restarts if r.get("event") == runfolder.EVENT_STOPPED]
     out["requeues"] = [{"time": _ts(r.get("time")), "job_id": r.get("job_id"), "by": r.get("by"),
                         "reason": r.get("reason"), "restart_count": r.get("restart_count")}

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", type=machine.device_flag, default="auto", help=machine.DEVICE_HELP)
     a("--force_config", action="store_true", help="continue a run folder whose config.json differs")
     a("--skip_validation", action="store_true", help="do not check every listed file before training")
+    a("--verify_shards", type=int, default=0, metavar="N", help="packed data: read every shard's CRC32 at the "
+      "run's first start and every N starts after (1: this start and each one); 0: only shards whose size or "
+      "mtime changed (default: %(default)s)")
     a("--print_config", action="store_true", help="print the resolved configuration as JSON and exit")
     a("--logger", choices=loggers.NAMES, default="none", help="an experiment logger beside TensorBoard "
       f"(rank 0; WANDB_PROJECT, WANDB_MODE=offline as wandb reads them; {loggers.INSTALL_HINT})")
@@ -166,6 +169,7 @@ class TrainConfig:
     device: str
     force_config: bool
     skip_validation: bool
+    verify_shards: int
     print_config: bool
     logger: str
     monitor_every: int

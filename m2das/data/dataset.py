@@ -245,9 +245,11 @@ def make_dataset(samples, frames: int, seed: int) -> LMSDataset:
     return (PackedDataset if isinstance(samples, PackedSamples) else LMSDataset)(samples, frames, seed)
 
 
-def validate_packed(samples, stamp: dict | None, log=None, freq_bins: int | None = None) -> dict:
+def validate_packed(samples, stamp: dict | None, log=None, freq_bins: int | None = None, every: int = 0,
+                    start: int = 0) -> dict:
     """Seconds for millions of samples: the index (CRC32-checked on load), every shard's size, and
-    the CRC32 of the shards that changed since last verified. Returns the new stamp for
+    the CRC32 of the shards that changed since last verified, or of all of them when start number
+    `start` is due under --verify_shards `every` (packed.full_read_due). Returns the new stamp for
     RUN/validated.json; raises DataListError naming the first damaged shard.
     """
     from m2das.data import packed
@@ -258,14 +260,17 @@ def validate_packed(samples, stamp: dict | None, log=None, freq_bins: int | None
     same = stamp if stamp and stamp.get("index_crc32") == samples.manifest["index"]["crc32"] else {}
     t0 = time.monotonic()
     shown = (lambda k, n, name: log(f"  {name}: CRC32 matches the index ({k}/{n} shards)")) if log else None
+    full = packed.full_read_due(same, start, every)
+    if full and log is not None:
+        log(f"reading every shard of {samples.root} (--verify_shards {every}, start {start + 1})")
     try:
-        shards = packed.verify_shards(samples, same.get("shards"), shown)
+        shards = packed.verify_shards(samples, same.get("shards"), shown, full)
     except packed.PackError as e:
         raise DataListError(str(e)) from None
     if log is not None:
         log(f"checked {samples.root}: {len(samples)} samples in {len(shards)} shards, "
             f"{time.monotonic() - t0:.1f} s")
-    return packed.stamp_of(samples, shards)
+    return packed.stamp_of(samples, shards, start if full else same.get(packed.FULL_READ_KEY))
 
 
 class ResumableSampler(Sampler):

@@ -23,11 +23,13 @@ by index. The index is a zip of .npy arrays: 2 million rows load in about a seco
 import io
 import json
 import os
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from m2das.data.packcheck import index_problem, manifest_problem
 from m2das.fileio import is_url, url_fs
 
 MANIFEST = "packed.json"
@@ -163,8 +165,6 @@ class PackedSamples:
 
 def write_index(path, arrays: dict) -> None:
     """A zip of .npy arrays, like np.savez_compressed, but byte-for-byte reproducible (fixed dates)."""
-    import zipfile
-
     from m2das.fileio import atomic_write
 
     with atomic_write(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
@@ -188,11 +188,14 @@ def read_manifest(root) -> dict:
     if manifest.get("version") != VERSION:
         raise PackError(f"{path}: packed format version {manifest.get('version')}, this m2das reads "
                         f"version {VERSION}; pack again with this version's `m2das pack`")
+    problem = manifest_problem(manifest, DTYPES)
+    if problem:
+        raise PackError(f"{path}: {problem}; pack again with `m2das pack DATA_DIR --out {root}`")
     return manifest
 
 
 def load_packed(root, classes: list | None = None) -> PackedSamples:
-    """The manifest and index of a packed folder, the index checked against its CRC32.
+    """The manifest and index of a packed folder, the index checked against its CRC32 and its ranges.
 
     `classes` pins the label vocabulary (a resumed run keeps the one it started with).
     """
@@ -206,9 +209,16 @@ def load_packed(root, classes: list | None = None) -> PackedSamples:
     if len(blob) != manifest["index"]["bytes"] or zlib.crc32(blob) != manifest["index"]["crc32"]:
         raise PackError(f"{path}: damaged ({len(blob)} bytes, CRC32 differs from {MANIFEST}); pack again "
                         f"with `m2das pack DATA_DIR --out {root}`")
-    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
-        a = {k: z[k] for k in z.files}
-    files = a["names"].tobytes().decode("utf-8").split("\n")
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+            a = {k: z[k] for k in z.files}
+        files = a["names"].tobytes().decode("utf-8").split("\n") if "names" in a else []
+    except (OSError, ValueError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as e:
+        raise PackError(f"{path}: not a readable index ({type(e).__name__}: {e}); pack again with "
+                        f"`m2das pack DATA_DIR --out {root}`") from None
+    problem = index_problem(a, files, manifest)
+    if problem:
+        raise PackError(f"{path}: {problem}; pack again with `m2das pack DATA_DIR --out {root}`")
     ids = a["label_ids"]
     vocab = manifest["classes"]
     if classes is not None and list(classes) != vocab:
@@ -232,17 +242,19 @@ def damaged(path, why: str, root) -> PackError:
                      f"(finished shards are kept) or restore the file")
 
 
-def verify_shards(samples: PackedSamples, known: dict | None = None, progress=None) -> dict:
-    """Check every shard's size; its CRC32 only when its fingerprint is not a known-good one.
+def verify_shards(samples: PackedSamples, known: dict | None = None, progress=None, full: bool = False) -> dict:
+    """Check every shard's size; its CRC32 only when its fingerprint is not a known-good one, or always (`full`).
 
     `known` maps shard names to fingerprints at which the CRC32 matched (from
-    `m2das pack`, a previous validation or the run folder's stamp). Returns the
-    fingerprints now known good; `progress(k, n, name)` follows each CRC32 read.
+    `m2das pack`, a previous validation or the run folder's stamp). A fingerprint
+    is the size and mtime (ETag remotely): bit rot under an unchanged mtime passes
+    it, and only `full` (--verify_shards) reads it. Returns the fingerprints now
+    known good; `progress(k, n, name)` follows each CRC32 read.
     Raises PackError naming the first damaged shard.
     """
-    known = dict(known or {})
+    known = {} if full else dict(known or {})
     local_cache = None if is_url(samples.root) else join(samples.root, VERIFIED)
-    if local_cache:
+    if local_cache and not full:
         try:
             known = {**json.loads(read_whole(local_cache)), **known}
         except (OSError, ValueError):
@@ -275,10 +287,23 @@ def verify_shards(samples: PackedSamples, known: dict | None = None, progress=No
     return good
 
 
-def stamp_of(samples: PackedSamples, shards: dict) -> dict:
-    """What RUN/validated.json records for a packed folder: its index, and each shard's fingerprint."""
+FULL_READ_KEY = "all_shards_read_at_start"  # in RUN/validated.json: the start whose validation read every shard
+
+
+def full_read_due(stamp: dict | None, start: int, every: int) -> bool:
+    """Read every shard's CRC32 at this start (0 = the run's first)? With `every` N > 0: at the first
+    start and then once N starts have passed since the last full read; 0 never (fingerprints only)."""
+    if every <= 0:
+        return False
+    last = (stamp or {}).get(FULL_READ_KEY)
+    return not isinstance(last, int) or start - last >= every
+
+
+def stamp_of(samples: PackedSamples, shards: dict, full_read_at: int | None = None) -> dict:
+    """What RUN/validated.json records for a packed folder: its index, each shard's fingerprint,
+    and the start at which every shard was last read in full."""
     return {"packed": samples.root, "index_crc32": samples.manifest["index"]["crc32"], "rows": len(samples),
-            "shards": shards}
+            "shards": shards, FULL_READ_KEY: full_read_at}
 
 
 # ---------------------------------------------------------------- reading crops
@@ -290,28 +315,26 @@ class ShardReader:
     Picklable: a DataLoader worker gets the root only and opens its own file
     descriptors (or fsspec filesystem), one per shard it touches, at most MAX_OPEN. Locally each
     read is one pread, with readahead off (POSIX_FADV_RANDOM) so a cold read
-    fetches the crop and not the neighbouring samples; remotely one range request.
-    Nothing is cached beyond the open handles, so memory stays bounded.
+    fetches the crop and not the neighbouring samples; remotely one range request,
+    from S3 through a presigned URL (m2das.data.s3ranges) unless `presigned` is off,
+    else through fsspec. Nothing is cached beyond the open handles, so memory stays bounded.
     """
 
-    def __init__(self, root):
-        self.root = str(root)
-        self._pid, self._fds, self._fs = None, {}, None
+    def __init__(self, root, presigned: bool = True):
+        self.root, self.presigned = str(root), presigned
+        self._pid, self._fds, self._fs, self.ranges = None, {}, None, None
 
     def __getstate__(self):
-        return {"root": self.root}
+        return {"root": self.root, "presigned": self.presigned}
 
     def __setstate__(self, state):
-        self.__init__(state["root"])
+        self.__init__(state["root"], state.get("presigned", True))
 
     def read(self, name: str, start: int, length: int) -> bytes:
         if self._pid != os.getpid():  # a forked worker: never share the parent's handles
             self._pid, self._fds, self._fs = os.getpid(), {}, None
         if is_url(self.root):
-            if self._fs is None:
-                self._fs = url_fs(self.root)
-            fs, inner = self._fs
-            data = fs.cat_file(inner.rstrip("/") + "/" + name, start=start, end=start + length)
+            return self.read_many([(name, start, length)])[0]
         else:
             fd = self._fds.get(name)
             if fd is None:
@@ -335,11 +358,18 @@ class ShardReader:
         if not is_url(self.root):
             return [self.read(*r) for r in requests]
         if self._pid != os.getpid() or self._fs is None:
+            from m2das.data import s3ranges
+
             self._pid, self._fds, self._fs = os.getpid(), {}, url_fs(self.root)
+            self.ranges = s3ranges.PresignedRanges(self._fs[0], self.root) \
+                if self.presigned and s3ranges.usable(self._fs[0]) else None
         fs, inner = self._fs
-        blobs = fs.cat_ranges([inner.rstrip("/") + "/" + name for name, _, _ in requests],
-                              [start for _, start, _ in requests], [start + n for _, start, n in requests],
-                              on_error="raise")
+        paths = [inner.rstrip("/") + "/" + name for name, _, _ in requests]
+        blobs = self.ranges.get([(path, start, n) for path, (_, start, n) in zip(paths, requests)]) \
+            if self.ranges is not None else None
+        if blobs is None:  # not S3, or that path failed: s3fs reads (and raises its own error types)
+            blobs = fs.cat_ranges(paths, [start for _, start, _ in requests], [start + n for _, start, n in requests],
+                                  on_error="raise")
         return [self._checked(data, *r) for data, r in zip(blobs, requests)]
 
     def _checked(self, data: bytes, name: str, start: int, length: int) -> bytes:

@@ -190,7 +190,8 @@ def validate_once(samples, cfg: TrainConfig, run_dir: Path) -> None:
         previous = None
         with contextlib.suppress(OSError, ValueError):
             previous = json.loads(stamp_path.read_text())
-        write_json(stamp_path, validate_packed(samples, previous, log, cfg.input_size[0]))
+        starts = sum(r.get("event") == runfolder.EVENT_START for r in read_jsonl(run_dir / runfolder.RESTARTS))
+        write_json(stamp_path, validate_packed(samples, previous, log, cfg.input_size[0], cfg.verify_shards, starts))
         return
     st = os.stat(cfg.csv_main)
     stamp = {"csv": str(Path(cfg.csv_main).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,

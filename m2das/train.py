@@ -336,10 +336,10 @@ def train(cfg: TrainConfig, env: dict) -> int:
             return str(run_dir)
 
         run_dir = Path(on_rank0(open_and_keep_lock, rank))
-        if is_url(cfg.output_dir) and rank != 0 and env["local_rank"] == 0 and \
-                not (run_dir / runfolder.CONFIG).exists():  # another node: its own read-only copy
         if lock is not None:  # a lock removed or taken under us stops the run as a signal would
             lock.on_lost(lambda why: stop.request(f"run lock lost ({why})"))
+        if is_url(cfg.output_dir) and rank != 0 and env["local_rank"] == 0 and \
+                not (run_dir / runfolder.CONFIG).exists():  # another node: its own read-only copy
             RemoteRunFolder(cfg.output_dir, run_dir).hydrate()
         if dist.is_initialized():
             dist.barrier(group=flag_group)

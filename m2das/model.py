@@ -149,21 +149,34 @@ class M2DAS(nn.Module):
 
     # -- forward ----------------------------------------------------------------
 
+    def mask_order(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        """Per-sample random permutation of the patches [B, N]: the first `len_keep` visible, the rest masked.
+
+        The training loop calls it before the forward: a generator object inside a compiled region
+        breaks the graph, and the masks stay a function of the generator's seed alone.
+        """
+        return torch.rand(batch, self.num_patches, generator=generator, device=device).argsort(dim=1)
+
     def random_masking(self, batch: int, generator: torch.Generator | None, device):
-        """Per-sample random permutation: first `len_keep` visible, the rest masked."""
+        """(visible ids, masked ids) of `mask_order`."""
+        return self.split_mask(self.mask_order(batch, generator, device))
+
+    def split_mask(self, order: torch.Tensor):
         len_keep = int(self.num_patches * (1 - self.mask_ratio))
-        noise = torch.rand(batch, self.num_patches, generator=generator, device=device)
-        order = noise.argsort(dim=1)
         return order[:, :len_keep], order[:, len_keep:]
 
     def normalize(self, lms: torch.Tensor) -> torch.Tensor:
         return (lms - self.norm_stats[0]) / self.norm_stats[1]
 
-    def forward(self, lms: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
-        """Normalised-by-the-model LMS [B,1,F,T] and multi-hot labels -> dict of losses."""
+    def forward(self, lms: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | torch.Generator | None = None):
+        """Normalised-by-the-model LMS [B,1,F,T] and multi-hot labels -> dict of losses.
+
+        `mask` is a patch order from `mask_order` (what a compiled step needs), or the generator to draw one.
+        """
         B = lms.shape[0]
         x = self.patch_embed(self.normalize(lms)) + self.pos_embed[:, 1:]
-        visible_ids, masked_ids = self.random_masking(B, generator, x.device)
+        order = mask if isinstance(mask, torch.Tensor) else self.mask_order(B, mask, x.device)
+        visible_ids, masked_ids = self.split_mask(order)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
 
         # Online encoder on cls + visible patches.
@@ -176,7 +189,6 @@ class M2DAS(nn.Module):
         y = self.decoder_embed(h)
         n_masked = masked_ids.shape[1]
         tokens = torch.cat([y[:, 1:], self.mask_token.expand(B, n_masked, -1)], dim=1)
-        order = torch.cat([visible_ids, masked_ids], dim=1)
         tokens = put(tokens, order)
         y = torch.cat([y[:, :1], tokens], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:

@@ -138,3 +138,25 @@ def test_initialisation(base):
     assert base.cls_token.std().item() == pytest.approx(0.02, rel=0.2)
     pe_bound = math.sqrt(6 / (256 + 768))
     assert base.patch_embed.proj.weight.abs().max() <= pe_bound
+
+
+def test_training_forward_compiles_without_graph_break_and_keeps_the_masks():
+    """The mask is drawn before the forward (train_step's way): the compiled forward is one graph, and
+    its losses equal those of the forward drawing from the same (seed, rank, batch) generator itself."""
+    import torch._dynamo
+
+    from m2das.train import mask_generator
+
+    torch.manual_seed(0)
+    m = create_model("m2d_as_vit_tiny", input_size=(80, 208), num_classes=3)
+    lms, labels = torch.randn(2, 1, 80, 208), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    mask = m.mask_order(2, mask_generator("cpu", 7, 1, 12), "cpu")
+    explained = torch._dynamo.explain(m)(lms, labels, mask)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    torch._dynamo.reset()
+    drawn_inside = m(lms, labels, mask_generator("cpu", 7, 1, 12))
+    drawn_before = m(lms, labels, mask)
+    for key in ("loss_online", "loss_offline"):
+        assert torch.equal(drawn_before[key], drawn_inside[key]), key
+    other = m(lms, labels, m.mask_order(2, mask_generator("cpu", 7, 1, 13), "cpu"))
+    assert not torch.equal(other["loss_online"], drawn_before["loss_online"])  # the batch index matters

@@ -4,6 +4,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -62,6 +63,25 @@ def atomic_write(path, mode: str = "wb"):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def check_writable(folder) -> None:
+    """Make `folder` and a scratch file in it (OSError if either fails): a long job learns before its
+    work, not after, that it could not save the result."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+def full_disk_error(e: OSError, path, need: int) -> OSError:
+    """`e` as ENOSPC when it is one: numpy's short write ("N requested and M written") carries no errno,
+    so the free space beside `path` decides then; any other error is returned as it is."""
+    if e.errno is None:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(Path(path).parent).free < need:
+                return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return e
 
 
 def write_json(path, obj) -> None:

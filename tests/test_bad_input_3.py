@@ -80,3 +80,109 @@ def test_the_local_launcher_refuses_a_planted_launcher_log(tmp_path, lms_data, c
     err = capsys.readouterr().err
     assert rc == EXIT_BAD_INPUT and err.count("\n") == 1 and "remove the link" in err, err
     assert held(outside, True) == before and not (run / runfolder.LAUNCHER).exists()
+
+
+# -- downstream: wrong weights, NaN input, an unwritable --out, classes only in test ------------------
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder no one can write to, root included: a read-only tmpfs where mount works; otherwise a
+    chmod 555 folder (non-root) or, as root without mount, a path under a regular file (ENOTDIR)."""
+    import subprocess
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        (tmp_path / "a_file").write_text("")
+        yield tmp_path / "a_file" / "sub"
+        return
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture(scope="module")
+def downstream(tmp_path_factory):
+    """A tiny checkpoint and eval lists of LMS files: train/valid/test of classes a and b (list.csv),
+    and the same with a class c that only the test split has (list_c.csv)."""
+    import numpy as np
+    from pretrained_fixture import make_checkpoint
+
+    root = tmp_path_factory.mktemp("downstream")
+    rng = np.random.default_rng(0)
+    (root / "lms").mkdir()
+    rows = ["file_name,label,split"]
+    for i, (label, split) in enumerate([("a", "train"), ("b", "train"), ("a", "train"), ("b", "train"),
+                                        ("a", "valid"), ("b", "valid"), ("a", "test"), ("b", "test")]):
+        np.save(root / "lms" / f"{i}.npy", (rng.standard_normal((1, 80, 112)) - 5).astype(np.float32))
+        rows.append(f"lms/{i}.npy,{label},{split}")
+    (root / "list.csv").write_text("\n".join(rows) + "\n")
+    (root / "list_c.csv").write_text("\n".join(rows[:-1] + [rows[-1].replace(",b,", ",c,")]) + "\n")
+    ckpt = make_checkpoint(root / "runs")
+    wrong = root / "m2d_as_vit_base-80x608p16x16p16k-x" / "checkpoint-1.pth"  # the name says another size
+    wrong.parent.mkdir()
+    import torch
+
+    torch.save({"model": torch.load(ckpt, weights_only=True)["model"]}, wrong)
+    return {"root": root, "ckpt": ckpt, "wrong": wrong}
+
+
+def eval_argv(d, tmp_path, weights, *extra, data="list.csv"):
+    return [str(weights), "--data", str(d["root"] / data), "--cache_dir", str(tmp_path / "cache"),
+            "--seeds", "42", "--epochs", "2", "--device", "cpu", "--no_progress", *extra]
+
+
+@pytest.mark.parametrize("command", ["embed", "eval"])
+def test_weights_of_another_size_are_one_line(command, downstream, tmp_path, capsys):
+    from m2das.downstream import embed, linear_eval
+
+    d = downstream
+    rc = embed.main([str(d["root"] / "lms"), str(tmp_path / "out.npz"), "--weights", str(d["wrong"]),
+                     "--no_progress"]) if command == "embed" else \
+        linear_eval.main(eval_argv(d, tmp_path, d["wrong"], "--out", str(tmp_path / "r.json")))
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_INPUT and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{d['wrong']}: these weights do not fit" in err and "pos_embed" in err
+    assert not (tmp_path / "out.npz").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_embed_refuses_an_lms_holding_nan(downstream, tmp_path, capsys):
+    import numpy as np
+    from m2das.downstream import embed
+
+    folder = tmp_path / "lms"
+    folder.mkdir()
+    good = np.load(downstream["root"] / "lms" / "0.npy")
+    np.save(folder / "good.npy", good)
+    good[0, 3, 5] = np.nan
+    np.save(folder / "bad.npy", good)
+    rc = embed.main([str(folder), str(tmp_path / "out.npz"), "--weights", str(downstream["ckpt"]), "--no_progress"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_INPUT and err.count("\n") == 1 and f"{folder / 'bad.npy'}: 1 NaN/inf" in err, err
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_eval_out_in_a_read_only_folder_is_one_line_before_any_work(downstream, tmp_path, read_only_dir, capsys):
+    from m2das.downstream import linear_eval
+
+    out = read_only_dir / "r.json"
+    rc = linear_eval.main(eval_argv(downstream, tmp_path, downstream["ckpt"], "--out", str(out)))
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_INPUT and err.count("\n") == 1 and f"--out {out}: cannot write there" in err, err
+    assert not (tmp_path / "cache").exists()  # refused before the embeddings were computed
+
+
+def test_eval_warns_about_classes_only_the_test_split_has(downstream, tmp_path, capsys):
+    from m2das.downstream import linear_eval
+
+    rc = linear_eval.main(eval_argv(downstream, tmp_path, downstream["ckpt"], "--out", str(tmp_path / "r.json"),
+                                    data="list_c.csv"))
+    err = capsys.readouterr().err
+    assert rc == 0 and (tmp_path / "r.json").is_file(), err
+    assert "1 class(es) appear in test but never in train (e.g. c)" in err

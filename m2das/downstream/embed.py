@@ -25,6 +25,17 @@ class InputError(ValueError):
     """An input file that cannot be embedded; the message names it and the fix."""
 
 
+class NonFiniteInput(InputError):
+    """An input holding NaN or inf: its embedding would be NaN, so the run stops instead of skipping it."""
+
+
+def refuse_non_finite(path, lms: np.ndarray) -> np.ndarray:
+    if not np.isfinite(lms).all():
+        raise NonFiniteInput(f"{path}: {int((~np.isfinite(lms)).sum())} NaN/inf value(s) in its LMS; recreate it "
+                             f"with `m2das prepare` (or remove it from the folder)")
+    return lms
+
+
 def find_inputs(folder) -> list:
     folder = Path(folder)
     if not folder.is_dir():
@@ -51,9 +62,9 @@ def read_lms(path) -> np.ndarray:
         if lms.ndim != 3 or lms.shape[:2] != (1, audio.N_MELS):
             raise InputError(f"{path}: expected an LMS of shape [1, {audio.N_MELS}, T], got {list(lms.shape)}; "
                              f"make it with `m2das prepare`")
-        return lms.astype(np.float32, copy=False)
+        return refuse_non_finite(path, lms.astype(np.float32, copy=False))
     try:
-        return audio.lms_from_file(path, pad=False)[0]
+        return refuse_non_finite(path, audio.lms_from_file(path, pad=False)[0])
     except audio.AudioError as e:
         raise InputError(f"{path}: {e}") from None
 
@@ -83,7 +94,7 @@ def read_clip(path, clip_samples: int, start: int = 0) -> np.ndarray:
         x = x[start:start + clip_samples]
         if x.size < clip_samples:
             x = np.concatenate([x, np.zeros(clip_samples - x.size, dtype=np.float32)])
-        return audio.lms_batch_16k([x], pad=False)[0]
+        return refuse_non_finite(path, audio.lms_batch_16k([x], pad=False)[0])
     except audio.AudioError as e:
         raise InputError(f"{path}: {e}") from None
 
@@ -136,7 +147,7 @@ def embed_files(encoder, items, batch_size: int = 32, workers: int = 4, progress
         try:
             return load(items[j])
         except InputError as e:
-            if failures is None:
+            if failures is None or isinstance(e, NonFiniteInput):
                 raise
             failures[j] = str(e)
             return None

@@ -18,7 +18,7 @@ from torch import nn
 
 from m2das.data import audio
 from m2das.model import MODEL_SIZES, PatchEmbed, blocks, encode_tokens, tokens_to_frames
-from m2das.downstream.weights import HEAD_PREFIX, read_weights
+from m2das.downstream.weights import HEAD_PREFIX, WeightsError, read_weights
 
 
 class Features(NamedTuple):
@@ -86,6 +86,18 @@ class AudioEncoder(nn.Module):
         return torch.sigmoid(self.offline_predictor(self.frame_features(lms)).mean(dim=1))
 
 
+def load_sized(module, state: dict, path, strict: bool = True) -> None:
+    """load_state_dict, with a size mismatch (weights of another model or input size than their
+    args or folder name say) as a WeightsError: one line naming the file and the first tensor."""
+    try:
+        module.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        said = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "Missing key" in ln
+                or "Unexpected key" in ln] or [str(e).splitlines()[0]]
+        raise WeightsError(f"{path}: these weights do not fit the model their args or folder name describe "
+                           f"({said[0].rstrip('.')}); export them again from their run folder") from None
+
+
 def load_encoder(path, device="cpu", epoch: int | None = None) -> AudioEncoder:
     """An exported encoder, a full checkpoint or a run folder -> AudioEncoder on `device`.
 
@@ -101,6 +113,6 @@ def load_encoder(path, device="cpu", epoch: int | None = None) -> AudioEncoder:
     head = state.get(HEAD_PREFIX + "weight")
     encoder = AudioEncoder(w.input_size, w.patch_size, dim, depth, heads,
                            num_classes=head.shape[0] if head is not None else 0)
-    encoder.load_state_dict(state, strict=True)
+    load_sized(encoder, state, w.path, strict=True)
     encoder.classes = list(w.classes)
     return encoder.to(device).eval().requires_grad_(False)

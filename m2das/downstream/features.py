@@ -57,6 +57,7 @@ def random_encoder_like(encoder, model_name: str, seed: int = RANDOM_INIT_SEED):
     """An encoder of the same size and norm stats, with M2D-AS's initialisation and fresh random weights."""
     import torch
 
+    from m2das.downstream.encoder import load_sized
     from m2das.downstream.weights import is_encoder_key
     from m2das.model import create_model
 
@@ -64,7 +65,7 @@ def random_encoder_like(encoder, model_name: str, seed: int = RANDOM_INIT_SEED):
         torch.manual_seed(seed)
         fresh = create_model(model_name, input_size=encoder.input_size, patch_size=encoder.patch_size, num_classes=1)
     state = {k: v for k, v in fresh.state_dict().items() if is_encoder_key(k) and k != "norm_stats"}
-    encoder.load_state_dict(state, strict=False)
+    load_sized(encoder, state, f"--random_init ({model_name})", strict=False)
     return encoder
 
 

@@ -69,6 +69,23 @@ def read_eval_list(csv_path, root=None):
     return paths, labels, splits, classes
 
 
+def unseen_in_training(labels, splits) -> list:
+    """Classes of test rows that no train row has, sorted."""
+    seen = {c for row, s in zip(labels, splits) if s == "train" for c in row}
+    return sorted({c for row, s in zip(labels, splits) if s == "test" for c in row} - seen)
+
+
+def refuse_unwritable(out) -> None:
+    """ListError (one line) when the result file's folder cannot be created or written."""
+    from m2das.fileio import check_writable
+
+    try:
+        check_writable(Path(out).parent)
+    except OSError as e:
+        raise ListError(f"--out {out}: cannot write there ({e.strerror or e}); pass --out in a writable "
+                        f"folder") from None
+
+
 def settings_from(args) -> Settings:
     return Settings(lr=args.lr, max_epochs=args.epochs, patience=args.early_stop_epochs,
                     max_batch=args.batch_size, seeds=tuple(args.seeds))
@@ -80,12 +97,18 @@ def evaluate(weights, data, *, data_root=None, out=None, settings: Settings = Se
     """The protocol on a file_name,label,split list; returns the result dict that is also written as JSON."""
     t0 = time.monotonic()
     paths, labels, splits, classes = read_eval_list(data, data_root)  # before torch: bad lists fail fast
+    untrained = unseen_in_training(labels, splits)
+    if untrained:
+        print(f"m2das eval: warning: {data}: {len(untrained)} class(es) appear in test but never in train "
+              f"(e.g. {', '.join(untrained[:3])}); the linear layer never learns them", file=sys.stderr)
 
     from m2das.downstream.embed import pick_device, samples_16k
     from m2das.downstream.weights import resolve_checkpoint
     from m2das.fileio import write_json
 
     weights_file = resolve_checkpoint(weights)
+    out = Path(out) if out is not None else weights_file.parent / f"eval_{Path(data).stem}{'_random' if random_init else ''}.json"
+    refuse_unwritable(out)  # now, not after the embeddings and three seeds
     device = pick_device(device)
     if multi_label is None:
         multi_label = any(len(row) > 1 for row in labels)
@@ -108,8 +131,11 @@ def evaluate(weights, data, *, data_root=None, out=None, settings: Settings = Se
         "embeddings_cached": cached, "seconds": round(time.monotonic() - t0, 2),
     })
     result["valid"] = float(np.mean([f["valid"] for f in result["folds"]]))
-    out = Path(out) if out is not None else weights_file.parent / f"eval_{Path(data).stem}{'_random' if random_init else ''}.json"
-    write_json(out, result)
+    try:
+        write_json(out, result)
+    except OSError as e:
+        raise ListError(f"{out}: cannot write the result ({e.strerror or e}); free space there or pass "
+                        f"--out in another folder") from None
     result["out"] = str(out)
     return result
 
@@ -169,6 +195,8 @@ def main(argv=None) -> int:
     common = dict(out=args.out, settings=settings, device=args.device, cache_dir=args.cache_dir,
                   random_init=args.random_init, progress=not args.no_progress)
     try:
+        if args.out is not None:
+            refuse_unwritable(args.out)
         if args.data is not None:
             r = evaluate(args.weights, args.data, data_root=args.data_root, clip_seconds=args.clip_seconds,
                          multi_label=args.multi_label, **common)

@@ -235,19 +235,30 @@ class Checkpointer:
             try:
                 self.load_state_dict(load_file(path))
             except (CheckpointError, KeyError, ValueError, RuntimeError) as e:
-                tried.append(f"{path.name}: {e}")
-                self.log(f"warning: skipping {path}: {e}")
+                tried.append((path, str(e)))
                 continue
+            self._report_skipped(tried, path)
             return str(path)
         if shows_progress or tried:
-            detail = "; ".join(tried) if tried else "no checkpoint file"
+            detail = "; ".join(f"{p.name}: {why}" for p, why in tried) if tried else "no checkpoint file"
             raise CheckpointError(f"{self.run_dir} shows progress but no checkpoint loads ({detail}); nothing was "
                                   f"changed. Restore a checkpoint, or start over on purpose with --resume none")
         return None
 
+    def _report_skipped(self, skipped, loaded: Path) -> None:
+        """Name every checkpoint passed over on the way to `loaded`, with what the fallback costs: an older
+        state resumed without a word would be a silent rollback."""
+        for path, why in skipped:
+            cost = runfolder.fallback_cost(self.run_dir, path.name, self.progress.step)
+            self.log(f"warning: skipping {path}: {why}; resumed from {loaded.name} at step {self.progress.step} "
+                     f"instead: {cost.pop('cost')}")
+            if self.rank == 0:
+                events.record(self.run_dir, runfolder.EVENT_CHECKPOINT_SKIPPED, file=path.name, error=why,
+                              resumed_from=loaded.name, resumed_step=self.progress.step, **cost)
+
     def _ranked_checkpoints(self):
         """Full-state checkpoints by recorded progress (most steps first), not by file time, which a
-        copy resets; and "name: why" for the files that could not even be opened."""
+        copy resets; and (path, why) for the files that could not even be opened."""
         tried, ranked = [], []
         for path in runfolder.checkpoint_files(self.run_dir):
             try:
@@ -255,7 +266,7 @@ class Checkpointer:
                 peek = as_full_state(peek, path)
                 ranked.append((int(peek["step"]), path.name != runfolder.PREVIOUS, path))
             except (CheckpointError, KeyError, ValueError, TypeError) as e:
-                tried.append(f"{path.name}: {e}")
+                tried.append((path, str(e)))
         return [r[2] for r in sorted(ranked, key=lambda r: r[:2], reverse=True)], tried
 
     def save_missed_epoch_checkpoint(self) -> None:

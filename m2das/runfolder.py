@@ -58,6 +58,7 @@ EVENT_DIVERGED = "diverged"
 EVENT_FINISHED = "finished"
 EVENT_SAVE_FAILED = "save_failed"
 EVENT_CONFIG_CHANGED = "config_changed"
+EVENT_CHECKPOINT_SKIPPED = "checkpoint_skipped"  # a checkpoint that did not load; an older one was resumed
 
 
 def epoch_checkpoint_name(epoch: int) -> str:
@@ -76,6 +77,40 @@ def checkpoint_files(run_dir) -> list:
     with contextlib.suppress(OSError):
         found += [p for p in run_dir.iterdir() if EPOCH_CHECKPOINT_RE.match(p.name)]
     return found
+
+
+def _steps(n: int) -> str:
+    return f"{n} step{'' if n == 1 else 's'}"
+
+
+def fallback_cost(run_dir, name: str, resumed_step: int) -> dict:
+    """What resuming at `resumed_step` instead of checkpoint `name` (which cannot be read) costs, as far as
+    the run folder recorded it: the step `name` was saved at (an epoch checkpoint's epoch x steps per
+    epoch; last.pth's from the stop that wrote it, when nothing was logged past it), else the step the log
+    reached. Returns step, steps_lost, logged_step (None where unknown) and `cost`, a phrase for the warning."""
+    run_dir = Path(run_dir)
+    logged = max((r["step"] for r in read_jsonl(run_dir / LOG) if isinstance(r.get("step"), int)), default=None)
+    step, source = None, ""
+    epoch = saved_epochs([name])
+    per_epoch = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        per_epoch = json.loads((run_dir / CONFIG).read_text()).get("steps_per_epoch")
+    if epoch and isinstance(per_epoch, int) and per_epoch > 0:
+        step, source = epoch[0] * per_epoch, f"epoch {epoch[0]} x {per_epoch} steps"
+    elif name == LAST:
+        stops = [r["step"] for r in read_jsonl(run_dir / RESTARTS)
+                 if r.get("event") == EVENT_STOPPED and isinstance(r.get("step"), int)]
+        if stops and (logged is None or logged <= stops[-1]):
+            step, source = stops[-1], f"the stop recorded in {RESTARTS}"
+    if step is not None:
+        lost = max(step - resumed_step, 0)
+        cost = f"it was saved at step {step} ({source}): {_steps(lost)} trained again"
+    elif logged is not None and logged > resumed_step:
+        lost = None
+        cost = f"its step is unknown; {LOG} reached step {logged}: up to {_steps(logged - resumed_step)} trained again"
+    else:
+        lost, cost = None, "its step is unknown"
+    return {"step": step, "steps_lost": lost, "logged_step": logged, "cost": cost}
 
 
 def final_weights(run_dir, epochs: int) -> Path:

@@ -198,3 +198,34 @@ def test_the_quality_monitor_reports_and_leaves_exact_resume_untouched(data, ref
     for row in rows:
         assert 0 < row["monitor_map"] <= 1 and 1 <= row["monitor_rankme"] and 0 < row["monitor_share"] < 1
     assert "quality after epoch 2: mAP" in r.stdout and "% of training time" in r.stdout
+
+
+@pytest.mark.parametrize("damage", ["truncated", "refused pickle"])
+def test_a_skipped_checkpoint_is_named_with_what_the_fallback_costs(tmp_path, damage):
+    """A last.pth that cannot be opened: the older file resumes, and the warning and restarts.jsonl say
+    which file was passed over and how many steps that costs (from the records: the file cannot tell)."""
+    from m2das import ckptfile
+    from m2das.fileio import append_jsonl
+    from test_checkpoint import make_checkpointer
+
+    last = tmp_path / runfolder.LAST
+    ckptfile.save_file(make_checkpointer(tmp_path, step=8).state_dict(), last)
+    ckptfile.save_file(make_checkpointer(tmp_path, step=11).state_dict(), last)  # step 8 becomes last.prev.pth
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:300])
+        append_jsonl(tmp_path / runfolder.RESTARTS, {"event": runfolder.EVENT_STOPPED, "step": 11})
+        known = "it was saved at step 11 (the stop recorded in restarts.jsonl): 3 steps trained again"
+    else:
+        torch.save({"model": {}, "step": 11, "payload": Marker(tmp_path / "hijacked")}, last)
+        for step in (10, 12):  # a later interval save, logged but not recorded by a stop
+            append_jsonl(tmp_path / runfolder.LOG, {"step": step})
+        known = "its step is unknown; log.jsonl reached step 12: up to 4 steps trained again"
+    said = []
+    ckpt = make_checkpointer(tmp_path)
+    ckpt.log = said.append
+    assert ckpt.resume("auto", shows_progress=True) == str(tmp_path / runfolder.PREVIOUS) and ckpt.progress.step == 8
+    assert len(said) == 1 and said[0].startswith(f"warning: skipping {last}: ") and said[0].endswith(known), said
+    row = read_jsonl(tmp_path / runfolder.RESTARTS)[-1]
+    assert row["event"] == runfolder.EVENT_CHECKPOINT_SKIPPED and row["file"] == runfolder.LAST
+    assert row["resumed_from"] == runfolder.PREVIOUS and row["resumed_step"] == 8
+    assert row["steps_lost"] == (3 if damage == "truncated" else None) and not (tmp_path / "hijacked").exists()

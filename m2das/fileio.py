@@ -84,6 +84,15 @@ def full_disk_error(e: OSError, path, need: int) -> OSError:
     return e
 
 
+def write_failure(e: OSError, folder) -> str:
+    """A failed write into `folder` in words: a full disk said as such, else the file and the reason."""
+    e = full_disk_error(e, Path(folder) / ".", 1 << 20)
+    where = e.filename or folder
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device of {folder}" + (f" (writing {where})" if str(where) != str(folder) else "")
+    return f"cannot write {where} ({e.strerror or e})"
+
+
 def write_json(path, obj) -> None:
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)

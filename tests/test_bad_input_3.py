@@ -186,3 +186,52 @@ def test_eval_warns_about_classes_only_the_test_split_has(downstream, tmp_path, 
     err = capsys.readouterr().err
     assert rc == 0 and (tmp_path / "r.json").is_file(), err
     assert "1 class(es) appear in test but never in train (e.g. c)" in err
+
+
+# -- data: pack and prepare into a read-only or full folder, a metadata URL prepare cannot fetch ---------
+
+@pytest.fixture
+def full_dir(tmp_path):
+    """A 64 KiB tmpfs: a real file system that fills up (mounting needs root)."""
+    import subprocess
+
+    folder = tmp_path / "full"
+    folder.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"a full disk needs a small tmpfs, and mount failed here: {r.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("where", ["read_only", "full"])
+def test_pack_into_a_read_only_or_full_folder_is_one_line(where, request, tmp_path, capsys):
+    from conftest import write_lms_folder
+    from m2das.data import pack
+
+    data = write_lms_folder(tmp_path / "data", n_files=8)  # 8 x 80 x ~200 float32: more than 64 KiB
+    (data / "norm_stats.json").write_text('{"mean": -7.0, "std": 4.0}')  # not computed again here
+    out = request.getfixturevalue(f"{where}_dir") / "packed"
+    rc = pack.main([str(data), "--out", str(out), "--workers", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == EXIT_BAD_INPUT and "Traceback" not in "\n".join(err), err
+    assert err[-1].startswith("m2das pack: error: ") and "pass --out in a writable folder" in err[-1], err
+    assert ("no space left on the device of" if where == "full" else "cannot write") in err[-1]
+
+
+def test_prepare_names_a_full_disk_and_refuses_a_metadata_url_it_cannot_fetch(tmp_path, full_dir, capsys):
+    import numpy as np
+    import soundfile as sf
+    from m2das.data import prepare
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "a.wav", np.zeros(16000 * 3, np.float32), 16000)  # its LMS (~96 KB) cannot fit in 64 KiB
+    rc = prepare.main([str(audio), str(full_dir / "data"), "--device", "cpu", "--workers", "1", "--no-progress",
+                       "--steps", "lms"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and err[-1].startswith(f"m2das prepare: no space left on the device of {full_dir / 'data'}"), err
+    rc = prepare.main([str(audio), str(tmp_path / "data"), "--metadata-url", "ftp://example.org/csv"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_INPUT and err.count("\n") == 1 and "ftp:// is not a way to fetch" in err, err
+    assert not (tmp_path / "data").exists()

@@ -28,7 +28,7 @@ import numpy as np
 
 from m2das import events
 from m2das.datafolder import LMS_DIR
-from m2das.fileio import atomic_write
+from m2das.fileio import atomic_write, full_disk_error
 
 # Extensions taken as audio. Formats libsndfile cannot decode (m4a, webm) are
 # still attempted so that they show up in the failure list instead of vanishing.
@@ -171,8 +171,11 @@ def existing_outputs(data_dir) -> set[str]:
 
 
 def save_lms(path, lms: np.ndarray) -> None:
-    with atomic_write(path, "wb") as f:
-        np.save(f, lms)
+    try:
+        with atomic_write(path, "wb") as f:
+            np.save(f, lms)
+    except OSError as e:
+        raise full_disk_error(e, path, lms.nbytes + 4096) from e
 
 
 def _checked(lms: np.ndarray) -> np.ndarray:

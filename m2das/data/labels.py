@@ -29,6 +29,7 @@ OPTIONAL_FILES = ("unbalanced_train_segments.csv",)
 METADATA_FILES = SEGMENT_FILES + (CLASS_FILE,)
 DEFAULT_URL_BASE = "https://storage.googleapis.com/us_audioset/youtube_corpus/v1/csv"
 URL_ENV = "M2DAS_AUDIOSET_URL"
+URL_SCHEMES = ("https", "http", "s3", "gs", "file")  # http only from this machine (check_url)
 YTID_LENGTH = 11
 SEGMENT_HEADER = "# YTID, start_seconds, end_seconds, positive_labels"
 CLASS_HEADER = "index,mid,display_name"
@@ -200,13 +201,19 @@ def _open_url(url: str, timeout: float):
     return fsspec.open(url, "rb").open()
 
 
-def check_url(url_base: str) -> None:
-    """Lists are fetched over HTTPS (or from a folder, file:// or another fsspec URL), never
-    plain http across a network: a tampered list would silently mislabel the training data."""
+def check_url(url_base: str | None) -> str:
+    """The lists' URL (the flag, else the environment, else the release); MetadataError for a scheme
+    prepare does not fetch from, or plain http across a network: a tampered list would silently
+    mislabel the training data."""
+    url_base = (url_base or os.environ.get(URL_ENV) or DEFAULT_URL_BASE).rstrip("/")
     parts = urllib.parse.urlsplit(url_base)
+    if "://" in url_base and parts.scheme not in URL_SCHEMES:
+        raise MetadataError(f"{url_base}: {parts.scheme}:// is not a way to fetch the AudioSet lists; use "
+                            f"{', '.join(s + '://' for s in URL_SCHEMES)} or a mirror folder")
     if parts.scheme == "http" and (parts.hostname or "") not in LOOPBACK_HOSTS:
         raise MetadataError(f"{url_base}: plain http is refused for the AudioSet lists; use "
                             f"https:// (or a mirror folder / file:// URL)")
+    return url_base
 
 
 def check_downloaded_list(name: str, f, url: str) -> int:
@@ -258,8 +265,7 @@ def fetch_metadata(dest_dir, url_base=None, timeout: float = 30.0, warn=print) -
     be had, or naming the list that came back wrong; a missing unbalanced list only warns.
     """
     dest_dir = Path(dest_dir)
-    url_base = (url_base or os.environ.get(URL_ENV) or DEFAULT_URL_BASE).rstrip("/")
-    check_url(url_base)
+    url_base = check_url(url_base)
     missing_required, first_error = [], None
     # required files first: when they cannot be had, the optional one is not tried
     for name in sorted(METADATA_FILES, key=lambda n: n in OPTIONAL_FILES):

@@ -35,7 +35,7 @@ import numpy as np
 
 from m2das import events
 from m2das.data import packed
-from m2das.fileio import atomic_write, write_json
+from m2das.fileio import atomic_write, write_failure, write_json
 from m2das.data.lmsfile import N_MELS
 from m2das.data.packed import INDEX, JOURNAL, MANIFEST, VERIFIED, PackError
 from m2das.datafolder import NORM_STATS, PACKED_DIR, RECIPE_FILE, WEIGHTED_LIST
@@ -193,11 +193,14 @@ def pack(data_dir, out=None, list_path=None, shard_size: int = parse_size(DEFAUL
     log(f"{len(paths)} files checked in {time.monotonic() - t0:.1f} s; packing into {out} "
         f"({dtype}, shards of at most {shard_size / 1e6:.3g} MB)")
 
-    out.mkdir(parents=True, exist_ok=True)
-    with one_pack_at_a_time(out):
-        for stale in out.glob(".*.tmp"):  # temporaries of a killed pack
-            stale.unlink()
-        return write_all(out, data_dir, samples, paths, stats, shard_size, dtype)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with one_pack_at_a_time(out):
+            for stale in out.glob(".*.tmp"):  # temporaries of a killed pack
+                stale.unlink()
+            return write_all(out, data_dir, samples, paths, stats, shard_size, dtype)
+    except OSError as e:  # read-only or full: the shards written so far stay; a rerun keeps them
+        raise PackError(f"{write_failure(e, out)}; free space there or pass --out in a writable folder") from None
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
 import os
 import re
@@ -309,7 +310,7 @@ def parse_steps(steps) -> list[str]:
     return [s for s in STEPS if s in steps]
 
 
-def check_inputs(steps, audio_dir, data_dir: Path, metadata_dir, device: str, stats_files) -> None:
+def check_inputs(steps, audio_dir, data_dir: Path, metadata_dir, device: str, stats_files, url_base=None) -> None:
     """Every input the chosen steps read, checked before the first step runs: a wrong --metadata
     must not wait for an hour of LMS conversion to be found."""
     from m2das.data import labels
@@ -319,11 +320,13 @@ def check_inputs(steps, audio_dir, data_dir: Path, metadata_dir, device: str, st
         resolve_device(device)
     if ("labels" in steps or "stats" in steps) and "list" not in steps:
         read_file_list(data_dir)
-    if "labels" in steps and metadata_dir is not None:
-        try:
+    try:
+        if "labels" in steps and metadata_dir is not None:
             labels.check_metadata_dir(metadata_dir)
-        except labels.MetadataError as e:
-            raise PrepareError(str(e), 2) from None
+        elif "labels" in steps:
+            labels.check_url(url_base)
+    except labels.MetadataError as e:
+        raise PrepareError(str(e), 2) from None
     if "stats" in steps and stats_files is not None and stats_files < 1:
         raise PrepareError(f"--stats-files {stats_files}: expected at least 1 (default 5000)", 2)
 
@@ -336,7 +339,7 @@ def run_prepare(audio_dir, data_dir, metadata_dir=None,
     """Run the chosen steps; return the summary. Raises PrepareError (with .code) when fatal."""
     steps = parse_steps(steps)
     data_dir = Path(data_dir)
-    check_inputs(steps, audio_dir, data_dir, metadata_dir, device, stats_files)
+    check_inputs(steps, audio_dir, data_dir, metadata_dir, device, stats_files, url_base)
     started = time.monotonic()
     summary: dict = {"steps": steps, "data_dir": str(data_dir)}
     with _lock(data_dir):
@@ -469,8 +472,12 @@ def main(argv=None) -> int:
         return 130
     except OSError as e:  # disk full, read-only mount: every later file would fail the same way
         where = f" {e.filename}" if e.filename else ""
-        log(f"m2das prepare: cannot write{where}: {e.strerror or e}; fix it and rerun the same "
-            f"command (finished files are kept)")
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            log(f"m2das prepare: no space left on the device of {args.data_dir} (writing{where}); free space "
+                f"(or raise the quota) and rerun the same command (finished files are kept)")
+        else:
+            log(f"m2das prepare: cannot write{where}: {e.strerror or e}; fix it and rerun the same "
+                f"command (finished files are kept)")
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)

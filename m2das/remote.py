@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -35,10 +36,12 @@ import uuid
 from pathlib import Path
 
 from m2das import events, runfolder
+from m2das.datafolder import RECIPE_FILE
 from m2das.fileio import read_jsonl, url_fs
+from m2das.storeerrors import RemoteError, StoreUnavailable, store_errors
 
-SMALL_FILES = (runfolder.CONFIG, runfolder.CLASSES, runfolder.NORM_STATS, runfolder.VALIDATED, runfolder.LOG,
-               runfolder.RESTARTS, runfolder.LAUNCHER)
+SMALL_FILES = (runfolder.CONFIG, runfolder.CLASSES, runfolder.NORM_STATS, runfolder.VALIDATED, RECIPE_FILE,
+               runfolder.LOG, runfolder.RESTARTS, runfolder.LAUNCHER)
 POINTER_SUFFIX = ".json"  # last.pth.json names the object that holds last.pth
 OBJECTS_DIR = "objects"
 
@@ -49,8 +52,31 @@ def staging_for(url: str) -> Path:
     return base / hashlib.sha1(url.rstrip("/").encode()).hexdigest()[:16]
 
 
-class RemoteError(Exception):
-    """Object storage refused or failed; one line naming the URL."""
+STORE_WAIT_ENV = "M2DAS_STORE_WAIT_S"  # how long a stopping trainer waits for the store to come back
+STORE_WAIT_S = 120.0  # ... to upload its logs and release the lock object (a short outage leaves no lock)
+
+
+def store_wait_s() -> float:
+    """STORE_WAIT_ENV in seconds (>= 0); a bad value is a RemoteError naming the variable."""
+    raw = os.environ.get(STORE_WAIT_ENV, "").strip()
+    try:
+        wait = float(raw) if raw else STORE_WAIT_S
+    except ValueError:
+        wait = -1.0
+    if not wait >= 0:
+        raise RemoteError(f"{STORE_WAIT_ENV}={raw!r}: not a number of seconds >= 0; unset it for the default "
+                          f"({STORE_WAIT_S:.0f} s)")
+    return wait
+
+
+def modified_time(entry: dict):
+    """The modification time (epoch seconds) of a listing entry or info() answer, whatever the backend."""
+    when = entry.get("LastModified") or entry.get("mtime") or entry.get("created")
+    if hasattr(when, "timestamp"):
+        return when.timestamp()
+    with contextlib.suppress(TypeError, ValueError):
+        return float(when)
+    return None
 
 
 def _fs(url: str):
@@ -61,24 +87,72 @@ def _fs(url: str):
                           f"(s3fs for s3://, gcsfs for gs://)") from None
 
 
+def _signature(path: Path):
+    """(inode, size, mtime_ns) of a local file, or None: tells a file from its replacement."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class _StoreFS:
+    """An fsspec filesystem whose failures are StoreUnavailable or RemoteError naming the object's URL;
+    absent and existing objects still raise FileNotFoundError / FileExistsError, which callers read."""
+
+    def __init__(self, fs):
+        self._fs = fs
+
+    def __getattr__(self, name):
+        attr = getattr(self._fs, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            url = "the object store"
+            if args and isinstance(args[0], str):
+                url = self._fs.unstrip_protocol(args[0]) if hasattr(self._fs, "unstrip_protocol") else args[0]
+            with store_errors(url, keep=(FileNotFoundError, FileExistsError)):
+                return attr(*args, **kwargs)
+        return call
+
+
 class RemoteRunFolder(runfolder.LockWatch):
     def __init__(self, url: str, staging: Path | None = None):
         self.url = url.rstrip("/")
-        self.fs, self.root = _fs(self.url)
+        fs, self.root = _fs(self.url)
+        self.fs = _StoreFS(fs)
+        self._own_staging = staging is None  # a temporary folder of ours: removed on release when unused
         self.staging = Path(staging) if staging else Path(tempfile.mkdtemp(prefix="m2das-run-"))
+        self.warnings = []  # what was skipped in the bucket (garbled pointers, missing objects)
         self._lock_token = None
         self._stop = threading.Event()
         self.took_over = None
         self._uploaded = set()  # (inode, size, mtime_ns) of the checkpoint files in the bucket
+        self._pending = {}  # name -> (step, signature) of a checkpoint whose upload failed
         self._small_files_uploaded = False
 
     def _key(self, name: str) -> str:
         return f"{self.root}/{name}"
 
     def _read_pointer(self, name: str):
-        with contextlib.suppress(FileNotFoundError, ValueError, OSError):
-            return json.loads(self.fs.cat_file(self._key(name + POINTER_SUFFIX)))
-        return None
+        """The pointer {object, step, bytes} to `name`'s object, or None when absent or garbled (warned)."""
+        try:
+            pointer = json.loads(self.fs.cat_file(self._key(name + POINTER_SUFFIX)))
+        except FileNotFoundError:
+            return None
+        except ValueError as e:
+            pointer = f"not JSON ({e})"
+        if not (isinstance(pointer, dict) and isinstance(pointer.get("object"), str)
+                and re.fullmatch(r"[\w.-]+", pointer["object"])):
+            self._warn(f"{self.url}/{name}{POINTER_SUFFIX} is not a checkpoint pointer "
+                       f"({pointer if isinstance(pointer, str) else 'no object name'}); ignoring it")
+            return None
+        return pointer
+
+    def _warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
 
     # -- start-up ------------------------------------------------------------------------
     def hydrate(self, checkpoints: bool = True) -> list:
@@ -101,38 +175,66 @@ class RemoteRunFolder(runfolder.LockWatch):
                 return fetched
             for name in (runfolder.LAST, runfolder.PREVIOUS):
                 pointer = self._read_pointer(name)
-                if pointer is not None:
+                if pointer is None:
+                    continue
+                try:
                     self.fetch(f"{OBJECTS_DIR}/{pointer['object']}", self.staging / name)
-                    fetched.append(name)
-            epochs = runfolder.saved_epochs(self._list())
+                except FileNotFoundError:  # the other pointer, or an epoch checkpoint, is the fallback
+                    self._warn(f"{self.url}/{name}{POINTER_SUFFIX} names {OBJECTS_DIR}/{pointer['object']} "
+                               f"(step {pointer.get('step', 'unknown')}), which is missing; skipping it")
+                    continue
+                fetched.append(name)
+            epochs = runfolder.saved_epochs(e["name"] for e in self.listing())
             if epochs:
                 name = runfolder.epoch_checkpoint_name(max(epochs))
                 self.fetch(name, self.staging / name)
                 fetched.append(name)
+        except (StoreUnavailable, RemoteError):
+            raise
         except OSError as e:
             raise RemoteError(f"{self.url}: cannot read the run folder ({type(e).__name__}: {e})") from None
+        finally:
+            for message in self.warnings:
+                events.log(f"warning: {message}")
         for name in fetched:
             self._mark_uploaded(self.staging / name)  # a copy of what the bucket holds
         return fetched
 
     def _mark_uploaded(self, path: Path) -> None:
-        with contextlib.suppress(OSError):
-            st = path.stat()
-            self._uploaded.add((st.st_ino, st.st_size, st.st_mtime_ns))
+        signature = _signature(path)
+        if signature is not None:
+            self._uploaded.add(signature)
 
     def _all_uploaded(self) -> bool:
         """Every checkpoint in the staging folder (last.prev.pth is a renamed last.pth) is in the bucket."""
         for p in runfolder.checkpoint_files(self.staging):
-            st = p.stat()
-            if (st.st_ino, st.st_size, st.st_mtime_ns) not in self._uploaded:
+            if _signature(p) not in self._uploaded:
                 return False
         return self._small_files_uploaded
 
-    def _list(self) -> list:
+    def listing(self) -> list:
+        """The run folder's top level in the bucket: {name, mtime, bytes} per entry ([] when absent)."""
         try:
-            return self.fs.ls(self.root, detail=False)
+            entries = self.fs.ls(self.root, detail=True)
         except FileNotFoundError:
             return []
+        return [{"name": Path(e["name"]).name, "mtime": modified_time(e), "bytes": int(e.get("size") or 0)}
+                for e in entries]
+
+    def checkpoints(self) -> list:
+        """The checkpoints the bucket holds ({name, mtime, bytes}): epoch checkpoints under their names,
+        the rolling ones through their pointers (what `m2das status` shows)."""
+        found = []
+        for entry in self.listing():
+            name = entry["name"]
+            if runfolder.EPOCH_CHECKPOINT_RE.match(name):
+                found.append(entry)
+            elif name in (runfolder.LAST + POINTER_SUFFIX, runfolder.PREVIOUS + POINTER_SUFFIX):
+                pointer = self._read_pointer(name[:-len(POINTER_SUFFIX)])
+                if pointer is not None:
+                    found.append({**entry, "name": name[:-len(POINTER_SUFFIX)],
+                                  "bytes": int(pointer.get("bytes") or 0)})
+        return found
 
     def fetch(self, name: str, dest: Path) -> None:
         """Download one object of the run folder to `dest`, atomically."""
@@ -142,8 +244,25 @@ class RemoteRunFolder(runfolder.LockWatch):
 
     # -- publishing ----------------------------------------------------------------------
     def publish_checkpoint(self, path: Path, step: int) -> None:
-        """Upload a checkpoint the local checkpointer has just completed (raises OSError/RemoteError)."""
+        """Upload a checkpoint the local checkpointer has just completed (raises StoreUnavailable,
+        RemoteError, OSError); one that failed is uploaded again by close() once the store answers."""
         path = Path(path)
+        try:
+            self._publish(path, step)
+        except BaseException:
+            self._pending[path.name] = (step, _signature(path))
+            raise
+        self._pending.pop(path.name, None)
+
+    def _publish_pending(self) -> None:
+        for name, (step, signature) in sorted(self._pending.items()):
+            path = self.staging / name
+            if signature in self._uploaded or signature is None or _signature(path) != signature:
+                del self._pending[name]  # uploaded since, or replaced by a newer save
+                continue
+            self.publish_checkpoint(path, step)
+
+    def _publish(self, path: Path, step: int) -> None:
         if path.name != runfolder.LAST:
             self.fs.put_file(str(path), self._key(path.name))
             self._mark_uploaded(path)
@@ -153,8 +272,10 @@ class RemoteRunFolder(runfolder.LockWatch):
             obj = f"last-{step:09d}-{uuid.uuid4().hex[:8]}.pth"
             self.fs.put_file(str(path), self._key(f"{OBJECTS_DIR}/{obj}"))
             previous = self._read_pointer(runfolder.LAST)
-            if previous is not None:
+            if previous is not None and self.fs.exists(self._key(f"{OBJECTS_DIR}/{previous['object']}")):
                 self.fs.pipe_file(self._key(runfolder.PREVIOUS + POINTER_SUFFIX), json.dumps(previous).encode())
+            else:  # a pointer to a missing object is no fallback: the older one stays, and its object
+                previous = self._read_pointer(runfolder.PREVIOUS)
             self.fs.pipe_file(self._key(runfolder.LAST + POINTER_SUFFIX),
                               json.dumps({"object": obj, "step": step, "bytes": path.stat().st_size}).encode())
             self._mark_uploaded(path)
@@ -186,6 +307,43 @@ class RemoteRunFolder(runfolder.LockWatch):
                 if f.is_file():
                     self.fs.put_file(str(f), self._key(f"{runfolder.EVENTS_DIR}/{f.name}"))
         self._small_files_uploaded = True
+
+    def close(self, upload: bool = True, log=events.log) -> None:
+        """Upload the logs (`upload`), then release the lock. A store that does not answer is waited for
+        (up to STORE_WAIT_ENV seconds), so that a short outage still leaves the bucket complete and
+        unlocked; past that the lock object stays and the next start takes it over once it is stale."""
+        deadline, waiting = time.monotonic() + store_wait_s(), False
+        while True:
+            try:
+                if upload:
+                    self._publish_pending()  # a checkpoint whose upload failed: nothing is lost
+                    self.publish_small_files()
+                else:
+                    self.fs.info(self._key(runfolder.LOCK))  # only: does the store answer?
+                break
+            except FileNotFoundError:
+                break
+            except StoreUnavailable as e:
+                if time.monotonic() >= deadline:
+                    log(f"warning: could not upload the logs nor release the lock in {self.url}: {e}; the next "
+                        f"start takes the lock over once it is stale")
+                    self._stop.set()  # no heartbeat: the lock object ages and goes stale
+                    return
+                if not waiting:
+                    log(f"{e}; waiting up to {max(0.0, deadline - time.monotonic()):.0f} s ({STORE_WAIT_ENV}) "
+                        f"for it to upload the logs and release the lock")
+                    waiting = True
+                time.sleep(1.0)
+            except (RemoteError, OSError) as e:
+                log(f"warning: could not upload the logs to {self.url}: {e}")
+                break
+        try:
+            self.release()
+        except Exception as e:  # the store failed between the two: the lock goes stale by its age
+            log(f"warning: could not release the lock {self.url}/{runfolder.LOCK}: {e}")
+        else:
+            if waiting:
+                log(f"{self.url} answered again: logs uploaded, lock released")
 
     # -- the lock ------------------------------------------------------------------------
     def acquire(self) -> "RemoteRunFolder":
@@ -267,14 +425,15 @@ class RemoteRunFolder(runfolder.LockWatch):
         self._remove_staging_if_clean()
 
     def _remove_staging_if_clean(self) -> None:
-        """A run that finished or stopped with everything in the bucket leaves no copy on this node.
-
-        After a failure the copy stays for a look; the next start empties it anyway (hydrate).
-        """
+        """A run that ended (finished, stopped, failed) with everything in the bucket leaves no copy on
+        this node: the bucket holds all of it. A copy holding what the bucket lacks (a checkpoint whose
+        upload failed) stays for a look; the next start on this node empties it anyway (hydrate)."""
+        if self._own_staging and self.staging.is_dir() and not any(self.staging.iterdir()):
+            self.staging.rmdir()  # the unused temporary folder of a lock taken by hand
+            return
         rows = [r for r in read_jsonl(self.staging / runfolder.RESTARTS) if r.get("event")]
-        ended = rows and rows[-1]["event"] in (runfolder.EVENT_FINISHED, runfolder.EVENT_STOPPED)
         try:
-            clean = ended and self._all_uploaded()
+            clean = self._all_uploaded()
         except OSError:
             clean = False
         if clean:
@@ -284,18 +443,26 @@ class RemoteRunFolder(runfolder.LockWatch):
             events.log(f"kept the staging copy {self.staging}: not everything reached {self.url}", local_paths=True)
 
 
-def fetch_for_reading(url: str, checkpoints: bool = True, epoch: int | None = None) -> Path:
-    """A local copy of a remote run folder, in a folder of the same name (export parses it): its small
-    files (for status), and its newest checkpoints or checkpoint-`epoch`.pth (for export)."""
+@contextlib.contextmanager
+def reading_copy(url: str, checkpoints: bool = True, epoch: int | None = None):
+    """A local copy of a remote run folder for the block, in a folder of the same name (export parses it):
+    its small files (for status), and its newest checkpoints or checkpoint-`epoch`.pth (for export).
+    Yields the RemoteRunFolder (its .staging is the copy); the copy is removed after the block."""
     name = url.rstrip("/").rsplit("/", 1)[-1]
-    folder = RemoteRunFolder(url, Path(tempfile.mkdtemp(prefix="m2das-read-")) / name)
-    folder.hydrate(checkpoints=checkpoints and epoch is None)
-    if epoch is not None:
-        wanted = runfolder.epoch_checkpoint_name(epoch)
-        try:
-            folder.fetch(wanted, folder.staging / wanted)
-        except FileNotFoundError:
-            raise RemoteError(f"{url}/{wanted}: no such checkpoint") from None
-        except OSError as e:
-            raise RemoteError(f"{url}/{wanted}: cannot be read ({type(e).__name__}: {e})") from None
-    return folder.staging
+    tmp = Path(tempfile.mkdtemp(prefix="m2das-read-"))
+    try:
+        folder = RemoteRunFolder(url, tmp / name)
+        folder.hydrate(checkpoints=checkpoints and epoch is None)
+        if epoch is not None:
+            wanted = runfolder.epoch_checkpoint_name(epoch)
+            try:
+                folder.fetch(wanted, folder.staging / wanted)
+            except FileNotFoundError:
+                raise RemoteError(f"{url}/{wanted}: no such checkpoint") from None
+            except (StoreUnavailable, RemoteError):
+                raise
+            except OSError as e:
+                raise RemoteError(f"{url}/{wanted}: cannot be read ({type(e).__name__}: {e})") from None
+        yield folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

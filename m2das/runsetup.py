@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from m2das import config, events, remote, runfolder
+from m2das import config, events, remote, runfolder, storeerrors
 from m2das.config import TrainConfig
 from m2das.data import packed
 from m2das.data.dataset import DataListError, read_samples, validate, validate_packed
@@ -45,14 +45,20 @@ def broadcast(obj, rank: int):
 
 
 def on_rank0(fn, rank: int):
-    """Run fn on rank 0 and give every rank its result, or its error as a TrainError."""
-    result, error = None, None
+    """Run fn on rank 0 and give every rank its result, or its error as a TrainError; an object store
+    that did not answer stays that (rank 0 keeps the error itself, the others get a StoreUnavailable)."""
+    result, error, transient, failed = None, None, False, None
     if rank == 0:
         try:
             result = fn()
-        except (TrainError, DataListError, ValueError, OSError) as e:
-            error = str(e)
-    result, error = broadcast((result, error), rank)
+        except Exception as e:
+            transient = storeerrors.is_transient(e)
+            if not transient and not isinstance(e, (TrainError, DataListError, ValueError, OSError)):
+                raise
+            error, failed = str(e), e
+    result, error, transient = broadcast((result, error, transient), rank)
+    if transient:
+        raise failed if failed is not None else remote.StoreUnavailable(error)
     if error:
         raise TrainError(error)
     return result
@@ -71,11 +77,14 @@ def take_run_dir(cfg: TrainConfig, world_size: int):
     is locked there and staged in a local folder that the mirror uploads."""
     try:
         if is_url(cfg.output_dir):
-            mirror = RemoteRunFolder(cfg.output_dir, remote.staging_for(cfg.output_dir)).acquire()
+            remote.store_wait_s()  # a bad setting is refused before anything is touched
+            mirror = RemoteRunFolder(cfg.output_dir, remote.staging_for(cfg.output_dir))
+            with remote.store_errors(mirror.url, "while taking the lock"):
+                mirror.acquire()
             try:
                 fetched = mirror.hydrate()
             except BaseException:
-                mirror.release()
+                mirror.close(upload=False)
                 raise
             log(f"run folder {mirror.url}, staged in {mirror.staging}; fetched {', '.join(fetched) or 'nothing'}",
                 local_paths=True)

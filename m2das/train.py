@@ -15,6 +15,7 @@ before the first step is m2das.runsetup's.
 import contextlib
 import datetime
 import os
+import shutil
 import signal
 import sys
 import time
@@ -25,8 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from m2das import config, events, loggers, machine, runfolder
-from m2das.checkpoint import Checkpointer, Outcome, Progress, RNGState
+from m2das import config, events, loggers, machine, runfolder, storeerrors
+from m2das.checkpoint import Checkpointer, Outcome, Progress, RNGState, resume_hint
 from m2das.ckptfile import CheckpointError, describe_weights, load_weight_file
 from m2das.config import TrainConfig
 from m2das.data.dataset import DataListError, ResumableSampler, make_dataset, make_loader
@@ -36,7 +37,7 @@ from m2das.model import create_model
 from m2das.monitor import Monitor
 from m2das.monitor import record as record_quality
 from m2das.remote import RemoteRunFolder
-from m2das.runfolder import ENCODER_PREFIXES, EXIT_BAD_INPUT
+from m2das.runfolder import ENCODER_PREFIXES, EXIT_BAD_INPUT, EXIT_RESUMABLE
 from m2das.runsetup import (TrainError, discard_unstarted, load_data, on_rank0, open_run_dir, print_config,
                             record_start, shows_progress, tensorboard_writer, trim_log)
 from m2das.schedule import ema_decay, learning_rate
@@ -327,7 +328,7 @@ def train(cfg: TrainConfig, env: dict) -> int:
     device = pick_device(cfg, env["local_rank"])
     flag_group = init_distributed(env, device)
     stop = StopRequest().install()
-    lock = mirror = None
+    lock = mirror = node_copy = None
     try:
         rank = env["rank"]
 
@@ -341,7 +342,8 @@ def train(cfg: TrainConfig, env: dict) -> int:
             lock.on_lost(lambda why: stop.request(f"run lock lost ({why})"))
         if is_url(cfg.output_dir) and rank != 0 and env["local_rank"] == 0 and \
                 not (run_dir / runfolder.CONFIG).exists():  # another node: its own read-only copy
-            RemoteRunFolder(cfg.output_dir, run_dir).hydrate()
+            node_copy = RemoteRunFolder(cfg.output_dir, run_dir)
+            node_copy.hydrate()
         if dist.is_initialized():
             dist.barrier(group=flag_group)
         return _train(cfg, env, device, flag_group, stop, run_dir, mirror)
@@ -351,13 +353,12 @@ def train(cfg: TrainConfig, env: dict) -> int:
         raise
     finally:
         stop.restore()
-        if mirror is not None:
-            try:
-                mirror.publish_small_files()
-            except OSError as e:
-                log(f"warning: could not upload the logs to {mirror.url}: {e}")
-        if lock is not None:
+        if mirror is not None:  # uploads the logs and releases the lock, waiting out a short outage
+            mirror.close()
+        elif lock is not None:
             lock.release()
+        if node_copy is not None:  # this node's read-only copy: the bucket holds it all
+            shutil.rmtree(node_copy.staging, ignore_errors=True)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -468,6 +469,26 @@ def main(argv=None) -> int:
         print(f"m2das train: {e or 'interrupted'}; the newest checkpoint in the run folder is the resume point "
               f"(exit {EXIT_ABORTED})", file=sys.stderr)
         return EXIT_ABORTED
+    except Exception as e:  # the object store: did not answer (resumable) or refused (bad input)
+        failure = store_failure(cfg, e)
+        if failure is None:
+            raise
+        if isinstance(failure, storeerrors.StoreUnavailable):
+            print(f"m2das train: stopped: {one_line(failure)}; {resume_hint()} (exit {EXIT_RESUMABLE})",
+                  file=sys.stderr)
+            return EXIT_RESUMABLE
+        print(f"m2das train: error: {one_line(failure)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def store_failure(cfg: TrainConfig, e: Exception):
+    """An error of the object store the run reads or writes, naming the URL (the data's or the run
+    folder's, whichever the error names); None for any other error."""
+    urls = [u for u in (cfg.data_path, cfg.output_dir) if is_url(u)]
+    if not urls:
+        return None
+    url = next((u for u in urls if u.split("://", 1)[1].rstrip("/") in str(e)), urls[-1])
+    return storeerrors.store_failure(e, url)
 
 
 def one_line(e: Exception) -> str:

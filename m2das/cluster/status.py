@@ -151,36 +151,6 @@ def local_checkpoints(run: Path) -> list:
     return found
 
 
-def _modified(entry: dict):
-    when = entry.get("LastModified") or entry.get("mtime") or entry.get("created")
-    return when.timestamp() if hasattr(when, "timestamp") else _ts(when)
-
-
-def remote_checkpoints(url: str, staging: Path) -> list:
-    """The checkpoints a run folder in object storage holds, from the bucket's listing: the epoch
-    checkpoints under their names, the rolling ones through their pointers (m2das.remote's layout)."""
-    folder = remote.RemoteRunFolder(url, staging)
-    try:
-        entries = folder.fs.ls(folder.root, detail=True)
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise remote.RemoteError(f"{url}: cannot list the run folder ({type(e).__name__}: {e})") from None
-    found = []
-    for entry in entries:
-        name = Path(entry["name"]).name
-        if runfolder.EPOCH_CHECKPOINT_RE.match(name):
-            found.append({"name": name, "mtime": _modified(entry), "bytes": int(entry.get("size") or 0)})
-        elif name in (runfolder.LAST + remote.POINTER_SUFFIX, runfolder.PREVIOUS + remote.POINTER_SUFFIX):
-            try:
-                pointer = json.loads(folder.fs.cat_file(entry["name"]))
-            except (OSError, ValueError):
-                continue
-            found.append({"name": name[:-len(remote.POINTER_SUFFIX)], "mtime": _modified(entry),
-                          "bytes": int(pointer.get("bytes") or 0)})
-    return found
-
-
 def failed_launch(launcher: list, starts: list) -> dict | None:
     """The launcher's newest decision when it is "failed" and nothing was submitted or started since."""
     newest = [(i, r) for i, r in enumerate(launcher) if r.get("event") in (*requeue.EXIT_FOR, "submit", "start")]
@@ -403,21 +373,32 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="m2das status", description="Progress of a run folder, or one line per run "
                                 "of a folder of runs; with SLURM's squeue/sacct on PATH also the job's state, "
                                 "pending reason, nodes and time left.",
-                                epilog="exit codes: 0 shown; 2 not a run folder",
+                                epilog=f"exit codes: 0 shown; 2 not a run folder; {runfolder.EXIT_RESUMABLE} the "
+                                "object store did not answer (ask again later)",
                                 formatter_class=DefaultsFormatter)
     p.add_argument("run_dir", help="the run folder (the launcher prints it; --output_dir of m2das train), "
                    "or a folder of run folders (e.g. runs/)")
     p.add_argument("--json", action="store_true", help="print the collected fields as JSON")
     p.add_argument("--no-queue", "--no_queue", action="store_true", help="do not ask squeue/sacct")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    run, listing = Path(args.run_dir), None
-    if is_url(args.run_dir):  # object storage: a copy of its small files, the bucket's checkpoint listing
-        try:
-            run = remote.fetch_for_reading(args.run_dir, checkpoints=False)
-            listing = remote_checkpoints(args.run_dir, run)
-        except remote.RemoteError as e:
-            print(f"m2das status: error: {e}", file=sys.stderr)
-            return 2
+    if not is_url(args.run_dir):
+        return show(args, Path(args.run_dir), None)
+    try:  # object storage: a copy of its small files (removed after), the bucket's checkpoint listing
+        with remote.reading_copy(args.run_dir, checkpoints=False) as folder:
+            listing = folder.checkpoints()
+            for warning in folder.warnings:
+                print(f"m2das status: warning: {warning}", file=sys.stderr)
+            return show(args, folder.staging, listing)
+    except remote.StoreUnavailable as e:
+        print(f"m2das status: {e}; ask again later (exit {runfolder.EXIT_RESUMABLE})", file=sys.stderr)
+        return runfolder.EXIT_RESUMABLE
+    except remote.RemoteError as e:
+        print(f"m2das status: error: {e}", file=sys.stderr)
+        return runfolder.EXIT_BAD_INPUT
+
+
+def show(args, run: Path, listing) -> int:
+    """Print one run folder, or one line per run of a folder of runs (`listing`: a bucket's checkpoints)."""
     if not run.is_dir():
         print(f"m2das status: error: {run} is not a folder; pass the run folder the launcher printed",
               file=sys.stderr)

@@ -14,6 +14,7 @@ list goes to classes.json beside it. The file holds tensors only, so a plain
 """
 
 import argparse
+import contextlib
 import datetime
 import re
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 from m2das import remote
 from m2das.cliargs import Parser
 from m2das.fileio import is_url
-from m2das.runfolder import EXIT_BAD_INPUT
+from m2das.runfolder import EXIT_BAD_INPUT, EXIT_RESUMABLE
 from m2das.downstream.weights import HEAD_PREFIX, WeightsError, read_weights
 from m2das.runfolder import folder_name, parse_folder_name
 
@@ -102,10 +103,15 @@ def main(argv=None) -> int:
                         f"every export of weights that have one, since the runtime's loader reads it")
     args = p.parse_args(argv)
     try:
-        source, out = args.source, args.out
-        if is_url(source):  # a run folder in object storage: export from a local copy of its checkpoint
-            source, out = remote.fetch_for_reading(source, epoch=args.epoch), out or "."
-        dest = export(source, out, None if is_url(args.source) else args.epoch, args.with_head)
+        with contextlib.ExitStack() as copy:  # a run folder in object storage: a local copy, removed after
+            source, out = args.source, args.out
+            if is_url(source):
+                source = copy.enter_context(remote.reading_copy(source, epoch=args.epoch)).staging
+                out = out or "."
+            dest = export(source, out, None if is_url(args.source) else args.epoch, args.with_head)
+    except remote.StoreUnavailable as e:
+        print(f"m2das export: {e}; try again later (exit {EXIT_RESUMABLE})", file=sys.stderr)
+        return EXIT_RESUMABLE
     except (WeightsError, OSError, remote.RemoteError) as e:
         print(f"m2das export: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,0 +1,159 @@
+"""A flaky object store: the real S3 server on 127.0.0.1 behind a proxy that the tests cut.
+
+A store that does not answer is a resumable stop (exit 75, one line naming the URL, the lock object
+released once the store is back); a store that refuses (a malformed bucket name) is bad input (exit 2).
+"""
+
+import json
+import os
+import subprocess
+import threading
+
+import pytest
+
+from conftest import REPO, TINY_TRAIN, m2das_cmd, run_m2das, write_lms_folder
+from m2das import remote, runfolder
+from m2das.runfolder import EXIT_BAD_INPUT, EXIT_RESUMABLE
+from storeproxy import StoreProxy
+
+
+@pytest.fixture
+def store(s3_server, tmp_path):
+    """(fs, bucket URL, proxy, environment whose endpoint is the proxy)."""
+    import fsspec
+
+    proxy = StoreProxy(int(s3_server["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    fs = fsspec.filesystem("s3")
+    name = f"m2das-faults-{tmp_path.name.lower().replace('_', '-')[-30:]}"
+    fs.mkdir(name)
+    env = {**s3_server, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard",
+           "M2DAS_STAGING_DIR": str(tmp_path / "staging"), remote.STORE_WAIT_ENV: "120"}
+    yield fs, f"s3://{name}", proxy, env
+    proxy.close()
+
+
+def train_args(data, out, *extra):
+    return ["train", *TINY_TRAIN, "--data_path", data, "--output_dir", out, "--batch_size", "4", "--epochs", "2",
+            *extra]
+
+
+def run_until_stopped(argv, env, proxy, cut_at: str):
+    """Run the trainer, cut the store when a stdout line contains `cut_at`, and bring it back once the
+    trainer says it waits for it; returns (exit code, stdout lines, stderr)."""
+    p = subprocess.Popen(m2das_cmd(*argv), cwd=REPO, env={**os.environ, **env}, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = []
+    threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True).start()
+    lines = []
+    try:
+        for line in p.stdout:
+            lines.append(line.rstrip("\n"))
+            if cut_at in line and proxy.mode == "pass" and len(lines) > 1:
+                proxy.set("refuse")
+            if "waiting up to" in line:
+                proxy.set("pass")
+        rc = p.wait(timeout=240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    p.stderr.close()
+    return rc, lines, "".join(err)
+
+
+def test_store_down_at_start_stops_resumably_and_a_malformed_bucket_is_bad_input(store, tmp_path):
+    fs, url, proxy, env = store
+    data = write_lms_folder(tmp_path / "data", n_files=12)
+    run_url = f"{url}/runs/down-at-start"
+    proxy.set("refuse")
+    r = run_m2das(*train_args(data, run_url), env=env)
+    assert r.returncode == EXIT_RESUMABLE, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and run_url in lines[0] and "did not answer" in lines[0], r.stderr
+    proxy.set("pass")
+    assert not fs.exists(f"{run_url}/{runfolder.LOCK}")
+    bad = "s3://Bad_Bucket!/runs/x"
+    r = run_m2das(*train_args(data, bad), env=env)
+    assert r.returncode == EXIT_BAD_INPUT, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and bad in lines[0] and "bucket name" in lines[0], r.stderr
+
+
+def test_store_down_during_a_stop_save_uploads_it_once_back_and_releases_the_lock(store, tmp_path):
+    fs, url, proxy, env = store
+    data = write_lms_folder(tmp_path / "data", n_files=16)
+    run_url = f"{url}/runs/stop-save"
+    rc, lines, err = run_until_stopped(train_args(data, run_url), {**env, "M2DAS_TEST_SIGTERM_AT_STEP": "3"},
+                                       proxy, cut_at="step 2/")
+    out = "\n".join(lines)
+    assert rc == EXIT_RESUMABLE, out + err
+    assert "Traceback" not in err, err
+    failed = [ln for ln in lines if "could not be uploaded" in ln]
+    assert len(failed) == 1 and run_url in failed[0] and "did not answer" in failed[0], out
+    # The store came back while the trainer waited: the stop save, the logs, and no lock.
+    assert f"uploaded checkpoint last.pth (step 3) to {run_url}/objects/" in out, out
+    assert json.loads(fs.cat_file(f"{run_url}/last.pth.json"))["step"] == 3
+    assert not fs.exists(f"{run_url}/{runfolder.LOCK}")
+    events = [json.loads(r)["event"] for r in fs.cat_file(f"{run_url}/{runfolder.RESTARTS}").decode().splitlines()]
+    assert events[-1] == runfolder.EVENT_SAVE_FAILED or runfolder.EVENT_SAVE_FAILED in events, events
+    assert not any((tmp_path / "staging").iterdir()), list((tmp_path / "staging").iterdir())
+
+
+def test_store_down_while_reading_packed_crops_stops_resumably_naming_the_data(store, tmp_path):
+    from m2das.data.pack import pack
+
+    fs, url, proxy, env = store
+    data = write_lms_folder(tmp_path / "data", n_files=24)
+    pack(data, shard_size=100_000, workers=1)
+    data_url, run_url = f"{url}/data/packed", f"{url}/runs/reading"
+    fs.put(str(data / "packed") + "/", data_url, recursive=True)
+    rc, lines, err = run_until_stopped(train_args(data_url, run_url), env, proxy, cut_at="step 2/")
+    assert rc == EXIT_RESUMABLE, "\n".join(lines) + err
+    said = err.strip().splitlines()
+    assert len(said) == 1 and data_url in said[0] and "did not answer" in said[0], err
+    assert not fs.exists(f"{run_url}/{runfolder.LOCK}")
+    rows = fs.cat_file(f"{run_url}/{runfolder.RESTARTS}").decode().splitlines()
+    assert json.loads(rows[-1])["event"] == runfolder.EVENT_START  # uploaded after the outage
+
+
+def test_pointer_to_a_missing_object_falls_back_and_garbage_pointers_are_named(store, tmp_path, capsys):
+    fs, url, proxy, env = store
+    run_url = f"{url}/runs/pointers"
+    fs.pipe_file(f"{run_url}/objects/last-000000004-aaaa.pth", b"older")
+    fs.pipe_file(f"{run_url}/last.prev.pth.json", json.dumps({"object": "last-000000004-aaaa.pth", "step": 4}).encode())
+    fs.pipe_file(f"{run_url}/last.pth.json", json.dumps({"object": "last-000000008-gone.pth", "step": 8}).encode())
+    folder = remote.RemoteRunFolder(run_url, tmp_path / "staging")
+    assert folder.hydrate() == [runfolder.PREVIOUS]
+    assert (tmp_path / "staging" / runfolder.PREVIOUS).read_bytes() == b"older"
+    out = capsys.readouterr().out
+    assert f"{run_url}/last.pth.json names objects/last-000000008-gone.pth (step 8), which is missing" in out
+    # The next rolling save keeps the good pointer as the fallback, and its object with it.
+    new = tmp_path / "new.pth"
+    new.write_bytes(b"newer")
+    (tmp_path / "staging" / runfolder.LAST).write_bytes(b"newer")
+    folder.publish_checkpoint(tmp_path / "staging" / runfolder.LAST, 9)
+    assert json.loads(fs.cat_file(f"{run_url}/last.prev.pth.json"))["step"] == 4
+    assert fs.cat_file(f"{run_url}/objects/last-000000004-aaaa.pth") == b"older"
+    fs.pipe_file(f"{run_url}/last.pth.json", b"{not json")
+    again = remote.RemoteRunFolder(run_url, tmp_path / "again")
+    assert again.hydrate() == [runfolder.PREVIOUS]
+    assert f"warning: {run_url}/last.pth.json is not a checkpoint pointer (not JSON" in capsys.readouterr().out
+
+
+def test_status_and_export_of_an_unreachable_bucket_are_resumable_and_leave_no_copy(store, tmp_path):
+    fs, url, proxy, env = store
+    run_url = f"{url}/runs/shown"
+    fs.pipe_file(f"{run_url}/{runfolder.CONFIG}", json.dumps({"epochs": 2, "model": "m2d_as_vit_tiny"}).encode())
+    reads = tmp_path / "tmp"
+    reads.mkdir()
+    env = {**env, "TMPDIR": str(reads)}
+    r = run_m2das("status", run_url, "--no-queue", env=env)
+    assert r.returncode == 0 and run_url in r.stdout, r.stdout + r.stderr
+    proxy.set("refuse")
+    export = subprocess.Popen(m2das_cmd("export", run_url, "--epoch", "1", "--out", tmp_path / "x"), cwd=REPO,
+                              env={**os.environ, **env}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    r = run_m2das("status", run_url, "--no-queue", env=env)
+    assert r.returncode == EXIT_RESUMABLE, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and run_url in r.stderr and "did not answer" in r.stderr
+    _, err = export.communicate(timeout=120)
+    assert export.returncode == EXIT_RESUMABLE and len(err.strip().splitlines()) == 1 and run_url in err, err
+    assert not list(reads.glob("m2das-read-*")), list(reads.iterdir())

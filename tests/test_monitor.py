@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from m2das.metrics import average_precision, knn_accuracy, mean_average_precision, rankme
+from m2das.metrics import (average_precision, knn_accuracy, mean_average_precision, rankme, torch_knn_accuracy,
+                           torch_knn_hits, torch_mean_average_precision, torch_rankme)
 from m2das.monitor import Monitor, center_start, record
 
 CLASSES = ["/m/a", "/m/b", "/m/c"]
@@ -50,6 +51,31 @@ def test_knn_accuracy_on_clusters():
     assert knn_accuracy(z, np.eye(3)[rng.permutation(labels)], k=5) < 0.7  # labels unrelated to the clusters
 
 
+def test_torch_twins_give_the_numpy_numbers_on_random_embeddings():
+    """The device versions the monitor uses against the NumPy references, on random embeddings and scores."""
+    rng = np.random.default_rng(1)
+    n, dim, classes = 1200, 96, 40
+    z = rng.standard_normal((n, dim)).astype(np.float32)
+    targets = (rng.random((n, classes)) < 0.03).astype(np.float32)
+    targets[np.arange(n), rng.integers(0, classes, n)] = 1
+    targets[:, 7] = 0  # a class without positives stays out of the mean
+    clustered = z + 6 * np.eye(classes, dim, dtype=np.float32)[targets.argmax(axis=1)]  # accuracy far from 0
+    for emb in (z, clustered):
+        assert torch_knn_accuracy(torch.from_numpy(emb), torch.from_numpy(targets), 10, block=500) == \
+            knn_accuracy(emb, targets, 10)
+    assert knn_accuracy(clustered, targets, 10) > 0.5
+    # rows split as ranks split them: the hits add up to all rows' hits
+    zt, tt = torch.from_numpy(clustered), torch.from_numpy(targets)
+    shares = [int(torch_knn_hits(zt, tt, 10, torch.arange(r, n, 3))) for r in range(3)]
+    assert sum(shares) == int(torch_knn_hits(zt, tt, 10)) == round(knn_accuracy(clustered, targets, 10) * n)
+    for emb in (z, z[:50], clustered @ rng.standard_normal((dim, dim)).astype(np.float32) ** 3):
+        assert torch_rankme(torch.from_numpy(emb)) == pytest.approx(rankme(emb.astype(np.float64)), rel=1e-9)
+    scores = rng.random((n, classes)).astype(np.float32)
+    scores[:, :10] = np.round(scores[:, :10], 1)  # ties between positives and negatives
+    assert torch_mean_average_precision(torch.from_numpy(scores), tt, classes_per_chunk=16) == \
+        pytest.approx(mean_average_precision(scores, targets), rel=1e-12)
+
+
 def test_center_crop_is_fixed():
     assert center_start(1001, 608) == 196 and center_start(100, 608) == 0
 
@@ -82,7 +108,7 @@ def tiny(tmp_path):
 
 def test_monitor_metrics_on_real_lms_files_leave_random_state_alone(tiny, tmp_path):
     model, cfg, data = tiny
-    mon = Monitor(cfg, CLASSES, torch.device("cpu"), knn_k=3)
+    mon = Monitor(cfg, CLASSES, torch.device("cpu"), knn_k=3, workers=2)  # crops read by two processes
     assert [e for e in range(1, 7) if mon.due(e)] == [2, 4, 6]
     assert mon.targets.shape == (24, 3) and mon.targets[0].tolist() == [1, 0, 0]  # /m/unknown ignored
 
@@ -95,7 +121,7 @@ def test_monitor_metrics_on_real_lms_files_leave_random_state_alone(tiny, tmp_pa
     assert set(first) == {"monitor_map", "monitor_rankme", "monitor_knn_acc", "monitor_seconds", "monitor_clips"}
     assert 0 < first["monitor_map"] <= 1 and 1 <= first["monitor_rankme"] <= 24 and first["monitor_clips"] == 24
     assert first["monitor_knn_acc"] > 0.9  # loudness separates the two classes even at random init
-    second = mon.run(model, 2)
+    second = Monitor(cfg, CLASSES, torch.device("cpu"), knn_k=3, workers=0).run(model, 2)  # in this process
     assert {k: v for k, v in second.items() if k != "monitor_seconds"} == \
            {k: v for k, v in first.items() if k != "monitor_seconds"}
 
@@ -159,3 +185,49 @@ def test_status_shows_quality_and_keeps_the_loss_of_training_rows(tmp_path):
     assert s["loss"] == 1.25 and s["step"] == 20 and s["monitor"]["monitor_map"] == 0.4321
     text = render(s)
     assert "mAP 0.4321, RankMe 55.5, kNN acc 0.500 after epoch 2" in text and "loss       1.2500" in text
+
+
+def tiny_model():
+    from m2das.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("m2d_as_vit_tiny", input_size=[80, 208], num_classes=len(CLASSES))
+    model.norm_stats.copy_(torch.tensor([-6.0, 3.5]))
+    return model
+
+
+def sharded_rank(rank: int, port: int, data: str, results) -> None:
+    """One of two forked gloo ranks: the monitor over its share, the result (or the error) to the parent."""
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        cfg = {"monitor_every": 1, "monitor_list": None, "data_path": data, "input_size": [80, 208]}
+        results.put((rank, Monitor(cfg, CLASSES, torch.device("cpu"), rank, 2, knn_k=3, workers=0).run(tiny_model(), 1)))
+        dist.destroy_process_group()
+    except Exception as e:  # noqa: BLE001 - the parent shows it
+        results.put((rank, repr(e)))
+
+
+def test_two_gloo_ranks_share_the_clips_and_rank_0_gets_the_single_process_numbers(tmp_path):
+    """Each rank encodes and queries its share (13 and 12 of 25 clips); rank 0 reports what one process would."""
+    import multiprocessing
+
+    from m2das.machine import free_port
+
+    data = write_eval_folder(tmp_path / "odd", n=25, seed=3)
+    cfg = {"monitor_every": 1, "monitor_list": None, "data_path": str(data), "input_size": [80, 208]}
+    single = Monitor(cfg, CLASSES, torch.device("cpu"), knn_k=3, workers=0).run(tiny_model(), 1)
+    ctx = multiprocessing.get_context("fork")  # after the single run: the ranks import nothing again
+    results, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=sharded_rank, args=(r, port, str(data), results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    sharded = dict(results.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0] and sharded[1] == {}, sharded
+    assert single["monitor_clips"] == sharded[0]["monitor_clips"] == 25
+    for key in ("monitor_map", "monitor_rankme", "monitor_knn_acc"):
+        assert sharded[0][key] == pytest.approx(single[key], rel=1e-5), key

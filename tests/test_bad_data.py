@@ -178,6 +178,21 @@ def test_bit_rot_under_a_restored_mtime_is_caught_on_demand_and_on_schedule(tmp_
     assert validate_packed(samples, None) == {**stamp, packed.FULL_READ_KEY: None}  # verified.json from pack
     with pytest.raises(DataListError, match="shard-00002.bin: damaged shard \\(CRC32"):
         validate_packed(samples, stamp, every=3, start=3)  # three starts since the last full read
+    # the trainer's schedule counts the run folder's starts: --verify_shards 2 reads all at starts 1 and 3
+    from m2das import config, events, runfolder
+    from m2das.runsetup import validate_once
+
+    scheduled, run = copy_of(packed_once, tmp_path / "scheduled"), tmp_path / "scheduled-run"
+    run.mkdir()
+    cfg = config.parse_args([*TINY_TRAIN, "--data_path", str(scheduled), "--verify_shards", "2"])
+    samples = read_samples(scheduled, None)
+    validate_once(samples, cfg, run)
+    flip_keeping_mtime(scheduled / "shard-00001.bin")
+    events.record(run, runfolder.EVENT_START)
+    validate_once(samples, cfg, run)  # the second start: fingerprints only
+    events.record(run, runfolder.EVENT_START)
+    with pytest.raises(DataListError, match="shard-00001.bin: damaged shard"):
+        validate_once(samples, cfg, run)
     # on demand, from the command line: --verify_shards 1 reads every shard at this start
     capsys.readouterr()
     assert train_main(folder, tmp_path / "run", "--verify_shards", "1") == EXIT_BAD_INPUT

@@ -280,6 +280,7 @@ def _time_index(folder: Path, rows: int, shards: int) -> dict:
 
     from m2das.data import packed
     from m2das.data.dataset import validate_packed
+    from m2das.data.packcheck import index_problem
     from m2das.fileio import write_json
 
     folder.mkdir()
@@ -309,7 +310,13 @@ def _time_index(folder: Path, rows: int, shards: int) -> dict:
     samples = packed.load_packed(folder)
     loaded = time.perf_counter() - t0
     validate_packed(samples, None)
-    return {"load_s": loaded, "total_s": time.perf_counter() - t0, "index_mb": len(blob) / 1e6}
+    total = time.perf_counter() - t0
+    arrays = {"names": np.frombuffer(names, dtype=np.uint8), "shard": samples.shard, "offset": samples.offset,
+              "frames": samples.frames, "label_offsets": samples.label_offsets, "label_ids": samples.label_ids,
+              "weights": samples.weights}
+    t0 = time.perf_counter()  # the range check load_packed ran, once more on its own
+    index_problem(arrays, samples.files, samples.manifest)
+    return {"load_s": loaded, "total_s": total, "index_mb": len(blob) / 1e6, "check_s": time.perf_counter() - t0}
 
 
 def data_main(argv) -> int:
@@ -370,7 +377,8 @@ def data_main(argv) -> int:
         print(f"validation: loose, every file header (cold) {per_file * 1e6:.0f} us/file = "
               f"{per_file * args.index_rows:.0f} s for {args.index_rows:,} files; packed index of "
               f"{args.index_rows:,} samples in 320 shards ({r['index_mb']:.0f} MB): {r['total_s']:.1f} s "
-              f"(index load {r['load_s']:.1f} s, shard sizes and fingerprints)")
+              f"(index load {r['load_s']:.1f} s with its range check {r['check_s'] * 1e3:.0f} ms, shard sizes and "
+              f"fingerprints)")
     return 0
 
 

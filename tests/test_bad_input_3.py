@@ -235,3 +235,72 @@ def test_prepare_names_a_full_disk_and_refuses_a_metadata_url_it_cannot_fetch(tm
     err = capsys.readouterr().err
     assert rc == EXIT_BAD_INPUT and err.count("\n") == 1 and "ftp:// is not a way to fetch" in err, err
     assert not (tmp_path / "data").exists()
+
+
+def test_a_file_deleted_after_the_list_was_validated_is_one_line(tmp_path, capsys):
+    from conftest import write_lms_folder
+    from m2das import config, runsetup, train
+    from m2das.data.dataset import read_samples
+
+    data = write_lms_folder(tmp_path / "data", n_files=8)
+    (data / "norm_stats.json").write_text('{"mean": -7.0, "std": 4.0}')
+    run = tmp_path / "run"
+    argv = ["--data_path", str(data), "--output_dir", str(run), "--epochs", "1", "--batch_size", "4", *TINY_TRAIN]
+    cfg = config.parse_args(argv)
+    run.mkdir()
+    runsetup.validate_once(read_samples(cfg.data_path, cfg.csv_main, None), cfg, run)  # validated.json: all ok
+    assert (run / runfolder.VALIDATED).is_file()
+    gone = data / "audioset_lms" / "clip003.npy"
+    gone.unlink()
+    rc = train.main(argv)
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_INPUT and err.count("\n") == 1, err
+    assert f"{gone}: No such file or directory (it was there when the list was validated)" in err
+
+
+# -- status: an unreadable run folder; bytes that are not UTF-8 in its logs -------------------------------
+
+def test_status_of_an_unreadable_run_folder_is_one_line(tmp_path):
+    """Root reads everything: the command runs without the capabilities that let it (setpriv)."""
+    import shutil
+    import subprocess
+    from conftest import REPO, m2das_cmd
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / runfolder.CONFIG).write_text("{}")
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("as root, an unreadable folder needs setpriv (util-linux) to drop CAP_DAC_OVERRIDE")
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    run.chmod(0)
+    try:
+        out = subprocess.run(prefix + m2das_cmd("status", run, "--no-queue"), capture_output=True, text=True,
+                             cwd=REPO, timeout=60)
+    finally:
+        run.chmod(0o755)
+    assert out.returncode == EXIT_BAD_INPUT and out.stderr.count("\n") == 1, out.stderr
+    assert f"cannot read {run}" in out.stderr and "Permission denied" in out.stderr and "chmod" in out.stderr
+
+
+def test_lines_that_are_not_utf8_are_skipped_with_a_warning(tmp_path, capsys):
+    import json
+    from m2das.cluster import status
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / runfolder.CONFIG).write_text(json.dumps({"epochs": 2, "world_size": 1}))
+    start = {"event": runfolder.EVENT_START, "time": 1000.0, "resumed_step": 0}
+    (run / runfolder.RESTARTS).write_bytes(json.dumps(start).encode() + b"\n\xff\xfe{\"event\": \x80}\n")
+    rows = [{"step": s, "epoch": 0, "time": 1000.0 + s, "loss": 1.0} for s in (1, 2)]
+    (run / runfolder.LOG).write_bytes(json.dumps(rows[0]).encode() + b"\n\xc3\x28 torn\n" + json.dumps(rows[1]).encode()
+                                      + b"\n")
+    assert status.main([str(run), "--json", "--no-queue"]) == 0
+    out, err = capsys.readouterr()
+    shown = json.loads(out)
+    assert shown["step"] == 2 and len(shown["starts"]) == 1, shown
+    for name in (runfolder.LOG, runfolder.RESTARTS):
+        assert f"warning: {run / name}: skipped 1 line(s) that are not UTF-8 text" in err
+    assert fileio.read_jsonl(run / runfolder.LOG) == rows  # the trainer's resume reads them the same way

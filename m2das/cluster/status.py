@@ -399,6 +399,15 @@ def main(argv=None) -> int:
 
 def show(args, run: Path, listing) -> int:
     """Print one run folder, or one line per run of a folder of runs (`listing`: a bucket's checkpoints)."""
+    try:
+        return _show(args, run, listing)
+    except PermissionError as e:  # another user's run folder, or a folder on the way to it
+        print(f"m2das status: error: cannot read {e.filename or run} ({e.strerror}); status needs read access "
+              f"to the run folder: ask its owner (chmod -R a+rX), or run status as them", file=sys.stderr)
+        return runfolder.EXIT_BAD_INPUT
+
+
+def _show(args, run: Path, listing) -> int:
     if not run.is_dir():
         print(f"m2das status: error: {run} is not a folder; pass the run folder the launcher printed",
               file=sys.stderr)

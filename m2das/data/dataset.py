@@ -155,7 +155,12 @@ class LMSDataset(Dataset):
 
     def crop(self, i: int, rng: np.random.Generator):
         """(crop of sample i, the name to blame if it holds NaN/inf)."""
-        lms = np.load(self.samples.root / self.samples.files[i], mmap_mode="r")  # reads the crop only
+        path = self.samples.root / self.samples.files[i]
+        try:
+            lms = np.load(path, mmap_mode="r")  # reads the crop only
+        except OSError as e:  # gone or unreadable since the list was validated (RUN/validated.json says so)
+            raise DataListError(f"{path}: {e.strerror or e} (it was there when the list was validated); "
+                                f"restore it, or remove it from the list (a changed list is checked again)") from None
         return crop_or_pad(lms, self.frames, crop_start(lms.shape[-1], self.frames, rng)), \
             self.samples.root / self.samples.files[i]
 

@@ -82,7 +82,7 @@ def is_packed(data_path) -> bool:
                         f"for s3://, gcsfs for gs://") from None
     except (OSError, ValueError) as e:
         raise PackError(f"{data_path}: cannot be reached ({type(e).__name__}: {e}); check the URL and the "
-                        f"store's credentials in the environment") from None
+                        f"store's credentials in the environment") from e  # a store that did not answer stays resumable
 
 
 def crc32_of(chunks) -> int:
@@ -182,7 +182,7 @@ def read_manifest(root) -> dict:
         manifest = json.loads(read_whole(path))
     except (OSError, ValueError) as e:
         raise PackError(f"{path}: unreadable packed manifest ({e}); pack the data folder again "
-                        f"with `m2das pack DATA_DIR --out {root}`") from None
+                        f"with `m2das pack DATA_DIR --out {root}`") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PackError(f"{path}: not an m2das packed manifest; pack again with `m2das pack`")
     if manifest.get("version") != VERSION:
@@ -205,7 +205,7 @@ def load_packed(root, classes: list | None = None) -> PackedSamples:
     try:
         blob = read_whole(path)
     except OSError as e:
-        raise PackError(f"{path}: cannot be read ({e}); pack again with `m2das pack DATA_DIR --out {root}`") from None
+        raise PackError(f"{path}: cannot be read ({e}); pack again with `m2das pack DATA_DIR --out {root}`") from e
     if len(blob) != manifest["index"]["bytes"] or zlib.crc32(blob) != manifest["index"]["crc32"]:
         raise PackError(f"{path}: damaged ({len(blob)} bytes, CRC32 differs from {MANIFEST}); pack again "
                         f"with `m2das pack DATA_DIR --out {root}`")

@@ -6,8 +6,11 @@ plain types, so every file opens with a plain `torch.load(path)`
 (weights_only) here, in the published M2D runtime and in EVAR.
 
 When: an epoch checkpoint after every `save_freq` epochs and at the end, a
-rolling `last.pth` every `ckpt_interval_min` minutes (written in a thread) and
-on a stop signal. Every save that is due happens, also when a stop lands on
+rolling `last.pth` every `ckpt_interval_min` minutes and on a stop signal.
+Only the last save before exit (a stop's, the final epoch's) is written on
+the training step; the others are a snapshot there and written, fsynced and
+renamed by a thread, since the file's guarantees do not need the step to
+wait. Every save that is due happens, also when a stop lands on
 an epoch's last step. Nothing non-finite is ever saved: the run ends as
 diverged instead. Resume picks the checkpoint with the most progress that
 loads, and refuses to start over silently when a run folder shows progress
@@ -94,15 +97,25 @@ class RNGState:
 
 
 def all_finite(tensors) -> bool:
-    """One fused reduction (max |x| per tensor, NaN propagating) and a single host sync."""
-    floats = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
-    if not floats:
-        return True
+    """NaN and inf anywhere, with one reduction per tensor and one host sync per device.
+
+    On a GPU one fused launch takes max |x| of every tensor. On a CPU a sum is the cheapest reduction
+    (max |x| there is several times slower): NaN and inf propagate through it, so a finite sum proves
+    its tensor finite, and only a tensor whose sum overflowed on finite values is checked element-wise.
+    """
     by_device = {}
-    for t in floats:
-        by_device.setdefault(t.device, []).append(t.detach())
-    return all(bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, ord=float("inf")))).all())
-               for ts in by_device.values())
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            by_device.setdefault(t.device, []).append(t.detach())
+    for device, ts in by_device.items():
+        if device.type == "cuda":
+            reduced = torch._foreach_norm(ts, ord=float("inf"))
+        else:
+            reduced = [t.sum() for t in ts]
+        bad = ~torch.isfinite(torch.stack([r.float() for r in reduced]))
+        if bool(bad.any()) and not all(bool(torch.isfinite(ts[i]).all()) for i in bad.nonzero()[:, 0].tolist()):
+            return False
+    return True
 
 
 def to_cpu(obj):
@@ -116,12 +129,49 @@ def to_cpu(obj):
     return obj
 
 
+class Snapshot:
+    """to_cpu into buffers kept from the previous save, pinned for a GPU's tensors.
+
+    A fresh copy of a ViT-B state allocates 1.7 GB at every save (page faults on the CPU, a slow pinned
+    registration for a GPU); a reused buffer costs the copy alone. GPU copies are issued without
+    waiting and synchronized once. The caller must not take a snapshot while the previous one is
+    still being written.
+    """
+
+    def __init__(self):
+        self._buffers = {}
+
+    def take(self, state):
+        copied_from_gpu = []
+        out = self._copy(state, (), copied_from_gpu)
+        for device in set(copied_from_gpu):
+            torch.cuda.synchronize(device)
+        return out
+
+    def _copy(self, obj, key, copied_from_gpu):
+        if isinstance(obj, torch.Tensor):
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+                self._buffers[key] = buf
+            buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
+            if obj.is_cuda:
+                copied_from_gpu.append(obj.device)
+            return buf
+        if isinstance(obj, dict):
+            return {k: self._copy(v, key + (k,), copied_from_gpu) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._copy(v, key + (i,), copied_from_gpu) for i, v in enumerate(obj))
+        return obj
+
+
 class BackgroundWriter:
-    """Writes one snapshot at a time in a thread, keeping disk I/O off the training step."""
+    """Writes one snapshot at a time in a thread, keeping disk I/O and fsync off the training step."""
 
     def __init__(self):
         self._thread = None
         self.error = None
+        self.failed_path = None  # the file whose write raised `error`
 
     def submit(self, state: dict, path, then=None) -> None:
         """Write `state` to `path`, then call `then(path, state)` (an upload), all off the training thread."""
@@ -135,7 +185,10 @@ class BackgroundWriter:
             if then is not None:
                 then(Path(path), state)
         except SaveFailed as e:  # reported on the next wait()
-            self.error = e
+            self.error, self.failed_path = e, Path(path)
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def wait(self) -> None:
         """Block until the write in flight is done; raise its SaveFailed, if any."""
@@ -167,7 +220,8 @@ class Checkpointer:
         self.progress: Progress = states["progress"]
         self.rank, self.epochs, self.save_freq, self.interval_s = rank, epochs, save_freq, interval_s
         self.log, self.flag_group = log, flag_group
-        self.writer = BackgroundWriter()
+        self.writer, self.snapshot = BackgroundWriter(), Snapshot()
+        self.epoch_failure = None  # rank 0: why an epoch checkpoint written in the background failed
         self.last_save = time.monotonic()
 
     # what
@@ -285,13 +339,15 @@ class Checkpointer:
     def _epoch_due(self, epoch: int) -> bool:
         return epoch % self.save_freq == 0 or epoch == self.epochs
 
-    def _agree(self, stop_requested: bool, interval_due: bool):
-        """Every rank stops (or saves) at the same step: any rank's stop, rank 0's clock for saves."""
+    def _agree(self, stop_requested: bool, interval_due: bool, epoch_failed: bool = False):
+        """Every rank stops (or saves) at the same step: any rank's stop, rank 0's clock for saves and
+        rank 0's word on its background epoch checkpoint; one all-reduce."""
         if not dist.is_initialized():
-            return stop_requested, interval_due
-        flags = torch.tensor([float(stop_requested), float(interval_due and self.rank == 0)])
+            return stop_requested, interval_due, epoch_failed
+        flags = torch.tensor([float(stop_requested), float(interval_due and self.rank == 0),
+                              float(epoch_failed and self.rank == 0)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.flag_group)
-        return bool(flags[0]), bool(flags[1])
+        return bool(flags[0]), bool(flags[1]), bool(flags[2])
 
     def diverged(self, *watched) -> Outcome | None:
         """The one divergence check: the watched tensors (the loss sums) and every weight and optimizer
@@ -302,21 +358,27 @@ class Checkpointer:
 
     def step_boundary(self, stop: str | None, epoch_ended: bool) -> Outcome | None:
         """Save whatever is due after an optimizer step. `stop` names this rank's stop request
-        ("SIGTERM", "Ctrl-C (SIGINT)") or is None. Returns None to go on, or the Outcome that ends the run."""
-        stopping, interval = self._agree(stop is not None, time.monotonic() - self.last_save >= self.interval_s)
+        ("SIGTERM", "Ctrl-C (SIGINT)") or is None. Returns None to go on, or the Outcome that ends the run.
+
+        The last save before exit (a stop's, the final epoch's) is written here; any other is a snapshot
+        here and a write in the background, and an epoch checkpoint that failed there ends the run."""
+        stopping, interval, epoch_failed = self._agree(stop is not None,
+                                                       time.monotonic() - self.last_save >= self.interval_s,
+                                                       self._background_epoch_failed())
+        if epoch_failed:
+            return self._save_failed(self._from_rank0(self.epoch_failure))
         epoch_due = epoch_ended and self._epoch_due(self.progress.epoch)
         if not (stopping or interval or epoch_due):
             return None
         outcome = self.diverged()
         if outcome is not None:
             return outcome
-        if epoch_due or stopping:
-            path = self.run_dir / (runfolder.epoch_checkpoint_name(self.progress.epoch) if epoch_due
-                                   else runfolder.LAST)
+        epoch_path = self.run_dir / runfolder.epoch_checkpoint_name(self.progress.epoch)
+        if stopping or (epoch_due and self.progress.epoch >= self.epochs):
+            path = epoch_path if epoch_due else self.run_dir / runfolder.LAST
             error = self._save_now(path)
             if error is not None:
-                return Outcome(runfolder.EVENT_SAVE_FAILED, EXIT_RESUMABLE, f"stopping: {error}; the previous "
-                               f"checkpoint is intact; {resume_hint()} (exit {EXIT_RESUMABLE})")
+                return self._save_failed(error)
             if epoch_due:
                 self.log(f"saved {path}")
                 self._drop_old_epochs()
@@ -325,32 +387,74 @@ class Checkpointer:
                 return Outcome(runfolder.EVENT_STOPPED, EXIT_RESUMABLE, f"{stop or 'stop'} received: saved {path} "
                                f"at step {p.step} (epoch {p.epoch + 1}, batch {p.batch_in_epoch}); "
                                f"{resume_hint()} (exit {EXIT_RESUMABLE})")
-        elif interval and self.rank == 0:
-            self._interval_save()
+        elif (epoch_due or interval) and self.rank == 0:
+            self._save_in_background(epoch_path if epoch_due else self.run_dir / runfolder.LAST,
+                                     self._epoch_written if epoch_due else self._published)
         self.last_save = time.monotonic()
         return None
 
+    @staticmethod
+    def _save_failed(error: str) -> Outcome:
+        return Outcome(runfolder.EVENT_SAVE_FAILED, EXIT_RESUMABLE, f"stopping: {error}; the previous checkpoint "
+                       f"is intact; {resume_hint()} (exit {EXIT_RESUMABLE})")
+
     # how
+    def _from_rank0(self, value):
+        """Rank 0's value on every rank."""
+        if dist.is_initialized():
+            box = [value]
+            dist.broadcast_object_list(box, src=0, group=self.flag_group)
+            value = box[0]
+        return value
+
     def _save_now(self, path: Path):
-        """A synchronous save on rank 0 that every rank waits for; the error line, if any, on every rank."""
+        """A synchronous save on rank 0 that every rank waits for; the error line, if any, on every rank.
+        An epoch checkpoint that failed in the background is the error: nothing newer is saved, so the
+        resumed run passes that epoch's end again and writes it."""
         error = None
         if self.rank == 0:
-            try:
-                self.writer.wait()
-            except SaveFailed as e:
-                self._interval_failed(e)
-            try:
-                state = self.state_dict()
-                save_file(state, path)
-                self._published(path, state)
-            except SaveFailed as e:
-                error = str(e)
-                events.record(self.run_dir, runfolder.EVENT_SAVE_FAILED, file=path.name, message=error)
-        if dist.is_initialized():
-            box = [error]
-            dist.broadcast_object_list(box, src=0, group=self.flag_group)
-            error = box[0]
-        return error
+            error = self._collect_background()
+            if error is None:
+                try:
+                    state = self.state_dict()
+                    save_file(state, path)
+                    self._published(path, state)
+                except SaveFailed as e:
+                    error = str(e)
+                    events.record(self.run_dir, runfolder.EVENT_SAVE_FAILED, file=path.name, message=error)
+        return self._from_rank0(error)
+
+    def _save_in_background(self, path: Path, then) -> None:
+        """Snapshot now (the only part on the training step), write, fsync and rename in the writer."""
+        if self._collect_background() is not None:
+            return  # an epoch checkpoint failed: the next step boundary ends the run instead
+        self.writer.submit(self.snapshot.take(self.state_dict()), path, then)
+
+    def _epoch_written(self, path: Path, state: dict) -> None:
+        """After an epoch checkpoint is complete on disk (in the writer's thread)."""
+        self._published(path, state)
+        self.log(f"saved {path}")
+        self._drop_old_epochs()
+
+    def _background_epoch_failed(self) -> bool:
+        """Rank 0, without waiting: has an epoch checkpoint failed in the background?"""
+        if self.rank == 0 and self.epoch_failure is None and not self.writer.busy():
+            self._collect_background()
+        return self.epoch_failure is not None
+
+    def _collect_background(self):
+        """Wait for the write in flight. A failed interval save is a warning (training goes on, the next
+        interval retries); a failed epoch checkpoint is kept in `epoch_failure` and returned."""
+        try:
+            self.writer.wait()
+        except SaveFailed as e:
+            name = self.writer.failed_path.name
+            events.record(self.run_dir, runfolder.EVENT_SAVE_FAILED, file=name, message=str(e))
+            if name == runfolder.LAST:
+                self.log(f"warning: interval save failed, training goes on and retries at the next interval: {e}")
+            else:
+                self.epoch_failure = str(e)
+        return self.epoch_failure
 
     def _drop_old_epochs(self) -> None:
         """--keep_epochs N: rank 0 deletes local epoch checkpoints older than the newest N, once the
@@ -365,13 +469,6 @@ class Checkpointer:
             except OSError as e:
                 self.log(f"warning: --keep_epochs could not delete {path}: {e}")
 
-    def _interval_save(self) -> None:
-        try:
-            self.writer.wait()
-        except SaveFailed as e:
-            self._interval_failed(e)
-        self.writer.submit(to_cpu(self.state_dict()), self.run_dir / runfolder.LAST, self._published)
-
     def _published(self, path: Path, state: dict) -> None:
         """Hand a completed file to the mirror; its failure is a failed save (the local file stays)."""
         if self.publish is None:
@@ -382,16 +479,9 @@ class Checkpointer:
             raise SaveFailed(f"{path.name} is saved in {path.parent} but could not be uploaded "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
-    def _interval_failed(self, e: SaveFailed) -> None:
-        self.log(f"warning: interval save failed, training goes on and retries at the next interval: {e}")
-        events.record(self.run_dir, runfolder.EVENT_SAVE_FAILED, file=runfolder.LAST, message=str(e))
-
     def finish(self) -> None:
-        """Wait for the write in flight (its failure is a warning: the final epoch checkpoint is on disk)."""
-        try:
-            self.writer.wait()
-        except SaveFailed as e:
-            self._interval_failed(e)
+        """Wait for the write in flight (the final epoch checkpoint, written last, waited for it)."""
+        self._collect_background()
 
     def _diverged_message(self) -> str:
         point = self._best_on_disk()
@@ -403,7 +493,6 @@ class Checkpointer:
 
     def _best_on_disk(self):
         """The file `--resume auto` would pick now (the write in flight finished first)."""
-        with contextlib.suppress(SaveFailed):
-            self.writer.wait()
+        self._collect_background()
         ranked, _ = self._ranked_checkpoints()
         return ranked[0] if ranked else None

@@ -17,6 +17,7 @@ from m2das import checkpoint, ckptfile, runfolder
 from m2das.runfolder import EXIT_DIVERGED, EXIT_RESUMABLE
 from m2das.checkpoint import Checkpointer, Outcome, Progress, RNGState
 from m2das.ckptfile import CheckpointError, SaveFailed
+from m2das.fileio import read_jsonl
 
 WRITER = """
 import sys, torch
@@ -158,6 +159,11 @@ def test_non_finite_state_is_detected():
     assert checkpoint.all_finite(ok)
     assert not checkpoint.all_finite(ok + [torch.tensor([0.0, float("nan")])])
     assert not checkpoint.all_finite(ok + [torch.tensor([float("-inf")])])
+    assert not checkpoint.all_finite(ok + [torch.tensor([float("inf"), float("-inf")])])  # a sum of NaN
+    # Finite values whose sum overflows float16 are finite: the tensor is then checked element-wise.
+    big = torch.full((1000,), 60000.0, dtype=torch.float16)
+    assert not torch.isfinite(big.sum()) and checkpoint.all_finite(ok + [big])
+    assert not checkpoint.all_finite(ok + [torch.cat([big, torch.tensor([float("nan")], dtype=torch.float16)])])
 
 
 def test_written_files_follow_the_umask(tmp_path):
@@ -292,3 +298,54 @@ def test_a_decompression_bomb_is_refused_before_it_is_expanded(tmp_path):
     assert waited[2].ru_maxrss < 1_000_000, f"peak RSS {waited[2].ru_maxrss} KB: the record was expanded"
     assert seconds < 20, f"{seconds:.1f} s"
     assert not (tmp_path / "out").exists()
+
+
+def test_epoch_checkpoints_are_written_in_the_background_from_a_snapshot_and_the_final_one_at_once(tmp_path):
+    import threading
+
+    logged, uploaded = [], threading.Event()
+    ckpt = make_checkpointer(tmp_path, 1.0, step=4)
+    ckpt.log, ckpt.epochs = logged.append, 3
+    ckpt.publish = lambda path, step: uploaded.wait(30)  # an upload (in the writer) that waits for the test
+    for epoch, value in ((1, 1.0), (2, 2.0)):
+        with torch.no_grad():
+            ckpt.states["model"].weight.fill_(value)
+        ckpt.progress.epoch = epoch
+        assert ckpt.step_boundary(None, epoch_ended=True) is None
+        assert ckpt.writer.busy(), "the step went on while the checkpoint was written and uploaded"
+        with torch.no_grad():
+            ckpt.states["model"].weight.fill_(-1.0)  # the next step changes the weights during the write
+        buffers = [t.data_ptr() for t in ckpt.snapshot._buffers.values()]
+        uploaded.set()
+        ckpt.finish()
+        uploaded.clear()
+        path = tmp_path / runfolder.epoch_checkpoint_name(epoch)
+        assert torch.equal(torch.load(path)["model"]["weight"], torch.full((2, 3), value))
+        assert logged[-1] == f"saved {path}"
+    assert buffers == [t.data_ptr() for t in ckpt.snapshot._buffers.values()], "the snapshot reuses its buffers"
+    ckpt.publish = None
+    ckpt.progress.epoch = 3  # the final epoch: complete on disk when step_boundary returns
+    assert ckpt.step_boundary(None, epoch_ended=True) is None and not ckpt.writer.busy()
+    assert torch.load(tmp_path / runfolder.epoch_checkpoint_name(3))["epoch"] == 3
+
+
+@pytest.mark.parametrize("then", ["next step", "stop"])
+def test_an_epoch_checkpoint_that_fails_in_the_background_stops_the_run_saving_nothing_newer(tmp_path, then):
+    ckpt = make_checkpointer(tmp_path, 1.0, step=4)
+    ckpt.progress.epoch = 1
+    blocker = tmp_path / runfolder.epoch_checkpoint_name(1)
+    (blocker / "x").mkdir(parents=True)  # a non-empty folder in its place: the rename fails
+    assert ckpt.step_boundary(None, epoch_ended=True) is None
+    if then == "next step":
+        while ckpt.writer.busy():
+            time.sleep(0.01)
+        ckpt.progress.step += 1
+        outcome = ckpt.step_boundary(None, epoch_ended=False)
+    else:  # a stop while the write may still be in flight: its save would skip the epoch checkpoint
+        outcome = ckpt.step_boundary("SIGTERM", epoch_ended=False)
+    assert (outcome.event, outcome.exit_code) == (runfolder.EVENT_SAVE_FAILED, EXIT_RESUMABLE)
+    assert outcome.message.startswith(f"stopping: could not write {blocker}") and "previous checkpoint is intact" \
+        in outcome.message
+    assert not (tmp_path / runfolder.LAST).exists() and not list(tmp_path.glob(".*.tmp"))
+    rows = [r for r in read_jsonl(tmp_path / runfolder.RESTARTS) if r["event"] == runfolder.EVENT_SAVE_FAILED]
+    assert [r["file"] for r in rows] == [blocker.name]

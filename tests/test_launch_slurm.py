@@ -45,6 +45,18 @@ def test_an_unknown_partition_is_one_line_before_submitting(slurm_cluster, tmp_p
     assert not (tmp_path / "run" / "launcher.jsonl").exists()
 
 
+def test_a_job_sbatch_refuses_is_sbatchs_line_and_exit_2(slurm_cluster, tiny_data, tmp_path):
+    """Memory no node has: the real sbatch refuses the job; its reason in one line, nothing queued."""
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--preset", "cpu-test",
+                          "--cluster", "slurm", "--run-dir", str(tmp_path / "run"), "--time", "10",
+                          "--sbatch", "mem=99999999", "--", *user_trainer_flags(tiny_data, TINY_EPOCHS)],
+                         env=dict(make_env(), SLURM_CONF=str(slurm_cluster.conf)), capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stdout + out.stderr
+    assert "sbatch refused the job: " in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "run" / "launcher.jsonl").exists()
+
+
 def diagnostics(cluster, run, job):
     def text():
         parts = [f"job: {cluster.job(job)}"]

@@ -9,7 +9,9 @@ after a start is decided by m2das/cluster/requeue.py, here and in the batch
 script's teardown lines. submitit is imported only when a job is built or run.
 """
 
+import contextlib
 import datetime
+import io
 import os
 import shlex
 import socket
@@ -217,8 +219,9 @@ def submit_slurm(plan):
     job_fn = TrainJob(plan.train_argv, plan.run_dir, a.max_requeues, None if plan.gpu else cpus, plan.command)
     from submitit.core.utils import FailedJobError
 
-    try:
-        job = ex.submit(job_fn)
+    try:  # submitit prints sbatch's stderr when it fails: its reason comes in our one line instead
+        with contextlib.redirect_stderr(io.StringIO()):
+            job = ex.submit(job_fn)
     except FailedJobError as e:
         raise UsageError(f"sbatch refused the job: {_sbatch_error(e)} (see `sinfo` for partitions, "
                          f"`sacctmgr show assoc user=$USER` for accounts and QOS)") from None

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -132,3 +134,34 @@ def test_a_nan_crop_stops_training_with_exit_2_naming_the_file(tmp_path):
     assert "Traceback" not in r.stderr and "learning rate" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and f"{victim}: NaN or inf values in the LMS" in errors[0]
+
+
+def test_validation_checks_a_bounded_window_in_list_order_and_reports_as_it_goes(tmp_path, monkeypatch):
+    """A file deleted at the first progress call, far down the list, is still found missing: the rows
+    past the window in flight had not been checked yet (a pool fed every row at once would have)."""
+    from m2das.data import dataset
+
+    monkeypatch.setattr(dataset, "VALIDATE_CHUNK", 2)
+    monkeypatch.setattr(dataset, "VALIDATE_IN_FLIGHT", 1)
+    monkeypatch.setattr(dataset, "PROGRESS_EVERY", 4)
+    data = write_lms_folder(tmp_path / "data", n_files=24)
+    samples = read_list(data / "files_as_weighted.csv", data)
+    seen = []
+
+    def progress(done, total):
+        if not seen:
+            (data / "audioset_lms" / "clip023.npy").unlink()
+        seen.append((done, total))
+
+    with pytest.raises(DataListError) as err:
+        validate(samples, data / "files_as_weighted.csv", 80, workers=1, progress=progress)
+    assert seen == [(n, 24) for n in range(4, 25, 4)]
+    assert "1 unusable entry" in str(err.value) and "clip023.npy: missing" in str(err.value)
+
+    for name in ("clip015.npy", "clip001.npy", "clip007.npy"):  # removed out of order, reported in list order
+        (data / "audioset_lms" / name).unlink()
+    with pytest.raises(DataListError) as err:
+        validate(samples, data / "files_as_weighted.csv", 80, workers=3)
+    assert "4 unusable entries" in str(err.value)
+    named = re.findall(r"(audioset_lms/clip\d+\.npy): missing", str(err.value))
+    assert named == [f"audioset_lms/clip{i:03d}.npy" for i in (1, 7, 15, 23)]

@@ -6,6 +6,7 @@ mid-epoch sees exactly the batches an uninterrupted run would have seen.
 """
 
 import atexit
+import collections
 import contextlib
 import os
 import signal
@@ -113,35 +114,53 @@ def check_weights(weights: np.ndarray | None, where) -> None:
                             f"`m2das prepare ... --steps labels` or train without --weighted")
 
 
+VALIDATE_CHUNK = 256       # file headers one pool task checks
+VALIDATE_IN_FLIGHT = 4     # tasks queued per worker: bounds memory whatever the list's length
+PROGRESS_EVERY = 10_000    # files between two progress calls
+
+
+def check_files(root: Path, names, freq_bins: int) -> list:
+    """(position in `names`, why) for each file of this chunk that cannot be trained on."""
+    return [(k, why) for k, name in enumerate(names) if (why := check_file(root / name, freq_bins))]
+
+
 def validate(samples: SampleList, csv_path, freq_bins: int, workers: int = 16, progress=None,
              weighted: bool = False) -> None:
     """Check every listed file before the first step; raise one error naming the first offenders.
 
     Files must hold at least one frame; with `weighted`, the weights must allow sampling.
+    At most `workers * VALIDATE_IN_FLIGHT` chunks are queued and results are taken in list order, so
+    memory stays flat for millions of rows and `progress(done, total)` is called as the check goes.
     """
     if weighted:
         check_weights(samples.weights, csv_path)
-    problems = []
-    for i in range(len(samples)):
-        if samples.label_offsets[i + 1] == samples.label_offsets[i]:
-            problems.append((samples.files[i], "no labels"))
+    unlabelled = np.flatnonzero(np.diff(samples.label_offsets) == 0)
+    shown = [(samples.files[i], "no labels") for i in unlabelled[:5]]
+    count = len(unlabelled)
     if samples.weights is not None and not np.all(np.isfinite(samples.weights) & (samples.weights >= 0)):
         bad = int(np.sum(~(np.isfinite(samples.weights) & (samples.weights >= 0))))
-        problems.append((f"{bad} row(s)", "weight is not a non-negative number"))
+        shown.append((f"{bad} row(s)", "weight is not a non-negative number"))
+        count += 1
 
-    def check(name):
-        return name, check_file(samples.root / name, freq_bins)
-
+    total, limit = len(samples), workers * VALIDATE_IN_FLIGHT
+    starts = range(0, total, VALIDATE_CHUNK)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for n, (name, why) in enumerate(pool.map(check, samples.files, chunksize=256), 1):
-            if why:
-                problems.append((name, why))
-            if progress is not None and (n % 10000 == 0 or n == len(samples)):
-                progress(n, len(samples))
-    if problems:
-        shown = "; ".join(f"{name}: {why}" for name, why in problems[:5])
-        raise DataListError(f"{csv_path}: {len(problems)} unusable entr{'y' if len(problems) == 1 else 'ies'} "
-                            f"under {samples.root} (first: {shown}); rerun `m2das prepare` or fix the list")
+        pending = collections.deque()
+        for start in starts:
+            pending.append((start, pool.submit(check_files, samples.root,
+                                               samples.files[start:start + VALIDATE_CHUNK], freq_bins)))
+            while len(pending) >= limit or (pending and start == starts[-1]):
+                first, future = pending.popleft()
+                found = future.result()
+                count += len(found)
+                shown.extend((samples.files[first + k], why) for k, why in found[:max(0, 5 - len(shown))])
+                done = min(first + VALIDATE_CHUNK, total)
+                if progress is not None and (done // PROGRESS_EVERY > first // PROGRESS_EVERY or done == total):
+                    progress(done, total)
+    if count:
+        names = "; ".join(f"{name}: {why}" for name, why in shown[:5])
+        raise DataListError(f"{csv_path}: {count} unusable entr{'y' if count == 1 else 'ies'} "
+                            f"under {samples.root} (first: {names}); rerun `m2das prepare` or fix the list")
 
 
 class LMSDataset(Dataset):

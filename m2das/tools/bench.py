@@ -17,8 +17,9 @@ import torch
 
 from m2das.cliargs import Parser
 from m2das.config import size_pair
-from m2das.datafolder import LMS_DIR, NORM_STATS, WEIGHTED_LIST
+from m2das.datafolder import LMS_DIR, WEIGHTED_LIST
 from m2das.machine import cpu_name, describe, device_flag, usable_cores
+from m2das.tools.benchdata import drop_from_cache as _drop_from_cache, synthetic_data as _synthetic_data
 
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s: the MFU denominator.
@@ -228,18 +229,6 @@ def _io_counters() -> dict:
     return {"read_bytes": int(rows["read_bytes"]), "rchar": int(rows["rchar"])}
 
 
-def _drop_from_cache(paths) -> None:
-    """Evict these files from the page cache (sync, then POSIX_FADV_DONTNEED per file): no root needed,
-    and other processes' cached files stay cached."""
-    os.sync()
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def _time_reads(dataset, order, files, cold: bool) -> dict:
     """One process reading crops as a DataLoader worker does (__getitem__, no collation)."""
     if cold:
@@ -252,24 +241,6 @@ def _time_reads(dataset, order, files, cold: bool) -> dict:
     n = len(order)
     return {"samples_per_s": n / seconds, "read_bytes": (after["read_bytes"] - before["read_bytes"]) / n,
             "rchar": (after["rchar"] - before["rchar"]) / n}
-
-
-def _synthetic_data(folder: Path, n_files: int, frames: int) -> Path:
-    """n_files LMS files [1, 80, frames] (AudioSet's 10-s clips), their list and norm stats."""
-    import numpy as np
-
-    from m2das.fileio import write_json
-
-    rng = np.random.default_rng(0)
-    (folder / LMS_DIR).mkdir(parents=True)
-    rows = ["file_name,label,weight"]
-    for i in range(n_files):
-        np.save(folder / LMS_DIR / f"clip{i:05d}.npy",
-                (rng.standard_normal((1, 80, frames)) * 4 - 7).astype(np.float32))
-        rows.append(f"{LMS_DIR}/clip{i:05d}.npy,/m/{i % 7},1.0")
-    (folder / WEIGHTED_LIST).write_text("\n".join(rows) + "\n")
-    write_json(folder / NORM_STATS, {"mean": -7.0, "std": 4.0})
-    return folder
 
 
 def _time_index(folder: Path, rows: int, shards: int) -> dict:
@@ -461,7 +432,10 @@ def prepare_main(argv=None) -> int:
 
 def _benches() -> dict:
     """Each benchmark's entry point, by the word that names it on the command line."""
-    return {"train": train_main, "prepare": prepare_main, "checkpoint": checkpoint_main, "data": data_main}
+    from m2das.tools import bench_remote
+
+    return {"train": train_main, "prepare": prepare_main, "checkpoint": checkpoint_main, "data": data_main,
+            "data-remote": bench_remote.main}
 
 
 def main(argv=None) -> int:

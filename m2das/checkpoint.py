@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from m2das import events, runfolder
 from m2das.ckptfile import (FORMAT, LEGACY_ALLOWED, CheckpointError, SaveFailed, as_full_state, load_file,
-                            safe_load, save_file, tensor_bytes)
+                            safe_load, save_file, tensor_bytes, verify_integrity)
 from m2das.runfolder import EXIT_DIVERGED, EXIT_RESUMABLE
 
 __all__ = ["FORMAT", "CheckpointError", "SaveFailed", "Progress", "RNGState", "Outcome", "Checkpointer",
@@ -282,12 +282,12 @@ class Checkpointer:
         if mode == "none":
             return None
         if mode != "auto":
-            self.load_state_dict(load_file(mode))
+            self.load_state_dict(self._load_file(mode))
             return str(mode)
         ranked, tried = self._ranked_checkpoints()
         for path in ranked:
             try:
-                self.load_state_dict(load_file(path))
+                self.load_state_dict(self._load_file(path))
             except (CheckpointError, KeyError, ValueError, RuntimeError) as e:
                 tried.append((path, str(e)))
                 continue
@@ -309,6 +309,20 @@ class Checkpointer:
             if self.rank == 0:
                 events.record(self.run_dir, runfolder.EVENT_CHECKPOINT_SKIPPED, file=path.name, error=why,
                               resumed_from=loaded.name, resumed_step=self.progress.step, **cost)
+
+    def _load_file(self, path) -> dict:
+        """load_file with its CRC32 pass (a full read) on rank 0 only and the verdict broadcast: every
+        rank reads the same file, so one check answers for all."""
+        error = None
+        if self.rank == 0:
+            try:
+                verify_integrity(path)
+            except CheckpointError as e:
+                error = str(e)
+        error = self._from_rank0(error)
+        if error is not None:
+            raise CheckpointError(error)
+        return load_file(path, verify=False)
 
     def _ranked_checkpoints(self):
         """Full-state checkpoints by recorded progress (most steps first), not by file time, which a

@@ -146,9 +146,11 @@ def safe_load(path, mmap: bool = False, allowed=(), require_model: bool = True) 
     return state
 
 
-def load_file(path, mmap: bool = False) -> dict:
-    """A full-state m2das checkpoint, integrity-checked; anything else is a CheckpointError."""
-    verify_integrity(path)
+def load_file(path, mmap: bool = False, verify: bool = True) -> dict:
+    """A full-state m2das checkpoint, integrity-checked (verify=False: the caller checked it); anything
+    else is a CheckpointError."""
+    if verify:
+        verify_integrity(path)
     # Published classes allowed so a published file gets the right advice below.
     return as_full_state(safe_load(path, mmap=mmap, allowed=PUBLISHED_ALLOWED + LEGACY_ALLOWED), path)
 

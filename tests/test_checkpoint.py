@@ -349,3 +349,48 @@ def test_an_epoch_checkpoint_that_fails_in_the_background_stops_the_run_saving_n
     assert not (tmp_path / runfolder.LAST).exists() and not list(tmp_path.glob(".*.tmp"))
     rows = [r for r in read_jsonl(tmp_path / runfolder.RESTARTS) if r["event"] == runfolder.EVENT_SAVE_FAILED]
     assert [r["file"] for r in rows] == [blocker.name]
+
+
+RANK = """
+import json, os, sys
+from pathlib import Path
+import torch.distributed as dist
+from m2das.checkpoint import Checkpointer, Progress
+
+rank, folder = int(sys.argv[1]), Path(sys.argv[2])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+ckpt = Checkpointer(folder, {"progress": Progress()}, {}, rank=rank, epochs=1, save_freq=1, interval_s=1e9, log=print)
+try:
+    ckpt._load_file(folder / "damaged.pth")
+    damaged = "loaded"
+except Exception as e:
+    damaged = str(e)
+def rchar():
+    return int(dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())["rchar"])
+before = rchar()
+state = ckpt._load_file(folder / "good.pth")
+print(json.dumps({"damaged": damaged, "read": rchar() - before, "step": state["step"]}))
+"""
+
+
+def test_the_crc32_check_runs_on_rank_0_only_and_its_verdict_reaches_every_rank(tmp_path):
+    import json
+    import socket
+
+    state = make_checkpointer(tmp_path, 1.0, step=6).state_dict()
+    state["model"]["padding"] = torch.ones(5_000_000)  # 20 MB: what a rank reads shows whether it checked
+    for name in ("good.pth", "damaged.pth"):
+        ckptfile.save_file(state, tmp_path / name)
+    flip_byte_in_tensor_data(tmp_path / "damaged.pth")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, "-c", RANK, str(rank), str(tmp_path)], env=env, text=True,
+                              stdout=subprocess.PIPE, cwd=Path(__file__).parents[1]) for rank in (0, 1)]
+    results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    size = (tmp_path / "good.pth").stat().st_size
+    for r in results:
+        assert "CRC32 mismatch" in r["damaged"] and r["step"] == 6
+    assert results[0]["read"] > 1.8 * size, "rank 0 reads the file twice: CRC32 check, then load"
+    assert results[1]["read"] < 1.3 * size, "rank 1 reads it once"

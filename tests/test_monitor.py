@@ -122,8 +122,11 @@ def test_monitor_metrics_on_real_lms_files_leave_random_state_alone(tiny, tmp_pa
     assert 0 < first["monitor_map"] <= 1 and 1 <= first["monitor_rankme"] <= 24 and first["monitor_clips"] == 24
     assert first["monitor_knn_acc"] > 0.9  # loudness separates the two classes even at random init
     second = Monitor(cfg, CLASSES, torch.device("cpu"), knn_k=3, workers=0).run(model, 2)  # in this process
+    (data / "eval_lms").rename(data / "moved")  # the crops of the first check are kept: nothing is read again
+    third = mon.run(model, 2)
     assert {k: v for k, v in second.items() if k != "monitor_seconds"} == \
-           {k: v for k, v in first.items() if k != "monitor_seconds"}
+           {k: v for k, v in first.items() if k != "monitor_seconds"} == \
+           {k: v for k, v in third.items() if k != "monitor_seconds"}
 
     # A head that ignores its input scores every clip alike: each AP is the class's prevalence (12 of 24).
     with torch.no_grad():

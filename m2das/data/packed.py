@@ -10,6 +10,9 @@ Layout of PACKED_DIR (names are the constants below):
     pack-journal.jsonl  one line per finished shard: what a killed pack restarts from
     verified.json       a cache: (size, mtime) of each shard when its CRC32 last matched
 
+Nothing in the manifest or index is trusted: every field is range-checked at load
+(m2das/data/packcheck.py), and only plain file names inside the folder are read.
+
 Why flat shards and a flat index rather than zarr/tensorstore chunks or litdata's
 chunks: a time crop of a time-major sample is one contiguous byte range, so a local
 read is one pread of exactly the crop and a remote read one HTTP range request. A

@@ -446,6 +446,59 @@ class RunLock(LockWatch):
         self.release()
 
 
+# -- each rank's exit code: srun and torchrun report one code for all ranks ----------------
+# srun says 137/143 once one task exits 2 and it kills the others; torchrun says 1 both for a clean
+# stop (every rank 75) and for a killed rank. Each rank therefore leaves its own code under
+# RUN/logs/task-exits/ (SLURM: JOB.RESTART.RANK; torchrun: torchrun.RUN_ID.RESTART.RANK), and the
+# requeue policy (m2das.cluster.requeue) decides from those.
+TASK_EXITS = "task-exits"
+TORCHRUN_PREFIX = "torchrun."
+TORCHRUN_RUN_ID_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every rank it starts
+
+
+def task_exits_dir(run_dir) -> Path:
+    return Path(run_dir) / LOGS_DIR / TASK_EXITS
+
+
+def record_task_exit(run_dir, job_id, restart_count, rank, code) -> None:
+    folder = task_exits_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{job_id}.{restart_count}.{int(rank)}").write_text(f"{int(code)}\n")
+
+
+def record_torchrun_exit(run_dir, code: int, environ=None) -> bool:
+    """A rank started by torchrun leaves its exit code, rank, world size and pid (True when it did)."""
+    environ = os.environ if environ is None else environ
+    run_id = environ.get(TORCHRUN_RUN_ID_ENV)
+    if not run_id or not Path(run_dir).is_dir():
+        return False
+    group = f"{TORCHRUN_PREFIX}{re.sub(r'[^A-Za-z0-9_-]', '_', run_id)}.{environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+    rank = int(environ.get("RANK", 0))
+    folder = task_exits_dir(run_dir)
+    with contextlib.suppress(OSError):  # a record is an aid to the requeue decision, never a reason to fail
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{group}.{rank}").write_text(json.dumps(
+            {"code": int(code), "rank": rank, "world": int(environ.get("WORLD_SIZE", 1)), "pid": os.getpid(),
+             "time": time.time()}) + "\n")
+        return True
+    return False
+
+
+def torchrun_exits(run_dir) -> tuple:
+    """(group, records) of the newest torchrun start that left exit records, or (None, [])."""
+    groups = {}
+    with contextlib.suppress(OSError):
+        for path in task_exits_dir(run_dir).glob(f"{TORCHRUN_PREFIX}*"):
+            with contextlib.suppress(OSError, ValueError):
+                row = json.loads(path.read_text())
+                if isinstance(row, dict) and isinstance(row.get("code"), int):
+                    groups.setdefault(path.name.rsplit(".", 1)[0], []).append({**row, "path": str(path)})
+    if not groups:
+        return None, []
+    group = max(groups, key=lambda g: max(r.get("time") or 0 for r in groups[g]))
+    return group, sorted(groups[group], key=lambda r: r.get("rank", 0))
+
+
 def print_fact(facts: dict, module: str, example: str, argv=None) -> int:
     """`python -m MODULE NAME`: print a contract's constant for shell scripts; usage and exit 2 otherwise."""
     argv = sys.argv[1:] if argv is None else argv

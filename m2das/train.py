@@ -338,6 +338,8 @@ def train(cfg: TrainConfig, env: dict) -> int:
             return str(run_dir)
 
         run_dir = Path(on_rank0(open_and_keep_lock, rank))
+        if not is_url(cfg.output_dir):
+            _RANK_EXIT["run_dir"] = run_dir
         if lock is not None:  # a lock removed or taken under us stops the run as a signal would
             lock.on_lost(lambda why: stop.request(f"run lock lost ({why})"))
         if is_url(cfg.output_dir) and rank != 0 and env["local_rank"] == 0 and \
@@ -454,7 +456,22 @@ def _train(cfg: TrainConfig, env, device, flag_group, stop, run_dir: Path, mirro
     return 0
 
 
+_RANK_EXIT = {}  # "run_dir": where this rank leaves its exit code under torchrun, once the folder is open
+
+
 def main(argv=None) -> int:
+    """`m2das train`; a rank started by torchrun also leaves its exit code in the run folder, since torchrun's
+    own code (1 for a clean stop too) cannot tell a requeue from a failure (m2das.cluster.requeue --torchrun)."""
+    code = 1  # what an exception ends the process with
+    try:
+        code = _main(argv)
+        return code
+    finally:
+        if _RANK_EXIT.get("run_dir"):
+            runfolder.record_torchrun_exit(_RANK_EXIT["run_dir"], code)
+
+
+def _main(argv=None) -> int:
     cfg = config.parse_args(sys.argv[1:] if argv is None else argv)
     env = config.dist_env()
     if cfg.print_config:

@@ -155,6 +155,11 @@ def test_two_process_gloo_run_stops_together_and_resumes_exactly(lms_data, tmp_p
     out, _ = proc.communicate(timeout=120)
     state = torch.load(run / "last.pth", weights_only=True)
     assert 0 < state["batch_in_epoch"] < 12, out
+    # torchrun says 1; the ranks' own records (75 each) make the documented decision "requeue".
+    decide = subprocess.run([sys.executable, "-m", "m2das.cluster.requeue", "decide", "--run", str(run), "--torchrun",
+                             str(proc.returncode)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != EXIT_RESUMABLE and decide.stdout.strip() == "requeue", \
+        (proc.returncode, decide.stderr, out)
     r = subprocess.run(torchrun(run, 29733), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert_same_weights(final_model(reference, 1), final_model(run, 1))

@@ -20,6 +20,7 @@ from m2das.cliargs import DefaultsFormatter, Parser
 from m2das.fileio import append_jsonl, read_jsonl
 from m2das.machine import master_port  # the one MASTER_PORT rule, for `port`
 from m2das.runfolder import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE
+from m2das.runfolder import record_task_exit  # noqa: F401  (the launchers' name for it)
 
 # -- defaults, declared once ----------------------------------------------------------
 # The warning SLURM sends before the time limit, on both routes (submitit and the
@@ -128,31 +129,47 @@ def already_decided(run_dir, job_id, restart_count) -> bool:
     return any(r.get("start_id") == sid for r in read_jsonl(Path(run_dir) / runfolder.LAUNCHER))
 
 
-# srun returns one code for all tasks, and once one task exits 2 (bad input) it kills the
-# others, so srun says 137 or 143 and the start would look "killed". Each task therefore
-# leaves its own code here (RUN/logs/task-exits/JOB.RESTART.RANK) for the decision.
-TASK_EXITS = "task-exits"
-
-
-def _task_exits_dir(run_dir) -> Path:
-    return Path(run_dir) / runfolder.LOGS_DIR / TASK_EXITS
-
-
-def record_task_exit(run_dir, job_id, restart_count, rank, code) -> None:
-    folder = _task_exits_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{start_id(job_id, restart_count)}.{int(rank)}").write_text(f"{int(code)}\n")
+# srun and torchrun return one code for all tasks: each task leaves its own (runfolder.TASK_EXITS).
+def task_exits_dir(run_dir) -> Path:
+    return runfolder.task_exits_dir(run_dir)
 
 
 def task_exits(run_dir, job_id, restart_count) -> list:
     """The exit codes the tasks of one start recorded (those that lived to record one)."""
     codes = []
-    for path in sorted(_task_exits_dir(run_dir).glob(f"{start_id(job_id, restart_count)}.*")):
+    for path in sorted(task_exits_dir(run_dir).glob(f"{start_id(job_id, restart_count)}.*")):
         try:
             codes.append(int(path.read_text()))
         except (OSError, ValueError):
             pass
     return codes
+
+
+def torchrun_codes(run_dir, torchrun_code: int, since: float | None = None):
+    """(codes, group, rank 0's pid) of the newest torchrun start whose ranks left exit records. Records
+    written before `since` (default: the trainer's last start record) are an earlier start's and do not
+    count. A rank of its world that left none was killed (SIGKILL, out of memory): it counts as -9.
+    No records: torchrun's own code alone."""
+    group, rows = runfolder.torchrun_exits(run_dir)
+    if since is None:
+        starts = [r.get("time") for r in read_jsonl(Path(run_dir) / runfolder.RESTARTS)
+                  if r.get("event") == runfolder.EVENT_START and isinstance(r.get("time"), (int, float))]
+        since = starts[-1] if starts else None
+    rows = [r for r in rows if since is None or (r.get("time") or 0) >= since]
+    if not rows:
+        return [int(torchrun_code)], None, None
+    world = max(int(r.get("world") or 1) for r in rows)
+    codes = [int(r["code"]) for r in rows] + [SIGKILL_CODES[0]] * max(world - len(rows), 0)
+    return codes, group, next((r.get("pid") for r in rows if r.get("rank") == 0), None)
+
+
+def decide_torchrun(run_dir, torchrun_code: int, restart_count: int, max_requeues: int = MAX_REQUEUES, *,
+                    signalled: bool = False, since: float | None = None):
+    """The decision after `torchrun ... -m m2das train`: from what its ranks recorded, not from its own
+    code (1 both for a clean stop and for a killed rank). Returns (Decision, codes, group)."""
+    codes, group, pid = torchrun_codes(run_dir, torchrun_code, since)
+    event = last_event(run_dir, pid=pid) if pid else None
+    return decide(codes, restart_count, max_requeues, signalled=signalled, last_event=event), codes, group
 
 
 def record(run_dir, decision: Decision, by: str, job_id, restart_count, **extra) -> None:
@@ -184,6 +201,9 @@ def _cli(argv) -> int:
     d.add_argument("--signalled", action="store_true", help="a stop signal reached the batch shell")
     d.add_argument("--once", action="store_true",
                    help="say `decided` and record nothing when this start already has a decision")
+    d.add_argument("--torchrun", action="store_true",
+                   help="CODES is torchrun's exit code: decide from the codes its ranks recorded in the run folder "
+                        "(a rank that recorded none was killed), as torchrun says 1 for a clean stop too")
     d.add_argument("codes", nargs="+", type=int, help="exit codes (srun's); the tasks' recorded ones are added")
     t = sub.add_parser("task-exit", help="record one task's exit code (SLURM_PROCID) for `decide`")
     t.add_argument("--run", default=os.environ.get("M2DAS_RUN", ""), help="the run folder (default $M2DAS_RUN)")
@@ -211,10 +231,16 @@ def _cli(argv) -> int:
         print(f"python -m m2das.cluster.requeue: error: --max-requeues {args.max_requeues!r}: expected a whole number",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    codes = args.codes + task_exits(args.run, args.job_id, args.restart)
-    decision = decide(codes, args.restart, cap, signalled=args.signalled,
-                      last_event=last_event(args.run, job_id=args.job_id, restart_count=args.restart))
+    if args.torchrun:
+        decision, codes, group = decide_torchrun(args.run, args.codes[0], args.restart, cap, signalled=args.signalled)
+    else:
+        codes, group = args.codes + task_exits(args.run, args.job_id, args.restart), None
+        decision = decide(codes, args.restart, cap, signalled=args.signalled,
+                          last_event=last_event(args.run, job_id=args.job_id, restart_count=args.restart))
     record(args.run, decision, args.by, args.job_id, args.restart, exit_codes=codes)
+    if group:  # decided: the next start's records must not be mixed with these
+        for path in task_exits_dir(args.run).glob(f"{group}.*"):
+            path.unlink(missing_ok=True)
     print(f"m2das: job {args.job_id} restart {args.restart}: {decision.reason}", file=sys.stderr)
     print(decision.action)
     return 0

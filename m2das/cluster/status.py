@@ -135,7 +135,7 @@ def last_error_line(run: Path) -> dict | None:
 
 def _start_key(job_id, restart_count):
     """(SLURM job id, restart): local supervisor starts have no SLURM job id."""
-    job = None if job_id is None or str(job_id).startswith("local-") else str(job_id)
+    job = None if job_id in (None, "") or str(job_id).startswith("local-") else str(job_id)
     return job, int(restart_count or 0)
 
 
@@ -249,6 +249,11 @@ def collect(run_dir, now=None, queue=True, checkpoints=None) -> dict:
         state = "started, no log line yet"
     else:
         state = "not started yet (queued?)"
+    # torchrun says 1 for a clean stop and a killed rank alike: its ranks' own exit records tell them apart.
+    decision, codes, group = requeue.decide_torchrun(run, 1, 0)
+    out["torchrun"] = {"exit_codes": codes, "decision": decision.action, "reason": decision.reason} if group else None
+    if group and not out["finished"] and state.startswith(("running?", "started")):
+        state = f"ended under torchrun (rank exit codes {codes}): {decision.action}, {decision.reason}"
     caps = [r for r in launcher if r.get("event") == requeue.CAP]
     if caps and not out["finished"]:
         state += "; requeue cap reached: " + str(caps[-1].get("message", ""))
@@ -343,6 +348,9 @@ def render(s: dict, now=None) -> str:
         lines.append(f"  {_when(st['time'])}  {job} on {st['host'] or '?'}: {where}{why}")
     if n > 10:
         lines.append(f"  ... {n - 10} earlier starts in restarts.jsonl")
+    if s.get("torchrun"):
+        t = s["torchrun"]
+        lines.append(f"ranks      exit codes {t['exit_codes']} (torchrun): {t['decision']}, {t['reason']}")
     if s["requeues"]:
         by = {}
         for r in s["requeues"]:

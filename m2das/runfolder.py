@@ -296,15 +296,16 @@ def wait_for_unfinished(run_dir, me: dict, heartbeat_s: float, say=None) -> str 
     if start is None:
         return None
     who = f"host {start.get('host', '?')}, pid {start.get('pid', '?')}"
-    (say or print)(f"{run_dir}: a trainer ({who}) still runs here without the lock; waiting for it to stop "
-                   f"at its next heartbeat before training")
+    say = say or (lambda line: print(f"m2das: {line}", flush=True))
+    say(f"{run_dir}: a trainer ({who}) still runs here without the lock; waiting for it to stop at its next "
+        f"heartbeat before training")
     patience = 2 * heartbeat_s + LOCK_LOST_GRACE_S
     deadline = time.monotonic() + patience
     while time.monotonic() < deadline:
         time.sleep(min(1.0, heartbeat_s / 4))
         if unfinished_trainer(run_dir, me, heartbeat_s) is None:
             return f"waited for {who} to stop"
-    (say or print)(f"warning: {run_dir}: {who} did not stop within {patience:.0f} s of losing the lock; "
+    say(f"warning: {run_dir}: {who} did not stop within {patience:.0f} s of losing the lock; "
                    f"going on (its pid may belong to another program now)")
     return f"{who} did not stop"
 

@@ -90,26 +90,25 @@ def test_the_trainer_refuses_an_unsafe_staleness_with_one_line(tmp_path):
 
 def test_a_garbled_lock_object_is_stale_by_its_age_and_a_removed_one_stops_the_holder(s3_server, tmp_path,
                                                                                        monkeypatch):
-    from m2das.remote import RemoteRunFolder
     from m2das.fileio import url_fs
+    from m2das.remote import RemoteRunFolder
 
-    url = "s3://m2das-lock-test/runs/garbled"
-    fs, root = url_fs(url)
+    urls = {content: f"s3://m2das-lock-test/runs/garbled{i}" for i, content in enumerate((b"", b"not json {"))}
+    fs, _ = url_fs(urls[b""])
     fs.mkdir("m2das-lock-test")
-    for content in (b"", b"not json {"):
-        fs.pipe_file(f"{root}/{runfolder.LOCK}", content)
-        monkeypatch.delenv(LOCK_HEARTBEAT_ENV, raising=False)
-        monkeypatch.delenv(LOCK_STALE_ENV, raising=False)
+    for content, url in urls.items():
+        fs.pipe_file(f"{url_fs(url)[1]}/{runfolder.LOCK}", content)
         with pytest.raises(RunLocked, match=r"an unreadable lock, written \d+ s ago"):
-            RemoteRunFolder(url, tmp_path / "a").acquire()
-        monkeypatch.setenv(LOCK_HEARTBEAT_ENV, str(BEAT))
-        monkeypatch.setenv(LOCK_STALE_ENV, str(3 * BEAT))
-        time.sleep(1.2)  # S3 times have whole seconds: past the staleness for sure
-        folder = RemoteRunFolder(url, tmp_path / "b").acquire()
+            RemoteRunFolder(url, tmp_path / "refused").acquire()  # a fresh one may be a holder writing it
+    monkeypatch.setenv(LOCK_HEARTBEAT_ENV, str(BEAT))
+    monkeypatch.setenv(LOCK_STALE_ENV, str(3 * BEAT))
+    time.sleep(1.2)  # S3 times have whole seconds: past the staleness for sure
+    for content, url in urls.items():
+        folder = RemoteRunFolder(url, tmp_path / "taken").acquire()
         assert "an unreadable lock" in folder.took_over and "no heartbeat" in folder.took_over
         lost = []
         folder.on_lost(lost.append)
-        fs.rm_file(f"{root}/{runfolder.LOCK}")
+        fs.rm_file(f"{url_fs(url)[1]}/{runfolder.LOCK}")
         deadline = time.monotonic() + 10 * BEAT
         while not lost and time.monotonic() < deadline:
             time.sleep(BEAT / 10)

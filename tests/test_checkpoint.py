@@ -296,7 +296,8 @@ def test_a_decompression_bomb_is_refused_before_it_is_expanded(tmp_path):
     assert proc.returncode == runfolder.EXIT_BAD_INPUT and len(lines) == 1, lines
     assert str(bomb) in lines[0] and "compressed" in lines[0]
     assert waited[2].ru_maxrss < 1_000_000, f"peak RSS {waited[2].ru_maxrss} KB: the record was expanded"
-    assert seconds < 20, f"{seconds:.1f} s"
+    cpu = waited[2].ru_utime + waited[2].ru_stime  # what it spent, whatever else loads the machine
+    assert cpu < 10, f"{cpu:.1f} s of CPU ({seconds:.1f} s wall)"
     assert not (tmp_path / "out").exists()
 
 

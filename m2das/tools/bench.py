@@ -432,10 +432,10 @@ def prepare_main(argv=None) -> int:
 
 def _benches() -> dict:
     """Each benchmark's entry point, by the word that names it on the command line."""
-    from m2das.tools import bench_remote
+    from m2das.tools import bench_monitor, bench_remote
 
     return {"train": train_main, "prepare": prepare_main, "checkpoint": checkpoint_main, "data": data_main,
-            "data-remote": bench_remote.main}
+            "data-remote": bench_remote.main, "monitor": bench_monitor.main}
 
 
 def main(argv=None) -> int:

@@ -118,7 +118,10 @@ CRAFTED = {  # what is changed -> what the error says
                              packed.INDEX),
     "weight NaN": (dict(weights=at(4, np.nan)), "row 4 (audioset_lms/clip004.npy): weight", packed.INDEX),
     "label offsets backwards": (dict(label_offsets=at(3, 100)), "label offsets go backwards", packed.INDEX),
-    "a row missing": (dict(frames=lambda a: a[:-1]), "'frames': 7} rows, the manifest records 8", packed.INDEX),
+    "a row missing": (dict(frames=lambda a: a[:-1]), "rows per array {'frames': 7}, the manifest records 8",
+                      packed.INDEX),
+    "frames 2**62": (dict(frames=lambda a: np.full(len(a), 2 ** 62, dtype=np.int64)), "row 0 (audioset_lms/clip000"
+                     ".npy): its bytes run past", packed.INDEX),
 }
 MANIFESTS = {
     "missing key": (lambda m: m.pop("n_mels"), "'n_mels' is missing"),

@@ -60,7 +60,7 @@ INDEX_ARRAYS = {"names": "u", "shard": "i", "offset": "i", "frames": "i", "label
 
 
 def index_problem(a: dict, files: list, manifest: dict) -> str | None:
-    """One vectorised pass over the index: every field within its range, or what is not (with a row).
+    """Vectorised checks of every row of the index: each field within its range, or what is not (with a row).
 
     Negative numbers would otherwise index from the end (a wrong shard, label or byte
     range, silently), and a range past a shard's end would fail mid-epoch.
@@ -73,7 +73,7 @@ def index_problem(a: dict, files: list, manifest: dict) -> str | None:
                "frames": len(a["frames"]), "weights": len(a["weights"]), "label_offsets": len(a["label_offsets"]) - 1}
     wrong = {k: v for k, v in lengths.items() if v != n}
     if wrong:
-        return f"{wrong} rows, the manifest records {n} samples"
+        return f"rows per array {wrong}, the manifest records {n} samples"
     shard = a["shard"].astype(np.int64, copy=False)
     frames = a["frames"].astype(np.int64, copy=False)
     offset = a["offset"].astype(np.int64, copy=False)
@@ -90,9 +90,10 @@ def index_problem(a: dict, files: list, manifest: dict) -> str | None:
         or first(frames < 1, "frames below 1") or first(offset < 0, "negative byte offset")
     if problem:
         return problem
-    ends = offset + frames * (manifest["n_mels"] * np.dtype(manifest["dtype"]).itemsize)
-    sizes = np.array([e["bytes"] for e in shards], dtype=np.int64)
-    problem = first(ends > sizes[shard], "its bytes run past the end of its shard")
+    row = manifest["n_mels"] * np.dtype(manifest["dtype"]).itemsize
+    size = np.array([e["bytes"] for e in shards], dtype=np.int64)[shard]
+    fits = np.minimum(frames, size // row)  # bounded first: a crafted 2**62 frames cannot overflow to a pass
+    problem = first((frames > fits) | (offset > size - fits * row), "its bytes run past the end of its shard")
     if problem:
         return problem
     counts = np.bincount(shard, minlength=len(shards))

@@ -54,7 +54,7 @@ def timed(fn):
 def load_rates(mon, n: int, cold: bool) -> dict:
     """Clips/s of reading every centre crop: one at a time here, and through the monitor's workers."""
     from m2das.monitor import CentreCrops
-    from m2das.tools.bench import _drop_from_cache  # noqa: PLC2701
+    from m2das.tools.benchdata import drop_from_cache
 
     files = [mon.samples.root / f for f in mon.samples.files]
     crops = CentreCrops(mon.samples, range(n), mon.frames)
@@ -62,7 +62,7 @@ def load_rates(mon, n: int, cold: bool) -> dict:
     for name, fn in (("before", lambda: [crops[i] for i in range(n)]),
                      ("after", lambda: [b for b in mon.loader(range(n))])):
         if cold:
-            _drop_from_cache(files)
+            drop_from_cache(files)
         out[name] = n / timed(fn)[0]
     return out
 

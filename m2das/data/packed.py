@@ -255,12 +255,12 @@ def verify_shards(samples: PackedSamples, known: dict | None = None, progress=No
     known good; `progress(k, n, name)` follows each CRC32 read.
     Raises PackError naming the first damaged shard.
     """
-    known = {} if full else dict(known or {})
+    known = dict(known) if isinstance(known, dict) and not full else {}
     local_cache = None if is_url(samples.root) else join(samples.root, VERIFIED)
     if local_cache and not full:
         try:
             known = {**json.loads(read_whole(local_cache)), **known}
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):  # only a cache: unreadable means "read the shards"
             pass
     good, checked = {}, 0
     shards = samples.manifest["shards"]

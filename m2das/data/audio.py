@@ -12,7 +12,6 @@ padding of a short clip leaking into its last frames.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
@@ -23,6 +22,7 @@ import torch
 import torchaudio
 
 from m2das.data.lmsfile import N_MELS
+from m2das.metrics import full_float32  # TF32 off: the trainer's TF32 would put LMS ~1e-3 off the paper's
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -192,18 +192,6 @@ def _padded(x: torch.Tensor, pad: bool = True) -> torch.Tensor:
     return torch.nn.functional.pad(x[None, None], (N_FFT // 2, N_FFT // 2), mode="reflect")[0, 0]
 
 
-@contextlib.contextmanager
-def _full_float32():
-    """TF32 off for the mel projection: a process that trains with TF32 matmuls (the trainer
-    sets it) would otherwise make LMS about 1e-3 off the paper's on the GPU."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
 @torch.no_grad()
 def lms_batch_16k(waves: list, device=None, *, pad: bool = True) -> list[np.ndarray]:
     """Mono 16-kHz waveforms (tensors or arrays) -> one float32 [1, 80, T] LMS each, one STFT batch.
@@ -216,7 +204,7 @@ def lms_batch_16k(waves: list, device=None, *, pad: bool = True) -> list[np.ndar
     padded = [_padded(w.to(device), pad) for w in waves]
     longest = max(p.numel() for p in padded)
     batch = torch.stack([torch.nn.functional.pad(p, (0, longest - p.numel())) for p in padded])
-    with _full_float32():
+    with full_float32():
         mel = _mel(device)(batch)  # [B, 80, frames of the longest]
     lms = torch.log(mel + EPS).cpu().numpy()
     return [np.ascontiguousarray(lms[i, None, :, : num_frames(w.numel(), pad=pad)], dtype=np.float32)

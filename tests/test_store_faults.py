@@ -60,27 +60,37 @@ def run_until_stopped(argv, env, proxy, cut_at: str):
     return rc, lines, "".join(err)
 
 
-def test_store_down_at_start_stops_resumably_and_a_malformed_bucket_is_bad_input(store, tmp_path):
+def test_store_down_at_start_stops_resumably_and_a_malformed_bucket_is_bad_input(store, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """`m2das train`'s main in this process (it fails before any training, on the real client and store)."""
+    from s3fs import S3FileSystem
+
+    from m2das import train
+
     fs, url, proxy, env = store
-    data = write_lms_folder(tmp_path / "data", n_files=12)
-    run_url = f"{url}/runs/down-at-start"
-    proxy.set("refuse")
-    r = run_m2das(*train_args(data, run_url), env=env)
-    assert r.returncode == EXIT_RESUMABLE, r.stdout + r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and run_url in lines[0] and "did not answer" in lines[0], r.stderr
-    proxy.set("pass")
-    assert not fs.exists(f"{run_url}/{runfolder.LOCK}")
-    bad = "s3://Bad_Bucket!/runs/x"
-    r = run_m2das(*train_args(data, bad), env=env)
-    assert r.returncode == EXIT_BAD_INPUT, r.stdout + r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and bad in lines[0] and "bucket name" in lines[0], r.stderr
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    S3FileSystem.clear_instance_cache()  # new clients, through the proxy
+    try:
+        data = write_lms_folder(tmp_path / "data", n_files=12)
+        run_url = f"{url}/runs/down-at-start"
+        proxy.set("refuse")
+        assert train.main([str(a) for a in train_args(data, run_url)[1:]]) == EXIT_RESUMABLE
+        said = capsys.readouterr().err.strip().splitlines()
+        assert len(said) == 1 and run_url in said[0] and "did not answer" in said[0], said
+        proxy.set("pass")
+        assert not fs.exists(f"{run_url}/{runfolder.LOCK}")
+        bad = "s3://Bad_Bucket!/runs/x"
+        assert train.main([str(a) for a in train_args(data, bad)[1:]]) == EXIT_BAD_INPUT
+        said = capsys.readouterr().err.strip().splitlines()
+        assert len(said) == 1 and bad in said[0] and "bucket name" in said[0], said
+    finally:
+        S3FileSystem.clear_instance_cache()
 
 
 def test_store_down_during_a_stop_save_uploads_it_once_back_and_releases_the_lock(store, tmp_path):
     fs, url, proxy, env = store
-    data = write_lms_folder(tmp_path / "data", n_files=16)
+    data = write_lms_folder(tmp_path / "data", n_files=12)
     run_url = f"{url}/runs/stop-save"
     rc, lines, err = run_until_stopped(train_args(data, run_url), {**env, "M2DAS_TEST_SIGTERM_AT_STEP": "3"},
                                        proxy, cut_at="step 2/")
@@ -102,7 +112,7 @@ def test_store_down_while_reading_packed_crops_stops_resumably_naming_the_data(s
     from m2das.data.pack import pack
 
     fs, url, proxy, env = store
-    data = write_lms_folder(tmp_path / "data", n_files=24)
+    data = write_lms_folder(tmp_path / "data", n_files=12)
     pack(data, shard_size=100_000, workers=1)
     data_url, run_url = f"{url}/data/packed", f"{url}/runs/reading"
     fs.put(str(data / "packed") + "/", data_url, recursive=True)
@@ -157,3 +167,25 @@ def test_status_and_export_of_an_unreachable_bucket_are_resumable_and_leave_no_c
     _, err = export.communicate(timeout=120)
     assert export.returncode == EXIT_RESUMABLE and len(err.strip().splitlines()) == 1 and run_url in err, err
     assert not list(reads.glob("m2das-read-*")), list(reads.iterdir())
+
+
+def test_a_store_error_a_dataloader_worker_could_not_rebuild_is_still_a_resumable_stop():
+    import torch
+    from botocore.exceptions import EndpointConnectionError
+
+    from m2das import storeerrors
+
+    class Unreachable(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9/bkt/data/packed/shard-00000.bin")
+
+    with pytest.raises(Exception) as caught:
+        next(iter(torch.utils.data.DataLoader(Unreachable(), num_workers=1)))
+    assert not isinstance(caught.value, EndpointConnectionError)  # the worker's text in another type
+    failure = storeerrors.store_failure(caught.value, "s3://bkt/data/packed")
+    assert isinstance(failure, storeerrors.StoreUnavailable), caught.value
+    assert str(failure).startswith("s3://bkt/data/packed: the object store did not answer (botocore.exceptions."
+                                   "EndpointConnectionError: Could not connect to the endpoint URL"), failure

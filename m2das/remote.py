@@ -109,9 +109,9 @@ class _StoreFS:
             return attr
 
         def call(*args, **kwargs):
-            url = "the object store"
-            if args and isinstance(args[0], str):
-                url = self._fs.unstrip_protocol(args[0]) if hasattr(self._fs, "unstrip_protocol") else args[0]
+            url, remote_args = "the object store", args[1:2] if name in ("put_file", "put") else args[:1]
+            if remote_args and isinstance(remote_args[0], str):  # put_file(local, remote): name the object
+                url = self._fs.unstrip_protocol(remote_args[0])
             with store_errors(url, keep=(FileNotFoundError, FileExistsError)):
                 return attr(*args, **kwargs)
         return call

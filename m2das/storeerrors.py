@@ -87,6 +87,7 @@ def _detail(e: BaseException) -> str:
     text = lines[-1] if _worker_origin(e) else " ".join(lines)
     if not _worker_origin(e):
         text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    text = re.sub(r":? [^:]* must match the regex .*", "", text)  # botocore's name rule: the hint says it
     return text if len(text) <= 300 else text[:297] + "..."
 
 

@@ -22,6 +22,6 @@ def test_help_lists_every_benchmark():
     listed = m2das("--help").stdout
     usage = m2das("bench", "--help").stdout
     names = usage.split("{", 1)[1].split("}", 1)[0].split(",")
-    assert len(names) == 4
+    assert "train" in names and "startup" in names
     for name in names:
         assert f"`bench {name}`" in listed, name

@@ -192,51 +192,6 @@ def train_main(argv) -> int:
     return 0
 
 
-def checkpoint_main(argv) -> int:
-    """What the integrity check costs: load a full-state checkpoint with and without the CRC32 pass."""
-    import tempfile
-
-    from m2das import ckptfile
-    from m2das.checkpoint import Checkpointer, Progress, RNGState, all_finite
-    from m2das.model import create_model
-    from m2das.train import build_optimizer
-
-    p = Parser(prog="m2das bench checkpoint", description=checkpoint_main.__doc__)
-    p.add_argument("--model", default="m2d_as_vit_base")
-    p.add_argument("--dir", default=None, help="folder to write the file in (default: a temporary folder)")
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
-    device = torch.device("cpu")
-    model = create_model(args.model, num_classes=527)
-    optimizer = build_optimizer(model, 1e-4, 0.05, device)
-    for group in optimizer.param_groups:  # the AdamW moments exist after the first step
-        for param in group["params"]:
-            optimizer.state[param] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(param),
-                                      "exp_avg_sq": torch.zeros_like(param)}
-    ckpt = Checkpointer(".", {"model": model, "optimizer": optimizer, "rng": RNGState(device), "progress": Progress()},
-                        {"args": {}}, rank=0, epochs=1, save_freq=1, interval_s=0, log=print)
-    print(f"machine: {describe(device)}")
-    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
-        path = Path(folder) / "last.pth"
-        t0 = time.perf_counter()
-        ckptfile.save_file(ckpt.state_dict(), path)
-        save_s = time.perf_counter() - t0
-        size = path.stat().st_size
-        timings = {"finite check": [], "CRC32 check": [], "torch.load": []}
-        for _ in range(args.repeats):  # warm page cache: the check's own cost, not the disk's
-            for name, fn in (("finite check", lambda: all_finite(ckpt.tensors())),
-                             ("CRC32 check", lambda: ckptfile.verify_integrity(path)),
-                             ("torch.load", lambda: torch.load(path, map_location="cpu"))):
-                t0 = time.perf_counter()
-                fn()
-                timings[name].append(time.perf_counter() - t0)
-    print(f"{args.model} full state: {size / 1e9:.2f} GB, saved in {save_s:.1f} s")
-    for name, values in timings.items():
-        best = min(values)
-        print(f"  {name:<13} {best:.2f} s ({size / 1e9 / best:.2f} GB/s, best of {args.repeats})")
-    return 0
-
-
 TARGET_MFU = 0.45  # the share of the dense bf16 peak a tuned GPU step reaches: what the projections assume
 
 
@@ -468,10 +423,12 @@ def prepare_main(argv=None) -> int:
 
 def _benches() -> dict:
     """Each benchmark's entry point, by the word that names it on the command line."""
+    from m2das.tools import bench_checkpoint
     from m2das.tools import bench_monitor, bench_remote
     from m2das.tools import bench_startup
 
-    return {"train": train_main, "prepare": prepare_main, "checkpoint": checkpoint_main, "data": data_main,
+    return {"train": train_main, "prepare": prepare_main, "checkpoint": bench_checkpoint.checkpoint_main,
+            "data": data_main,
             "data-remote": bench_remote.main, "monitor": bench_monitor.main,
             "startup": bench_startup.main}
 

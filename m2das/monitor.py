@@ -32,6 +32,18 @@ CACHE_BYTES = 8 << 30
 METRIC_KEYS = ("monitor_map", "monitor_rankme", "monitor_knn_acc", "monitor_seconds", "monitor_clips")
 
 
+def cache_limit() -> int:
+    """CACHE_BYTES, or a quarter of the memory available now when that is less (a small machine
+    reads the files at every check instead of swapping)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return min(CACHE_BYTES, int(line.split()[1]) * 1024 // 4)
+    except (OSError, ValueError, IndexError):
+        pass
+    return CACHE_BYTES
+
+
 def add_monitor_flags(add) -> None:
     """The trainer's two monitor flags; `add` is argparse's add_argument (or a wrapper of it)."""
     add("--monitor_every", type=int, default=0,
@@ -74,7 +86,7 @@ class Monitor:
     embeddings are gathered so every rank can find neighbours for its own
     share, and rank 0 gets the metrics (other ranks get an empty dict). All
     metrics are computed on the device. A rank keeps its crops in memory
-    after the first check (up to CACHE_BYTES). `run` leaves the model's mode
+    after the first check (up to cache_limit()). `run` leaves the model's mode
     and every random state as it found them.
     """
 
@@ -135,14 +147,14 @@ class Monitor:
         return _Loader(CentreCrops(self.samples, ids, self.frames), **kwargs)
 
     def _batches(self, ids):
-        """The crops of `ids` in batches: read the first time, then from memory when they fit in CACHE_BYTES.
+        """The crops of `ids` in batches: read the first time, then from memory when they fit (cache_limit).
 
         The list and the crops are fixed for the run, so later checks need not read the files again.
         """
         if self._kept is not None:
             yield from self._kept
             return
-        keep = len(ids) * self.freq_bins * self.frames * 4 <= CACHE_BYTES
+        keep = len(ids) * self.freq_bins * self.frames * 4 <= cache_limit()
         kept = []
         for x in self.loader(ids):
             if keep:

@@ -61,10 +61,10 @@ def _ssl_context(fs):
 class _Connection:
     """One HTTP/1.1 connection, reopened when the store has closed it; replies need a Content-Length."""
 
-    def __init__(self, scheme: str, netloc: str, context):
+    def __init__(self, scheme: str, netloc: str, context, owner):
         parts = urllib.parse.urlsplit(f"{scheme}://{netloc}")
         self.address = (parts.hostname, parts.port or (443 if scheme == "https" else 80))
-        self.netloc, self.context, self.sock = netloc, context, None
+        self.netloc, self.context, self.owner, self.sock = netloc, context, owner, None
 
     def close(self):
         if self.sock is not None:
@@ -73,6 +73,7 @@ class _Connection:
 
     def _open(self):
         sock = socket.create_connection(self.address, timeout=TIMEOUT_S)
+        self.owner.opened += 1
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = self.context.wrap_socket(sock, server_hostname=self.address[0]) if self.context else sock
 
@@ -129,7 +130,7 @@ class PresignedRanges:
 
     def __init__(self, fs, where: str):
         self.fs, self.where = fs, where
-        self.requests = 0  # range requests this path has answered
+        self.requests, self.opened = 0, 0  # range requests this path has answered, connections it opened
         self.failures, self.fell_back, self.off = 0, 0, False
         self._urls = {}  # object path -> (signed at, scheme, netloc, path?query)
         self._local = threading.local()
@@ -152,7 +153,8 @@ class PresignedRanges:
         if conn is None:
             if scheme == "https" and self._ssl is None:
                 self._ssl = _ssl_context(self.fs)
-            conn = conns[(scheme, netloc)] = _Connection(scheme, netloc, self._ssl if scheme == "https" else None)
+            conn = conns[(scheme, netloc)] = _Connection(scheme, netloc, self._ssl if scheme == "https" else None,
+                                                         self)
         return conn
 
     def _get(self, request: tuple) -> bytearray:

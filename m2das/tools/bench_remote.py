@@ -27,15 +27,10 @@ BUCKET = "m2das-bench"
 
 
 @contextlib.contextmanager
-def local_s3(log_path: Path):
-    """moto's S3 server on a free port of 127.0.0.1, this process's environment pointing at it; stopped by pid."""
-    port = free_port()
-    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+def serving(command: list, port: int, log_path: Path):
+    """A server process started with `command`, once it accepts connections on 127.0.0.1:port; stopped by pid."""
     with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=log, stderr=subprocess.STDOUT)
-        old = {k: os.environ.get(k) for k in env}
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 60
             while True:
@@ -43,18 +38,68 @@ def local_s3(log_path: Path):
                     if s.connect_ex(("127.0.0.1", port)) == 0:
                         break
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto's server did not start (pip install 'moto[server]'); see {log_path}")
+                    raise RuntimeError(f"{command[2]} did not start (pip install 'moto[server]'); see {log_path}")
                 time.sleep(0.1)
-            os.environ.update(env)
-            yield
+            yield f"http://127.0.0.1:{port}"
         finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
             server.terminate()
             server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def s3_environment(endpoint: str):
+    """This process's S3 credentials and endpoint (what s3fs and boto read) while the block runs."""
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def keepalive_front(port: int, upstream_port: int) -> None:
+    """Serve 127.0.0.1:port with HTTP/1.1 connections that stay open, each request forwarded to the server on
+    upstream_port: moto's server closes every connection after one reply, S3 keeps them open."""
+    import http.client
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hop_by_hop = {"connection", "keep-alive", "transfer-encoding", "server", "date"}
+
+    class Forward(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def forward(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+            upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            for name, value in self.headers.items():
+                upstream.putheader(name, value)
+            upstream.endheaders(body or None)
+            reply = upstream.getresponse()
+            data = reply.read()
+            upstream.close()
+            self.send_response(reply.status, reply.reason)
+            for name, value in reply.getheaders():
+                if name.lower() not in hop_by_hop and (name.lower() != "content-length" or self.command == "HEAD"):
+                    self.send_header(name, value)
+            if self.command != "HEAD":
+                self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = forward
+
+    ThreadingHTTPServer(("127.0.0.1", port), Forward).serve_forever()
 
 
 def cpu_seconds() -> float:
@@ -97,40 +142,48 @@ def main(argv=None) -> int:
         out = Path(tmp) / "packed"
         pack(data, out, shard_size=64 << 20, dtype="float32")
         shards = sorted(out.glob("shard-*.bin"))
-        with local_s3(Path(tmp) / "moto.log"):
+        order = np.random.default_rng(1).permutation(args.files)
+        keys = [(0, position, int(i)) for position, i in enumerate(order)]
+        moto_port, front_port = free_port(), free_port()
+        moto = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)]
+        front = [sys.executable, "-c", f"from m2das.tools.bench_remote import keepalive_front; "
+                 f"keepalive_front({front_port}, {moto_port})"]
+        with serving(moto, moto_port, Path(tmp) / "moto.log") as moto_url, \
+                serving(front, front_port, Path(tmp) / "front.log") as front_url:
             import fsspec
 
-            fs = fsspec.filesystem("s3")
-            fs.mkdir(BUCKET)
-            fs.put(str(out) + "/", f"{BUCKET}/packed", recursive=True)
             local = make_dataset(read_samples(out, None), args.crop, 0)
-            before = make_dataset(read_samples(f"s3://{BUCKET}/packed", None), args.crop, 0)
-            before.reader = ShardReader(before.samples.root, presigned=False)
-            now = make_dataset(read_samples(f"s3://{BUCKET}/packed", None), args.crop, 0)
             variants = {"local disk, cold cache": (local, lambda: drop_from_cache(shards)),
-                        "local disk, warm cache": (local, None),
-                        "s3 via s3fs (before)": (before, None),
-                        "s3 via presigned URLs (now)": (now, None)}
-            order = np.random.default_rng(1).permutation(args.files)
-            keys = [(0, position, int(i)) for position, i in enumerate(order)]
-            for dataset, _ in variants.values():  # connections, presigned URLs, s3fs's loop: set up once
-                dataset.__getitems__(keys[:args.batch])
+                        "local disk, warm cache": (local, None)}
+            for endpoint, where in ((moto_url, "moto"), (front_url, "moto behind a kept-alive front")):
+                with s3_environment(endpoint):
+                    fsspec.get_filesystem_class("s3").clear_instance_cache()  # a reader keeps the one it opened
+                    fs = fsspec.filesystem("s3")
+                    if endpoint == moto_url:
+                        fs.mkdir(BUCKET)
+                        fs.put(str(out) + "/", f"{BUCKET}/packed", recursive=True)
+                    for label, presigned in (("s3fs (before)", False), ("presigned (now)", True)):
+                        dataset = make_dataset(read_samples(f"s3://{BUCKET}/packed", None), args.crop, 0)
+                        dataset.reader = ShardReader(dataset.samples.root, presigned=presigned)
+                        dataset.__getitems__(keys[:args.batch])  # connections, URLs, s3fs's loop: set up once
+                        variants[f"{label}, {where}"] = (dataset, None)
             runs = {name: [] for name in variants}
             for r in range(args.repeats):
                 for name, (dataset, setup) in variants.items():
                     runs[name].append(one_pass(dataset, keys, args.batch, setup))
-            ranges = now.reader.ranges
+            fell_back = sum(d.reader.ranges.fell_back for d, _ in variants.values() if d.reader.ranges is not None)
     base = statistics.median(r["cpu_ms"] for r in runs["local disk, cold cache"])
     print(f"{args.files} clips [1, 80, 1001] float32 packed in {len(shards)} shard(s); one random {args.crop}-frame "
           f"crop of each ({80 * args.crop * 4 / 1e3:.0f} KB) per pass, batches of {args.batch}, {args.repeats} "
-          f"passes per variant; S3 = moto on 127.0.0.1 (another process: its CPU is not counted)")
-    print(f"{'variant':<30}{'CPU ms/sample':>14}{'(range)':>16}{'x local cold':>14}{'wall samples/s':>16}")
+          f"passes per variant; S3 = moto on 127.0.0.1, straight or behind a front that keeps connections open "
+          f"(other processes: their CPU is not counted)")
+    width = max(map(len, runs)) + 2
+    print(f"{'variant':<{width}}{'CPU ms/sample':>14}{'(range)':>16}{'x local cold':>14}{'wall samples/s':>16}")
     for name, rs in runs.items():
         cpu = [r["cpu_ms"] for r in rs]
         wall = statistics.median(1e3 / r["wall_ms"] for r in rs)
-        print(f"{name:<30}{statistics.median(cpu):>14.3f}{f'{min(cpu):.3f}-{max(cpu):.3f}':>16}"
+        print(f"{name:<{width}}{statistics.median(cpu):>14.3f}{f'{min(cpu):.3f}-{max(cpu):.3f}':>16}"
               f"{statistics.median(cpu) / base:>14.2f}{wall:>16.0f}")
-    print(f"presigned path: {ranges.requests} range requests answered, {ranges.fell_back} batch(es) read through "
-          f"s3fs instead" if ranges is not None else "presigned path: not available for this filesystem")
-    print("wall samples/s over S3 are moto's (one Python process serving every request), not the client's")
+    print(f"presigned reads that fell back to s3fs: {fell_back} batch(es); wall samples/s over S3 are moto's "
+          f"(one Python process serving every request), not the client's")
     return 0

@@ -189,7 +189,8 @@ def main(argv=None) -> int:
     p = Parser(prog="m2das embed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Files that cannot be read are skipped and listed (file,error) in "
-                                       "OUT_failures.csv; exit 0 with a warning when some failed, 2 when all did.")
+                                       "OUT_failures.csv; exit 0 with a warning when some failed, 2 when all did. A file "
+                                       "holding NaN/inf stops the run (exit 2): its embedding would be NaN.")
     p.add_argument("audio_dir", metavar="AUDIO_DIR", help="folder of audio files or LMS .npy files (searched recursively)")
     p.add_argument("out", metavar="OUT.npz", help="writes files (relative names), embeddings [N, D] and frames "
                    "[N] (time frames averaged into each embedding)")

@@ -234,3 +234,21 @@ def test_two_gloo_ranks_share_the_clips_and_rank_0_gets_the_single_process_numbe
     assert single["monitor_clips"] == sharded[0]["monitor_clips"] == 25
     for key in ("monitor_map", "monitor_rankme", "monitor_knn_acc"):
         assert sharded[0][key] == pytest.approx(single[key], rel=1e-5), key
+
+
+def test_bench_monitor_times_before_and_after_in_one_run(tmp_path, capsys):
+    """`m2das bench monitor` on a few real files: both ways, the same values, and the 4-GPU projection."""
+    from m2das.tools import bench_monitor
+
+    assert bench_monitor.main(["--clips", "40", "--frames", "230", "--dim", "48", "--workers", "1",
+                               "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "cold: before (one at a time, this process)" in out and "after (1 workers)" in out
+    assert "  before: " in out and "after, first check:" in out and "after, later checks:" in out
+    values = out.split("values before / after: ", 1)[1].splitlines()[0]
+    for part in values.split(", "):
+        name, before, _, after = part.split()
+        assert float(before) == pytest.approx(float(after), rel=1e-6), part
+    assert "metrics at D = 48" in out and "projection: one check of 40 clips on 4 GPUs" in out
+    assert "% of wall time" in out and "ViT-B 34.0 GFLOP/clip" in out
+    assert not list(tmp_path.iterdir()), "the benchmark cleans up its files"

@@ -102,9 +102,11 @@ def vit_b_forward_flops(input_size) -> float:
 
     from m2das.model import create_model, encode_tokens
 
-    model = create_model("m2d_as_vit_base", input_size=input_size, num_classes=AUDIOSET_CLASSES).eval()
+    with torch.device("meta"):  # shapes only: nothing is allocated or computed
+        model = create_model("m2d_as_vit_base", input_size=input_size, num_classes=AUDIOSET_CLASSES).eval()
+        x = torch.zeros(1, 1, *input_size)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.offline_logits(encode_tokens(model, torch.zeros(1, 1, *input_size), model.grid[0]))
+        model.offline_logits(encode_tokens(model, x, model.grid[0]))
     return float(counter.get_total_flops())
 
 

@@ -207,7 +207,8 @@ def sharded_rank(rank: int, port: int, data: str, results) -> None:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
         cfg = {"monitor_every": 1, "monitor_list": None, "data_path": data, "input_size": [80, 208]}
-        results.put((rank, Monitor(cfg, CLASSES, torch.device("cpu"), rank, 2, knn_k=3, workers=0).run(tiny_model(), 1)))
+        mon = Monitor(cfg, CLASSES, torch.device("cpu"), rank, 2, knn_k=3, workers=0)
+        results.put((rank, mon.run(tiny_model(), 1)))
         dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001 - the parent shows it
         results.put((rank, repr(e)))

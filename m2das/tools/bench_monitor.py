@@ -10,7 +10,6 @@ Then the check is projected onto 4 GPUs from the parts measured here, the
 GPU rates stated, and compared with a 4-GPU AudioSet epoch.
 """
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -18,12 +17,14 @@ from pathlib import Path
 from m2das.cliargs import Parser
 from m2das.config import size_pair
 from m2das.datafolder import EVAL_LIST
+from m2das.tools.bench import DENSE_BF16_PEAK_TFLOPS, TARGET_MFU, gpu_samples_per_s
 
 AUDIOSET_CLASSES = 527
 VIT_B_ROWS_DIM = 5 * 768  # the monitor's clip embedding: one 768-d token per frequency row, concatenated
-# The H100/H200 datasheet rates the projection uses (dense, TFLOP/s) and the share of them assumed reached.
-FP32_PEAK, FP64_TENSOR_PEAK, BF16_PEAK, MFU = 67.0, 67.0, 989.4, 0.45
-EPOCH_S = 96.0  # an AudioSet epoch on 4 GPUs at 45% MFU (docs/performance.md)
+# H100 SXM datasheet rates (dense, TFLOP/s) of the metric parts; bf16 and the MFU come from bench.
+FP32_PEAK, FP64_TENSOR_PEAK = 67.0, 67.0
+BF16_PEAK, MFU = DENSE_BF16_PEAK_TFLOPS["H100 SXM"], TARGET_MFU
+AUDIOSET_TRAIN_CLIPS = 2_000_000  # about; an epoch of them at gpu_samples_per_s() on each GPU is ~96 s on 4
 
 
 def write_clips(folder: Path, n: int, frames: int, classes: int, seed: int = 0) -> Path:
@@ -34,7 +35,8 @@ def write_clips(folder: Path, n: int, frames: int, classes: int, seed: int = 0) 
     (folder / "eval_lms").mkdir(parents=True)
     rows = ["file_name,label"]
     for i in range(n):
-        np.save(folder / "eval_lms" / f"e{i:05d}.npy", (rng.standard_normal((1, 80, frames)) * 4 - 7).astype(np.float32))
+        lms = (rng.standard_normal((1, 80, frames)) * 4 - 7).astype(np.float32)
+        np.save(folder / "eval_lms" / f"e{i:05d}.npy", lms)
         labels = rng.choice(classes, size=int(rng.integers(1, 4)), replace=False)
         rows.append(f'eval_lms/e{i:05d}.npy,"{",".join(f"/m/{c}" for c in labels)}"')
     (folder / EVAL_LIST).write_text("\n".join(rows) + "\n")
@@ -165,8 +167,11 @@ def main(argv=None) -> int:
                    help="assumed seconds of a 3840x3840 float64 eigvalsh on one GPU (default 0.3; measured "
                         "instead when this run has a GPU)")
     p.add_argument("--gather_gbs", type=float, default=100.0, help="assumed all-gather bus rate, GB/s (default 100)")
-    p.add_argument("--epoch_s", type=float, default=EPOCH_S, help=f"4-GPU epoch seconds (default {EPOCH_S})")
+    p.add_argument("--epoch_s", type=float, default=None,
+                   help="seconds of the epoch the check is compared with (default: ~2 million AudioSet clips at "
+                        "bench's GPU rate per GPU, ~96 s on 4 GPUs)")
     args = p.parse_args(argv)
+    args.epoch_s = args.epoch_s or AUDIOSET_TRAIN_CLIPS / (args.gpus * gpu_samples_per_s())
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     workers = usable_cores() if args.workers is None else args.workers

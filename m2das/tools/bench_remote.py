@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--files", type=int, default=400, help="synthetic clips [1, 80, 1001] (default 400)")
     p.add_argument("--crop", type=int, default=608, help="frames per crop (default 608, the paper's)")
     p.add_argument("--batch", type=int, default=64, help="samples per __getitems__ call (default 64)")
-    p.add_argument("--repeats", type=int, default=5, help="passes per variant (default 5)")
+    p.add_argument("--repeats", type=int, default=3, help="passes per variant (default 3)")
     p.add_argument("--dir", default=".", help="folder on the disk to measure (default: the current one)")
     args = p.parse_args(argv)
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"

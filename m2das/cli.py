@@ -58,10 +58,15 @@ def main(argv=None) -> int:
         print(f"m2das: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     if name == "train":
-        from m2das import config
+        from m2das import config, runfolder
         from m2das.signals import hold_early
 
         config.parse_args(rest)  # --help and flag errors answer before torch is imported
+        try:
+            runfolder.lock_timing()  # so do unsafe run-lock settings (M2DAS_LOCK_STALE_S, ...)
+        except runfolder.LockSettingError as e:
+            print(f"m2das train: error: {e}", file=sys.stderr)
+            return runfolder.EXIT_BAD_INPUT
         hold_early()  # a stop signal during the seconds torch takes to import is held, not fatal
     module = importlib.import_module(COMMANDS[name][0])
     if name == "bench" and not rest:  # a benchmark must be named: usage on stderr, exit 2

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import REPO, TINY_TRAIN, m2das_cmd, run_m2das, write_lms_folder
 from m2das import remote, runfolder
+from m2das.datafolder import RECIPE_FILE
 from m2das.runfolder import EXIT_BAD_INPUT, EXIT_RESUMABLE
 from storeproxy import StoreProxy
 
@@ -102,7 +103,7 @@ def test_store_down_during_a_stop_save_uploads_it_once_back_and_releases_the_loc
     # The store came back while the trainer waited: the stop save, the logs, and no lock.
     assert f"uploaded checkpoint last.pth (step 3) to {run_url}/objects/" in out, out
     assert json.loads(fs.cat_file(f"{run_url}/last.pth.json"))["step"] == 3
-    assert not fs.exists(f"{run_url}/{runfolder.LOCK}")
+    assert not fs.exists(f"{run_url}/{runfolder.LOCK}") and fs.exists(f"{run_url}/{RECIPE_FILE}")
     events = [json.loads(r)["event"] for r in fs.cat_file(f"{run_url}/{runfolder.RESTARTS}").decode().splitlines()]
     assert runfolder.EVENT_SAVE_FAILED in events, events  # recorded, then uploaded with the logs
     assert not any((tmp_path / "staging").iterdir()), list((tmp_path / "staging").iterdir())

@@ -116,7 +116,7 @@ def check_weights(weights: np.ndarray | None, where) -> None:
 
 VALIDATE_CHUNK = 256       # file headers one pool task checks
 VALIDATE_IN_FLIGHT = 4     # tasks queued per worker: bounds memory whatever the list's length
-PROGRESS_EVERY = 10_000    # files between two progress calls
+PROGRESS_EVERY = 10_000    # files between two progress calls at least; a twentieth of a longer list
 
 
 def check_files(root: Path, names, freq_bins: int) -> list:
@@ -143,6 +143,7 @@ def validate(samples: SampleList, csv_path, freq_bins: int, workers: int = 16, p
         count += 1
 
     total, limit = len(samples), workers * VALIDATE_IN_FLIGHT
+    every = max(PROGRESS_EVERY, total // 20)  # 2 million rows: 20 lines, not 200
     starts = range(0, total, VALIDATE_CHUNK)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = collections.deque()
@@ -155,7 +156,7 @@ def validate(samples: SampleList, csv_path, freq_bins: int, workers: int = 16, p
                 count += len(found)
                 shown.extend((samples.files[first + k], why) for k, why in found[:max(0, 5 - len(shown))])
                 done = min(first + VALIDATE_CHUNK, total)
-                if progress is not None and (done // PROGRESS_EVERY > first // PROGRESS_EVERY or done == total):
+                if progress is not None and (done // every > first // every or done == total):
                     progress(done, total)
     if count:
         names = "; ".join(f"{name}: {why}" for name, why in shown[:5])

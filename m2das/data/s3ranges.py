@@ -33,7 +33,7 @@ RESIGN_S = 300  # age at which it is signed again: refreshed credentials can exp
 TIMEOUT_S = 60  # seconds a connection waits for the store before the batch falls back to s3fs
 AUTH_REFUSED = (400, 401, 403)  # a signature the store no longer accepts: sign again, once
 FAILURES_IN_A_ROW = 3  # failed batches after which a process stops trying this path
-HEAD_MAX = 64 << 10  # bytes of status line and headers a reply may have
+HEAD_MAX = 16 << 10  # bytes of status line and headers a reply may have (S3's are well under 2 KB)
 
 
 class DirectReadFailed(Exception):
@@ -87,8 +87,8 @@ class _Connection:
             self.sock.sendall(request.encode("latin-1"))
             head = bytearray(HEAD_MAX)
             view, got = memoryview(head), 0
-            while (end := head.find(b"\r\n\r\n", 0, got)) < 0:
-                n = self.sock.recv_into(view[got:]) if got < HEAD_MAX else 0
+            while (end := head.find(b"\r\n\r\n", 0, got)) < 0 and got < HEAD_MAX:
+                n = self.sock.recv_into(view[got:])
                 if n == 0:
                     raise ConnectionResetError("the store closed the connection before a reply")
                 got += n
@@ -97,6 +97,9 @@ class _Connection:
             if reused:  # a kept-alive connection the store closed meanwhile: once more on a new one
                 return self.get(target, start, length)
             raise
+        if end < 0:
+            self.close()
+            raise DirectReadFailed(f"a reply whose headers exceed {HEAD_MAX} bytes")
         lines = bytes(head[:end]).decode("latin-1").split("\r\n")
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
         try:
@@ -108,8 +111,8 @@ class _Connection:
             self.close()
             raise DirectReadFailed(f"HTTP {status} chunked")
         body = bytearray(size)
-        surplus = min(got - end - 4, size)
-        body[:surplus] = head[end + 4:got]
+        surplus = min(got - end - 4, size)  # body bytes that came with the headers
+        body[:surplus] = head[end + 4:end + 4 + surplus]
         view, done = memoryview(body), surplus
         try:
             while done < len(body):
@@ -120,7 +123,8 @@ class _Connection:
         except OSError:
             self.close()
             raise
-        if headers.get("connection", "").lower() == "close" or lines[0].startswith("HTTP/1.0"):
+        if headers.get("connection", "").lower() == "close" or lines[0].startswith("HTTP/1.0") \
+                or got - end - 4 > size:  # more than the reply: the connection is out of step
             self.close()
         return status, body
 

@@ -17,6 +17,10 @@ node resumes from there:
 - The lock is an object created with a conditional PUT (create only if
   absent, which S3 and compatible servers honour), refreshed by a heartbeat
   and judged stale by the same rules as the local lock.
+- The store's failures come out as StoreUnavailable (it did not answer: a
+  resumable stop) or RemoteError (it refused: bad input), named by the object's
+  URL (m2das.storeerrors). A trainer that stops waits a while for the store to
+  answer again (close()), so a short outage leaves no lock and loses no save.
 
 Credentials come from each backend's usual environment variables and
 configuration files (for S3: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL,
@@ -24,6 +28,7 @@ configuration files (for S3: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL,
 """
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
@@ -71,9 +76,12 @@ def store_wait_s() -> float:
 
 def modified_time(entry: dict):
     """The modification time (epoch seconds) of a listing entry or info() answer, whatever the backend."""
-    when = entry.get("LastModified") or entry.get("mtime") or entry.get("created")
+    when = entry.get("LastModified") or entry.get("mtime") or entry.get("created") or entry.get("updated")
+    if isinstance(when, str):  # gcsfs and others: ISO 8601
+        with contextlib.suppress(ValueError):
+            when = datetime.datetime.fromisoformat(when.replace("Z", "+00:00"))
     if hasattr(when, "timestamp"):
-        return when.timestamp()
+        return (when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)).timestamp()
     with contextlib.suppress(TypeError, ValueError):
         return float(when)
     return None

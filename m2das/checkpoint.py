@@ -118,6 +118,20 @@ def all_finite(tensors) -> bool:
     return True
 
 
+def _finite_state(state: dict) -> bool:
+    """all_finite over every tensor of a (snapshot) state."""
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from tensors(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from tensors(v)
+    return all_finite(tensors(state))
+
+
 def to_cpu(obj):
     """Deep copy of a state with every tensor on the CPU, safe to write while training goes on."""
     if isinstance(obj, torch.Tensor):
@@ -172,14 +186,19 @@ class BackgroundWriter:
         self._thread = None
         self.error = None
         self.failed_path = None  # the file whose write raised `error`
+        self.refused_path = None  # the file not written because `check` refused its state
 
-    def submit(self, state: dict, path, then=None) -> None:
-        """Write `state` to `path`, then call `then(path, state)` (an upload), all off the training thread."""
+    def submit(self, state: dict, path, then=None, check=None) -> None:
+        """Write `state` to `path` unless `check(state)` is false, then call `then(path, state)` (an
+        upload), all off the training thread."""
         self.wait()
-        self._thread = threading.Thread(target=self._write, args=(state, path, then), daemon=True)
+        self._thread = threading.Thread(target=self._write, args=(state, path, then, check), daemon=True)
         self._thread.start()
 
-    def _write(self, state, path, then):
+    def _write(self, state, path, then, check):
+        if check is not None and not check(state):
+            self.refused_path = Path(path)
+            return
         try:
             save_file(state, path)
             if then is not None:
@@ -198,6 +217,9 @@ class BackgroundWriter:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
+
+
+_GOOD, _FAILED, _NON_FINITE = 0, 1, 2  # rank 0's verdict on its background writes, worst last (all-reduce MAX)
 
 
 # -- the manager -----------------------------------------------------------------------
@@ -221,7 +243,8 @@ class Checkpointer:
         self.rank, self.epochs, self.save_freq, self.interval_s = rank, epochs, save_freq, interval_s
         self.log, self.flag_group = log, flag_group
         self.writer, self.snapshot = BackgroundWriter(), Snapshot()
-        self.epoch_failure = None  # rank 0: why an epoch checkpoint written in the background failed
+        self.save_failure = None  # rank 0: why a save failed (an epoch checkpoint in the background, or this one)
+        self.diverged_at = None  # rank 0: the step of a snapshot the writer found non-finite (and did not write)
         self.last_save = time.monotonic()
 
     # what
@@ -353,15 +376,15 @@ class Checkpointer:
     def _epoch_due(self, epoch: int) -> bool:
         return epoch % self.save_freq == 0 or epoch == self.epochs
 
-    def _agree(self, stop_requested: bool, interval_due: bool, epoch_failed: bool = False):
+    def _agree(self, stop_requested: bool, interval_due: bool, background: int = _GOOD):
         """Every rank stops (or saves) at the same step: any rank's stop, rank 0's clock for saves and
-        rank 0's word on its background epoch checkpoint; one all-reduce."""
+        rank 0's verdict on its last background write; one all-reduce."""
         if not dist.is_initialized():
-            return stop_requested, interval_due, epoch_failed
+            return stop_requested, interval_due, background
         flags = torch.tensor([float(stop_requested), float(interval_due and self.rank == 0),
-                              float(epoch_failed and self.rank == 0)])
+                              float(background if self.rank == 0 else _GOOD)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.flag_group)
-        return bool(flags[0]), bool(flags[1]), bool(flags[2])
+        return bool(flags[0]), bool(flags[1]), int(flags[2])
 
     def diverged(self, *watched) -> Outcome | None:
         """The one divergence check: the watched tensors (the loss sums) and every weight and optimizer
@@ -374,25 +397,24 @@ class Checkpointer:
         """Save whatever is due after an optimizer step. `stop` names this rank's stop request
         ("SIGTERM", "Ctrl-C (SIGINT)") or is None. Returns None to go on, or the Outcome that ends the run.
 
-        The last save before exit (a stop's, the final epoch's) is written here; any other is a snapshot
-        here and a write in the background, and an epoch checkpoint that failed there ends the run."""
-        stopping, interval, epoch_failed = self._agree(stop is not None,
-                                                       time.monotonic() - self.last_save >= self.interval_s,
-                                                       self._background_epoch_failed())
-        if epoch_failed:
-            return self._save_failed(self._from_rank0(self.epoch_failure))
+        The last save before exit (a stop's, the final epoch's) is checked and written here. Any other
+        is only a snapshot here: the writer thread checks it is finite, then writes it; a snapshot found
+        non-finite there (never written) or an epoch checkpoint that failed there ends the run at the
+        next step boundary."""
+        stopping, interval, background = self._agree(stop is not None,
+                                                     time.monotonic() - self.last_save >= self.interval_s,
+                                                     self._background_verdict())
+        if background != _GOOD:
+            return self._background_outcome(background)
         epoch_due = epoch_ended and self._epoch_due(self.progress.epoch)
         if not (stopping or interval or epoch_due):
             return None
-        outcome = self.diverged()
-        if outcome is not None:
-            return outcome
         epoch_path = self.run_dir / runfolder.epoch_checkpoint_name(self.progress.epoch)
         if stopping or (epoch_due and self.progress.epoch >= self.epochs):
             path = epoch_path if epoch_due else self.run_dir / runfolder.LAST
-            error = self._save_now(path)
-            if error is not None:
-                return self._save_failed(error)
+            outcome = self.diverged() or self._save_now(path)
+            if outcome is not None:
+                return outcome
             if epoch_due:
                 self.log(f"saved {path}")
                 self._drop_old_epochs()
@@ -406,6 +428,12 @@ class Checkpointer:
                                      self._epoch_written if epoch_due else self._published)
         self.last_save = time.monotonic()
         return None
+
+    def _background_outcome(self, verdict: int) -> Outcome:
+        """The end of the run that rank 0's background writer decided, on every rank."""
+        if verdict == _NON_FINITE:
+            return Outcome(runfolder.EVENT_DIVERGED, EXIT_DIVERGED, self._diverged_message())
+        return self._save_failed(self._from_rank0(self.save_failure))
 
     @staticmethod
     def _save_failed(error: str) -> Outcome:
@@ -421,28 +449,32 @@ class Checkpointer:
             value = box[0]
         return value
 
-    def _save_now(self, path: Path):
-        """A synchronous save on rank 0 that every rank waits for; the error line, if any, on every rank.
-        An epoch checkpoint that failed in the background is the error: nothing newer is saved, so the
-        resumed run passes that epoch's end again and writes it."""
-        error = None
+    def _save_now(self, path: Path) -> Outcome | None:
+        """A synchronous save on rank 0 that every rank waits for. Returns None, or on every rank the
+        Outcome that ends the run instead: this save's failure, or rank 0's verdict on its last
+        background write (an epoch checkpoint that failed there is this save's failure: nothing newer
+        is saved, so the resumed run passes that epoch's end again and writes it)."""
+        verdict = _GOOD
         if self.rank == 0:
-            error = self._collect_background()
-            if error is None:
+            self._collect_background()
+            verdict = self._background_verdict()
+            if verdict == _GOOD:
                 try:
                     state = self.state_dict()
                     save_file(state, path)
                     self._published(path, state)
                 except SaveFailed as e:
-                    error = str(e)
-                    events.record(self.run_dir, runfolder.EVENT_SAVE_FAILED, file=path.name, message=error)
-        return self._from_rank0(error)
+                    self.save_failure, verdict = str(e), _FAILED
+                    events.record(self.run_dir, runfolder.EVENT_SAVE_FAILED, file=path.name, message=str(e))
+        verdict = self._from_rank0(verdict)
+        return None if verdict == _GOOD else self._background_outcome(verdict)
 
     def _save_in_background(self, path: Path, then) -> None:
         """Snapshot now (the only part on the training step), write, fsync and rename in the writer."""
-        if self._collect_background() is not None:
-            return  # an epoch checkpoint failed: the next step boundary ends the run instead
-        self.writer.submit(self.snapshot.take(self.state_dict()), path, then)
+        self._collect_background()
+        if self._background_verdict() != _GOOD:
+            return  # the next step boundary ends the run instead
+        self.writer.submit(self.snapshot.take(self.state_dict()), path, then, check=_finite_state)
 
     def _epoch_written(self, path: Path, state: dict) -> None:
         """After an epoch checkpoint is complete on disk (in the writer's thread)."""
@@ -450,25 +482,28 @@ class Checkpointer:
         self.log(f"saved {path}")
         self._drop_old_epochs()
 
-    def _background_epoch_failed(self) -> bool:
-        """Rank 0, without waiting: has an epoch checkpoint failed in the background?"""
-        if self.rank == 0 and self.epoch_failure is None and not self.writer.busy():
+    def _background_verdict(self) -> int:
+        """Rank 0, without waiting for a write in flight: _GOOD, _FAILED (an epoch checkpoint could not be
+        written) or _NON_FINITE (a snapshot was found non-finite and not written)."""
+        if self.rank == 0 and not self.writer.busy():
             self._collect_background()
-        return self.epoch_failure is not None
+        return _NON_FINITE if self.diverged_at is not None else _FAILED if self.save_failure is not None else _GOOD
 
     def _collect_background(self):
         """Wait for the write in flight. A failed interval save is a warning (training goes on, the next
-        interval retries); a failed epoch checkpoint is kept in `epoch_failure` and returned."""
+        interval retries); a failed epoch checkpoint is kept in `save_failure`."""
         try:
             self.writer.wait()
         except SaveFailed as e:
             name = self.writer.failed_path.name
+            self.writer.failed_path = None
             events.record(self.run_dir, runfolder.EVENT_SAVE_FAILED, file=name, message=str(e))
             if name == runfolder.LAST:
                 self.log(f"warning: interval save failed, training goes on and retries at the next interval: {e}")
             else:
-                self.epoch_failure = str(e)
-        return self.epoch_failure
+                self.save_failure = str(e)
+        if self.writer.refused_path is not None and self.diverged_at is None:
+            self.diverged_at, self.writer.refused_path = self.progress.step, None
 
     def _drop_old_epochs(self) -> None:
         """--keep_epochs N: rank 0 deletes local epoch checkpoints older than the newest N, once the

@@ -352,6 +352,27 @@ def test_an_epoch_checkpoint_that_fails_in_the_background_stops_the_run_saving_n
     assert [r["file"] for r in rows] == [blocker.name]
 
 
+@pytest.mark.parametrize("then", ["next step", "stop"])
+def test_a_non_finite_snapshot_is_never_written_and_ends_the_run_as_diverged(tmp_path, then):
+    """The writer, not the step, checks a background save's snapshot; the next step boundary ends the run."""
+    ckpt = make_checkpointer(tmp_path, 1.0, step=4)
+    ckpt.progress.epoch = 1
+    with torch.no_grad():
+        ckpt.states["model"].weight[1, 2] = float("nan")
+    assert ckpt.step_boundary(None, epoch_ended=True) is None
+    with torch.no_grad():
+        ckpt.states["model"].weight.fill_(1.0)  # the live state is finite again: the writer's verdict decides
+    if then == "next step":
+        while ckpt.writer.busy():
+            time.sleep(0.01)
+        outcome = ckpt.step_boundary(None, epoch_ended=False)
+    else:
+        outcome = ckpt.step_boundary("SIGTERM", epoch_ended=False)
+    assert (outcome.event, outcome.exit_code) == (runfolder.EVENT_DIVERGED, EXIT_DIVERGED)
+    assert "no checkpoint was saved yet" in outcome.message
+    assert not list(tmp_path.glob("*.pth")) and not list(tmp_path.glob(".*.tmp"))
+
+
 RANK = """
 import json, os, sys
 from pathlib import Path

@@ -5,9 +5,9 @@ In one run, on one full state (model, AdamW moments, RNG; ViT-B by default), int
 - bare torch.save: the reference's save (no fsync, no check), the stall to beat;
 - synchronous save (before): the finiteness check as it was (max |x| per tensor) and the atomic,
   fsynced write, all on the step, as every epoch checkpoint was written;
-- background save, in-loop stall: what `step_boundary` takes for an epoch checkpoint now (finiteness
-  check and a snapshot into buffers kept from the previous save); the write, fsync and rename that
-  follow in the writer thread are timed apart;
+- background save, in-loop stall: what `step_boundary` takes for an epoch checkpoint now (a snapshot
+  into buffers kept from the previous save); the finiteness check, write, fsync and rename that follow
+  in the writer thread are timed apart;
 - stop's save: the one save still written on the step, since the process exits after it;
 - the finiteness check, the CRC32 check (before: zipfile.testzip on every rank; now: threads over a
   memory map, on rank 0 only) and a bare torch.load, from page cache.

@@ -250,6 +250,7 @@ def test_bench_monitor_times_before_and_after_in_one_run(tmp_path, capsys):
     for part in values.split(", "):
         name, before, _, after = part.split()
         assert float(before) == pytest.approx(float(after), rel=1e-6), part
+    assert "the floor: encoding and the kNN product are" in out
     assert "metrics at D = 48" in out and "projection: one check of 40 clips on 4 GPUs" in out
     assert "% of wall time" in out and "ViT-B 34.0 GFLOP/clip" in out
     assert not list(tmp_path.iterdir()), "the benchmark cleans up its files"

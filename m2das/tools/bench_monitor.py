@@ -17,7 +17,8 @@ from pathlib import Path
 from m2das.cliargs import Parser
 from m2das.config import size_pair
 from m2das.datafolder import EVAL_LIST
-from m2das.tools.bench import DENSE_BF16_PEAK_TFLOPS, TARGET_MFU, gpu_samples_per_s
+from m2das.tools.bench import (DENSE_BF16_PEAK_TFLOPS, TARGET_MFU, flop_rate, gpu_samples_per_s,
+                               measured_matmul_tflops)
 
 AUDIOSET_CLASSES = 527
 VIT_B_ROWS_DIM = 5 * 768  # the monitor's clip embedding: one 768-d token per frequency row, concatenated
@@ -97,15 +98,15 @@ def metric_times(embs, probs, targets, device, knn_k: int) -> dict:
     return out
 
 
-def vit_b_forward_flops(input_size) -> float:
-    """FLOPs of one clip through ViT-B unmasked plus the AudioSet head, counted by torch on one forward."""
+def forward_flops(model_name: str, input_size) -> float:
+    """FLOPs of one clip through the encoder unmasked plus the AudioSet head, counted by torch on one forward."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from m2das.model import create_model, encode_tokens
 
     with torch.device("meta"):  # shapes only: nothing is allocated or computed
-        model = create_model("m2d_as_vit_base", input_size=input_size, num_classes=AUDIOSET_CLASSES).eval()
+        model = create_model(model_name, input_size=input_size, num_classes=AUDIOSET_CLASSES).eval()
         x = torch.zeros(1, 1, *input_size)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.offline_logits(encode_tokens(model, x, model.grid[0]))
@@ -215,6 +216,10 @@ def main(argv=None) -> int:
         same = {k: (v["before"][1], v["after"][1]) for k, v in t_metrics.items()}
         print("  values before / after: " + ", ".join(f"{k} {a:.6f} / {b:.6f}" for k, (a, b) in same.items()))
         print(f"  goal under 3 s per check of {n} clips here (later checks): {'met' if after < 3 else 'not met'}")
+        work = n * forward_flops(args.model, args.input_size) + 2 * n * n * embs.shape[1]
+        rate = measured_matmul_tflops(device)
+        print(f"  the floor: encoding and the kNN product are {work / 1e12:.2f} TFLOP; at the {flop_rate(rate)} of a "
+              f"large matmul measured now, {work / (rate * 1e12):.1f} s")
 
         t_big = None
         if args.dim:
@@ -227,7 +232,7 @@ def main(argv=None) -> int:
                 print(f"  {k:<7} before {v['before'][0]:7.2f}   after {v['after'][0]:7.2f}   "
                       f"({v['before'][0] / v['after'][0]:.1f}x; values {v['before'][1]:.6f} / {v['after'][1]:.6f})")
 
-    args.flops = vit_b_forward_flops([80, 608])
+    args.flops = forward_flops("m2d_as_vit_base", [80, 608])
     measured = {k: v["after"][0] for k, v in t_big.items()} if t_big and device.type == "cuda" and \
         args.dim == VIT_B_ROWS_DIM else None
     proj = project(n, rates["cold"]["before"], start_s, measured, args)

@@ -74,6 +74,23 @@ def store_wait_s() -> float:
     return wait
 
 
+def while_unavailable(fn, why: str, log=events.log):
+    """fn() again while the store does not answer, for up to STORE_WAIT_ENV seconds (said once, with
+    `why` it waits); then its StoreUnavailable. A short outage costs a wait, not a requeue."""
+    deadline, said = time.monotonic() + store_wait_s(), False
+    while True:
+        try:
+            return fn()
+        except StoreUnavailable as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            if not said:
+                log(f"{e}; waiting up to {left:.0f} s ({STORE_WAIT_ENV}) for it {why}")
+                said = True
+            time.sleep(min(2.0, left))
+
+
 def modified_time(entry: dict):
     """The modification time (epoch seconds) of a listing entry or info() answer, whatever the backend."""
     when = entry.get("LastModified") or entry.get("mtime") or entry.get("created") or entry.get("updated")
@@ -317,41 +334,29 @@ class RemoteRunFolder(runfolder.LockWatch):
         self._small_files_uploaded = True
 
     def close(self, upload: bool = True, log=events.log) -> None:
-        """Upload the logs (`upload`), then release the lock. A store that does not answer is waited for
-        (up to STORE_WAIT_ENV seconds), so that a short outage still leaves the bucket complete and
-        unlocked; past that the lock object stays and the next start takes it over once it is stale."""
-        deadline, waiting = time.monotonic() + store_wait_s(), False
-        while True:
-            try:
-                if upload:
-                    self._publish_pending()  # a checkpoint whose upload failed: nothing is lost
-                    self.publish_small_files()
-                else:
+        """Upload a failed save and the logs (`upload`), then release the lock. A store that does not
+        answer is waited for (up to STORE_WAIT_ENV seconds), so that a short outage still leaves the
+        bucket complete and unlocked; past that the lock object stays and goes stale by its age."""
+        def settle():
+            if upload:
+                self._publish_pending()  # a checkpoint whose upload failed: nothing is lost
+                self.publish_small_files()
+            else:
+                with contextlib.suppress(FileNotFoundError):
                     self.fs.info(self._key(runfolder.LOCK))  # only: does the store answer?
-                break
-            except FileNotFoundError:
-                break
-            except StoreUnavailable as e:
-                if time.monotonic() >= deadline:
-                    log(f"warning: could not upload the logs nor release the lock in {self.url}: {e}; the next "
-                        f"start takes the lock over once it is stale")
-                    self._stop.set()  # no heartbeat: the lock object ages and goes stale
-                    return
-                if not waiting:
-                    log(f"{e}; waiting up to {max(0.0, deadline - time.monotonic()):.0f} s ({STORE_WAIT_ENV}) "
-                        f"for it to upload the logs and release the lock")
-                    waiting = True
-                time.sleep(1.0)
-            except (RemoteError, OSError) as e:
-                log(f"warning: could not upload the logs to {self.url}: {e}")
-                break
+        try:
+            while_unavailable(settle, "to upload the logs and release the lock", log)
+        except StoreUnavailable as e:
+            log(f"warning: could not upload the logs nor release the lock in {self.url}: {e}; the next "
+                f"start takes the lock over once it is stale")
+            self._stop.set()  # no heartbeat: the lock object ages and goes stale
+            return
+        except (RemoteError, OSError) as e:
+            log(f"warning: could not upload the logs to {self.url}: {e}")
         try:
             self.release()
         except Exception as e:  # the store failed between the two: the lock goes stale by its age
             log(f"warning: could not release the lock {self.url}/{runfolder.LOCK}: {e}")
-        else:
-            if waiting:
-                log(f"{self.url} answered again: logs uploaded, lock released")
 
     # -- the lock ------------------------------------------------------------------------
     def acquire(self) -> "RemoteRunFolder":

@@ -79,10 +79,13 @@ def take_run_dir(cfg: TrainConfig, world_size: int):
         if is_url(cfg.output_dir):
             remote.store_wait_s()  # a bad setting is refused before anything is touched
             mirror = RemoteRunFolder(cfg.output_dir, remote.staging_for(cfg.output_dir))
-            with remote.store_errors(mirror.url, "while taking the lock"):
-                mirror.acquire()
+
+            def take():
+                with remote.store_errors(mirror.url, "while taking the lock"):
+                    mirror.acquire()
+            remote.while_unavailable(take, "to take the lock")  # an outage burns no requeue at once
             try:
-                fetched = mirror.hydrate()
+                fetched = remote.while_unavailable(mirror.hydrate, "to read the run folder")
             except BaseException:
                 mirror.close(upload=False)
                 raise

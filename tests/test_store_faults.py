@@ -71,14 +71,17 @@ def test_store_down_at_start_stops_resumably_and_a_malformed_bucket_is_bad_input
     fs, url, proxy, env = store
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv(remote.STORE_WAIT_ENV, "1")  # the outage outlasts the wait
     S3FileSystem.clear_instance_cache()  # new clients, through the proxy
     try:
         data = write_lms_folder(tmp_path / "data", n_files=12)
         run_url = f"{url}/runs/down-at-start"
         proxy.set("refuse")
         assert train.main([str(a) for a in train_args(data, run_url)[1:]]) == EXIT_RESUMABLE
-        said = capsys.readouterr().err.strip().splitlines()
+        out, err = capsys.readouterr()
+        said = err.strip().splitlines()
         assert len(said) == 1 and run_url in said[0] and "did not answer" in said[0], said
+        assert f"waiting up to 1 s ({remote.STORE_WAIT_ENV}) for it to take the lock" in out, out
         proxy.set("pass")
         assert not fs.exists(f"{run_url}/{runfolder.LOCK}")
         bad = "s3://Bad_Bucket!/runs/x"

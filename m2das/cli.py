@@ -17,7 +17,7 @@ COMMANDS = {
     "submit": ("m2das.cluster.submit", "Send a training job to SLURM or this machine (= python launch/submit.py)."),
     "status": ("m2das.cluster.status", "Progress of a run folder: step, checkpoints, speed, restarts, ETA."),
     "bench": ("m2das.tools.bench", "Benchmarks: `bench train`, `bench prepare`, `bench checkpoint`, "
-                                   "`bench data`, `bench startup`, `bench monitor`."),
+                                   "`bench data`, `bench data-remote`, `bench startup`, `bench monitor`."),
     "export": ("m2das.downstream.export", "Run or checkpoint -> weights the M2D runtime and EVAR load (encoder and AudioSet head)."),
     "embed": ("m2das.downstream.embed", "Folder of audio or LMS files -> clip embeddings (.npz)."),
     "eval": ("m2das.downstream.linear_eval", "Linear evaluation, Table V protocol: --task, --suite paper or --data LIST.csv."),

@@ -31,7 +31,7 @@ def same(batch_a, batch_b) -> bool:
                for (xa, ya), (xb, yb) in zip(batch_a, batch_b, strict=True))
 
 
-def test_presigned_reads_equal_disk_and_s3fs_and_failures_surface_as_s3fs_errors(packed_in_s3):
+def test_presigned_reads_equal_disk_and_s3fs_and_failures_surface_as_s3fs_errors(packed_in_s3, capsys):
     fs, folder, url = packed_in_s3
     local, remote = read_samples(folder, None), read_samples(url, None)
     keys = [(1, p, i) for p, i in enumerate(reversed(range(len(local))))] + [(1, 99, 3)]  # one clip twice
@@ -56,6 +56,15 @@ def test_presigned_reads_equal_disk_and_s3fs_and_failures_surface_as_s3fs_errors
     with pytest.raises(packed.PackError, match=f"{name}: ends before byte"):
         now.reader.read_many(wanted[:1])
     assert ranges.fell_back == 1
+    # Failing batch after batch, a process stops trying presigned reads, says so once, and goes on with s3fs.
+    fs.rm(f"{url}/{name}")
+    for _ in range(s3ranges.FAILURES_IN_A_ROW + 1):
+        with pytest.raises(FileNotFoundError):
+            now.reader.read_many(wanted)
+    assert ranges.off and ranges.fell_back == 1 + s3ranges.FAILURES_IN_A_ROW
+    assert capsys.readouterr().err.count("presigned range reads failed in a row") == 1
+    answered = ranges.requests
+    assert same(now.__getitems__(keys[:2]), on_disk[:2]) and ranges.requests == answered
 
 
 def test_connections_stay_open_across_batches_and_a_closed_one_is_reopened(packed_in_s3, s3_server, tmp_path):

@@ -3,6 +3,7 @@
 test_train.py (test_two_process_gloo_run_stops_together_and_resumes_exactly)."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,7 +24,8 @@ def ranks_exit(run, codes, run_id="none", world=None):
 
 
 def start(run):
-    append_jsonl(run / runfolder.RESTARTS, {"time": time.time(), "event": runfolder.EVENT_START, "pid": 1})
+    """Rank 0's start record (the ranks' records above carry this process's pid: this is their start)."""
+    append_jsonl(run / runfolder.RESTARTS, {"time": time.time(), "event": runfolder.EVENT_START, "pid": os.getpid()})
 
 
 @pytest.mark.parametrize("codes, action, why", [
@@ -38,6 +40,15 @@ def test_the_decision_comes_from_what_the_ranks_recorded(tmp_path, codes, action
     decision, seen, _ = requeue.decide_torchrun(tmp_path, 1, restart_count=0)  # torchrun's own code: 1
     assert decision.action == action and why in decision.reason, (decision, seen)
     assert sorted(seen) == sorted(c if c is not None else -9 for c in codes)
+
+
+def test_a_ctrl_c_in_the_terminal_is_a_stop_not_a_requeue(tmp_path):
+    start(tmp_path)
+    append_jsonl(tmp_path / runfolder.RESTARTS, {"time": time.time(), "event": runfolder.EVENT_STOPPED, "step": 3,
+                                                 "signal": "SIGINT"})
+    ranks_exit(tmp_path, [75, 75])
+    decision, _, _ = requeue.decide_torchrun(tmp_path, 1, restart_count=0)
+    assert decision.action == requeue.STOPPED and "on request" in decision.reason
 
 
 def test_the_documented_decision_command_reads_and_consumes_the_records(tmp_path):

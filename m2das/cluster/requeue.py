@@ -12,6 +12,7 @@ Torch-free: launchers and batch scripts import it on login nodes.
 
 import datetime
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -168,8 +169,11 @@ def decide_torchrun(run_dir, torchrun_code: int, restart_count: int, max_requeue
     """The decision after `torchrun ... -m m2das train`: from what its ranks recorded, not from its own
     code (1 both for a clean stop and for a killed rank). Returns (Decision, codes, group)."""
     codes, group, pid = torchrun_codes(run_dir, torchrun_code, since)
-    event = last_event(run_dir, pid=pid) if pid else None
-    return decide(codes, restart_count, max_requeues, signalled=signalled, last_event=event), codes, group
+    events = start_events(run_dir, pid=pid) if pid else []
+    # Ctrl-C reaches torchrun's ranks from the terminal: the user's stop, saved, and not to be restarted.
+    by_user = any(r.get("event") == runfolder.EVENT_STOPPED and r.get("signal") == signal.SIGINT.name for r in events)
+    return decide(codes, restart_count, max_requeues, signalled=signalled, stop_requested=by_user,
+                  last_event=events[-1].get("event") if events else None), codes, group
 
 
 def record(run_dir, decision: Decision, by: str, job_id, restart_count, **extra) -> None:

@@ -87,3 +87,22 @@ def test_connections_stay_open_across_batches_and_a_closed_one_is_reopened(packe
     with serving(front, port, tmp_path / "front2.log"):  # the store restarted: every kept connection is dead
         assert [bytes(b) for b in ranges.get(wanted)] == expected
     assert ranges.fell_back == 0 and ranges.opened > opened
+
+
+def test_https_with_the_certificate_check_s3fs_was_configured_with(s3_server, tmp_path):
+    """moto's self-signed HTTPS: read only because s3fs was told verify=False, and so is this path."""
+    port = free_port()
+    moto = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port), "--ssl"]
+    with serving(moto, port, tmp_path / "moto-https.log") as endpoint:
+        endpoint = endpoint.replace("http://", "https://")
+        blob = bytes(range(256)) * 1000
+        strict = fsspec.filesystem("s3", skip_instance_cache=True, endpoint_url=endpoint)
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, endpoint_url=endpoint, client_kwargs={"verify": False})
+        fs.mkdir("m2das-https")
+        fs.pipe("m2das-https/shard", blob)
+        ranges = s3ranges.PresignedRanges(fs, "s3://m2das-https")
+        got = ranges.get([("m2das-https/shard", 1000, 5000), ("m2das-https/shard", 7, 200000)])
+        assert [bytes(b) for b in got] == [blob[1000:6000], blob[7:200007]] and ranges.fell_back == 0
+        assert ranges.get([("m2das-https/shard", 0, 10)] * 2) is not None
+        refused = s3ranges.PresignedRanges(strict, "s3://m2das-https")  # the system's CAs: the check fails
+        assert refused.get([("m2das-https/shard", 0, 10)]) is None and refused.fell_back == 1

@@ -284,9 +284,11 @@ def unfinished_trainer(run_dir, me: dict, heartbeat_s: float):
     start = rows[-1]
     if start.get("host") == me["host"]:
         pid = start.get("pid")
-        return start if pid and int(pid) != me["pid"] and _pid_alive(pid) else None
-    changed = max((p.stat().st_mtime for p in (run_dir / LOG, run_dir / RESTARTS, run_dir / LAST) if p.exists()),
-                  default=0.0)
+        return start if isinstance(pid, int) and pid != me["pid"] and _pid_alive(pid) else None
+    changed = 0.0
+    for name in (LOG, RESTARTS, LAST):
+        with contextlib.suppress(OSError):
+            changed = max(changed, (run_dir / name).stat().st_mtime)
     return start if time.time() - changed < 2 * heartbeat_s else None
 
 

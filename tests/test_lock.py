@@ -30,8 +30,8 @@ def test_a_removed_lock_stops_the_trainer_resumably_within_a_heartbeat(lms_data,
     assert "run lock lost" in out and "was removed" in out and "saved" in out, out
     stop = read_jsonl(run / runfolder.RESTARTS)[-1]
     assert stop["event"] == runfolder.EVENT_STOPPED and "was removed" in stop["reason"]
-    # Within one heartbeat plus the step that was running and the save (a tiny model: well under 10 s).
-    assert time.monotonic() - removed_at < 10
+    # One heartbeat, the step that was running and the save: seconds, not the rest of the run.
+    assert time.monotonic() - removed_at < 30
     steps = [r["step"] for r in read_jsonl(run / runfolder.LOG)]
     assert steps == sorted(steps) and steps[-1] < 24  # stopped before the end (2 epochs of 12 steps)
 

@@ -144,7 +144,7 @@ def test_monitor_metrics_on_real_lms_files_leave_random_state_alone(tiny, tmp_pa
 
 
 def test_monitor_time_share_against_training_steps(tiny):
-    """The monitor's cost next to the training it interrupts (printed; the paper-scale share is in the README)."""
+    """The monitor's cost next to the training it interrupts (printed; the paper-scale share is in docs/performance.md)."""
     model, cfg, data = tiny
     mon = Monitor(cfg, CLASSES, torch.device("cpu"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -8,7 +8,6 @@ update, in the same process.
 """
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -22,11 +21,9 @@ from m2das.config import size_pair
 from m2das.datafolder import LMS_DIR, WEIGHTED_LIST
 from m2das.machine import cpu_name, describe, device_flag, usable_cores
 from m2das.tools.benchdata import drop_from_cache as _drop_from_cache, synthetic_data as _synthetic_data
+from m2das.tools.gpurates import DENSE_BF16_PEAK_TFLOPS, TARGET_MFU, gpu_samples_per_s  # noqa: F401 (bench.X)
 
 
-# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s: the MFU denominator.
-DENSE_BF16_PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H200": 989.4,
-                          "A100": 312.0, "L40S": 362.0}
 
 
 def datasheet_peak(device) -> float | None:
@@ -190,20 +187,6 @@ def train_main(argv) -> int:
         print(f"EMA update: python loop {e['python_loop'] * 1e3:.2f} ms, foreach {e['foreach'] * 1e3:.2f} ms "
               f"({e['python_loop'] / e['foreach']:.1f}x)")
     return 0
-
-
-TARGET_MFU = 0.45  # the share of the dense bf16 peak a tuned GPU step reaches: what the projections assume
-
-
-@functools.cache
-def gpu_samples_per_s(model: str = "m2d_as_vit_base", gpu: str = "H100 SXM") -> int:
-    """The rate the loader must feed one GPU: TARGET_MFU of its datasheet peak over the model's own
-    training FLOP count per sample (m2das.model; built on the meta device, no memory)."""
-    from m2das.model import create_model
-
-    with torch.device("meta"):
-        flops = create_model(model, num_classes=527).train_flops_per_sample()
-    return round(TARGET_MFU * DENSE_BF16_PEAK_TFLOPS[gpu] * 1e12 / flops)
 
 
 def __getattr__(name):

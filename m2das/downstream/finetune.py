@@ -161,6 +161,8 @@ def finetune(cfg: dict, env: dict) -> int:
             return str(run_dir)
 
         run_dir = Path(on_rank0(take, rank))
+        if lock is not None:  # a lock removed or taken under us stops the run as a signal would
+            lock.on_lost(lambda why: stop.request(f"run lock lost ({why})"))
         if dist.is_initialized():
             dist.barrier(group=flag_group)
         return _finetune(cfg, env, device, flag_group, stop, run_dir)
@@ -236,7 +238,8 @@ def _finetune(cfg, env, device, flag_group, stop, run_dir: Path) -> int:
     def end(outcome: Outcome) -> int:
         log(outcome.message, rank)
         if rank == 0:
-            events.record(run_dir, outcome.event, step=progress.step, **({"signal": stop.name} if stop.name else {}))
+            why = {"signal": stop.name} if stop.name else {"reason": stop.reason} if stop.reason else {}
+            events.record(run_dir, outcome.event, step=progress.step, **why)
         if outcome.event == runfolder.EVENT_STOPPED:
             stop.hand_over()
         return outcome.exit_code

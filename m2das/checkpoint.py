@@ -196,15 +196,17 @@ class BackgroundWriter:
         self._thread.start()
 
     def _write(self, state, path, then, check):
-        if check is not None and not check(state):
-            self.refused_path = Path(path)
-            return
         try:
+            if check is not None and not check(state):
+                self.refused_path = Path(path)
+                return
             save_file(state, path)
             if then is not None:
                 then(Path(path), state)
         except SaveFailed as e:  # reported on the next wait()
             self.error, self.failed_path = e, Path(path)
+        except Exception as e:  # anything else (out of memory in the check) is a failed save too, not a silent one
+            self.error, self.failed_path = SaveFailed(f"could not write {path} ({type(e).__name__}: {e})"), Path(path)
 
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

@@ -12,13 +12,31 @@ The training step (see `M2DAS.forward`) in words:
   all 190 online tokens -> offline head -> BCE against the clip's labels.
 """
 
+import sys
 from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import nn
+
+
+def _import_timm_block():
+    """timm's ViT block, imported without the wandb that timm's package init loads when it is
+    installed (for summary helpers m2das never calls): that import alone costs every start about
+    2 s. `--logger wandb` imports wandb itself later, unaffected."""
+    hide = "wandb" not in sys.modules
+    if hide:
+        sys.modules["wandb"] = None  # makes `import wandb` inside timm raise ImportError
+    try:
+        from timm.models.vision_transformer import Block as TimmBlock
+    finally:
+        if hide and sys.modules.get("wandb", 0) is None:
+            del sys.modules["wandb"]
+    return TimmBlock
+
+
+Block = _import_timm_block()
 
 
 def sincos_pos_embed(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> torch.Tensor:

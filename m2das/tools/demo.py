@@ -153,8 +153,8 @@ def run_training(cmd, interrupt_at: int | None = None, quiet: bool = False) -> i
 def same_weights(a: Path, b: Path) -> bool:
     import torch
 
-    wa = torch.load(a, map_location="cpu")["model"]
-    wb = torch.load(b, map_location="cpu")["model"]
+    wa = torch.load(a, map_location="cpu", weights_only=True)["model"]
+    wb = torch.load(b, map_location="cpu", weights_only=True)["model"]
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

@@ -233,6 +233,8 @@ def _time_index(folder: Path, rows: int, shards: int) -> dict:
     column = lambda text: np.tile(np.frombuffer(text, dtype=np.uint8), (rows, 1))  # noqa: E731
     names = np.hstack([column(b"audioset_lms/"), ids, column(b"_30.000.npy\n")]).tobytes()[:-1]
     per_shard = -(-rows // shards)
+    shards = -(-rows // per_shard)  # a short index fills fewer shards: none may be empty
+    counts = np.bincount(np.arange(rows) // per_shard, minlength=shards)
     packed.write_index(folder / packed.INDEX, {
         "names": np.frombuffer(names, dtype=np.uint8), "shard": np.arange(rows, dtype=np.int32) // per_shard,
         "offset": (np.arange(rows, dtype=np.int64) % per_shard) * 320320, "frames": np.full(rows, 1001, np.int32),
@@ -243,8 +245,8 @@ def _time_index(folder: Path, rows: int, shards: int) -> dict:
     for k in range(shards):
         path = folder / packed.shard_name(k)
         with open(path, "wb") as f:
-            f.truncate(per_shard * 320320)
-        entries.append({"name": path.name, "samples": per_shard, "bytes": per_shard * 320320, "crc32": 0})
+            f.truncate(int(counts[k]) * 320320)
+        entries.append({"name": path.name, "samples": int(counts[k]), "bytes": int(counts[k]) * 320320, "crc32": 0})
     write_json(folder / packed.MANIFEST, {
         "format": packed.FORMAT, "version": packed.VERSION, "dtype": "float32", "n_mels": 80, "samples": rows,
         "classes": ["/m/0"], "weighted": True, "norm_stats": None, "shards": entries,
@@ -260,7 +262,8 @@ def _time_index(folder: Path, rows: int, shards: int) -> dict:
               "weights": samples.weights}
     t0 = time.perf_counter()  # the range check load_packed ran, once more on its own
     index_problem(arrays, samples.files, samples.manifest)
-    return {"load_s": loaded, "total_s": total, "index_mb": len(blob) / 1e6, "check_s": time.perf_counter() - t0}
+    return {"load_s": loaded, "total_s": total, "index_mb": len(blob) / 1e6, "check_s": time.perf_counter() - t0,
+            "shards": shards}
 
 
 def data_main(argv) -> int:
@@ -321,7 +324,7 @@ def data_main(argv) -> int:
         r = _time_index(Path(tmp) / "index", args.index_rows, 320)
         print(f"validation: loose, every file header (cold) {per_file * 1e6:.0f} us/file = "
               f"{per_file * args.index_rows:.0f} s for {args.index_rows:,} files; packed index of "
-              f"{args.index_rows:,} samples in 320 shards ({r['index_mb']:.0f} MB): {r['total_s']:.1f} s "
+              f"{args.index_rows:,} samples in {r['shards']} shards ({r['index_mb']:.0f} MB): {r['total_s']:.1f} s "
               f"(index load {r['load_s']:.1f} s with its range check {r['check_s'] * 1e3:.0f} ms, shard sizes and "
               f"fingerprints)")
     return 0

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from m2das.cliargs import Parser
+from m2das.datafolder import PACKED_DIR
 from m2das.machine import cpu_name, free_port, usable_cores
 
 BUCKET = "m2das-bench"
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
           f"before the run")
     with tempfile.TemporaryDirectory(dir=args.dir, prefix=".m2das-bench-remote-") as tmp:
         data = synthetic_data(Path(tmp) / "data", args.files, 1001)
-        out = Path(tmp) / "packed"
+        out = Path(tmp) / PACKED_DIR
         pack(data, out, shard_size=64 << 20, dtype="float32")
         shards = sorted(out.glob("shard-*.bin"))
         order = np.random.default_rng(1).permutation(args.files)
@@ -161,9 +162,9 @@ def main(argv=None) -> int:
                     fs = fsspec.filesystem("s3")
                     if endpoint == moto_url:
                         fs.mkdir(BUCKET)
-                        fs.put(str(out) + "/", f"{BUCKET}/packed", recursive=True)
+                        fs.put(str(out) + "/", f"{BUCKET}/{PACKED_DIR}", recursive=True)
                     for label, presigned in (("s3fs (before)", False), ("presigned (now)", True)):
-                        dataset = make_dataset(read_samples(f"s3://{BUCKET}/packed", None), args.crop, 0)
+                        dataset = make_dataset(read_samples(f"s3://{BUCKET}/{PACKED_DIR}", None), args.crop, 0)
                         dataset.reader = ShardReader(dataset.samples.root, presigned=presigned)
                         dataset.__getitems__(keys[:args.batch])  # connections, URLs, s3fs's loop: set up once
                         variants[f"{label}, {where}"] = (dataset, None)

@@ -2,8 +2,9 @@
 one-line errors, and commands that refuse instead of guessing."""
 
 import functools
+import os
 
-from conftest import run_m2das
+from conftest import REPO, run_m2das
 from m2das import config
 
 
@@ -57,16 +58,41 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     assert (mine / "chapter1.tex").read_text() == "precious"
 
 
+HELP_COLLECTOR = """
+import contextlib, io, json, sys
+from m2das.cli import COMMANDS, main
+from m2das.tools.bench import _benches
+
+texts = {}
+for args in [[name] for name in COMMANDS] + [["bench", b] for b in _benches()]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            code = main([*args, "--help"])
+        except SystemExit as e:
+            code = e.code
+    texts[" ".join(args)] = [code or 0, out.getvalue()]
+json.dump(texts, sys.__stdout__)
+"""
+
+
 @functools.lru_cache(maxsize=None)
 def every_help_text() -> dict:
-    """Every command's --help and each benchmark's, one line per help text, read once for the tests below."""
-    from m2das.cli import COMMANDS
+    """Every command's --help and each benchmark's, one line per help text, read once for the tests below.
+    One real process runs the CLI's main for each (the same text as `m2das CMD --help`, which
+    tests/test_cli_usage.py runs as separate processes) instead of one process per command."""
+    import json
+    import subprocess
+    import sys
 
+    r = subprocess.run([sys.executable, "-c", HELP_COLLECTOR], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "COLUMNS": "400"}, cwd=REPO)
+    assert r.returncode == 0, r.stderr
     texts = {}
-    for args in [(name,) for name in COMMANDS] + [("bench", b) for b in ("train", "prepare", "checkpoint", "data")]:
-        r = run_m2das(*args, "--help", env={"COLUMNS": "400"})
-        assert r.returncode == 0, (args, r.stderr)
-        texts[args] = r.stdout
+    for joined, (code, text) in json.loads(r.stdout).items():
+        assert code == 0, (joined, text)
+        texts[tuple(joined.split(" "))] = text
+    assert len(texts) >= 15, sorted(texts)
     return texts
 
 

@@ -61,39 +61,17 @@ def run_m2das(*args, env=None, timeout=300, **kwargs):
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3-compatible HTTP server (moto's) on 127.0.0.1, stopped by pid; yields the environment
-    a client needs (credentials and endpoint come from the environment, as on a cloud cluster)."""
-    import socket
-    import time
-
+    a client needs (credentials and endpoint come from the environment, as on a cloud cluster).
+    The same server and environment `m2das bench data-remote` measures against."""
     if importlib.util.find_spec("moto") is None or importlib.util.find_spec("s3fs") is None:
         pytest.skip("moto[server] and s3fs are not installed (pip install -e '.[test]')")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    deadline = time.time() + 60
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        if server.poll() is not None or time.time() > deadline:
-            pytest.fail(f"moto server did not start: {(tmp_path_factory.getbasetemp() / 's3').glob('*')}")
-        time.sleep(0.1)
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield env
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+    from m2das.machine import free_port
+    from m2das.tools.bench_remote import s3_environment, serving
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    with serving([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, log) as endpoint, \
+            s3_environment(endpoint):
+        yield {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                          "AWS_ENDPOINT_URL")}
 

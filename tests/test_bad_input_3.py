@@ -192,16 +192,11 @@ def test_eval_warns_about_classes_only_the_test_split_has(downstream, tmp_path, 
 
 @pytest.fixture
 def full_dir(tmp_path):
-    """A 64 KiB tmpfs: a real file system that fills up (mounting needs root)."""
-    import subprocess
+    """A 64 KiB tmpfs: a real file system that fills up."""
+    from conftest import mounted_tmpfs
 
-    folder = tmp_path / "full"
-    folder.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"a full disk needs a small tmpfs, and mount failed here: {r.stderr.strip()}")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    with mounted_tmpfs(tmp_path / "full", "64k") as folder:
+        yield folder
 
 
 @pytest.mark.parametrize("where", ["read_only", "full"])

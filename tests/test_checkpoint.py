@@ -178,15 +178,10 @@ def test_written_files_follow_the_umask(tmp_path):
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 4 MiB tmpfs: a real file system that fills up."""
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    from conftest import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "tmpfs", "4m") as mnt:
+        yield mnt
 
 
 def test_disk_full_is_one_line_and_the_previous_checkpoint_survives(small_tmpfs):

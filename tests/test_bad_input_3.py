@@ -5,7 +5,6 @@ appended to, or a folder written into, is refused while it is a link: one line n
 """
 
 import os
-import sys
 from pathlib import Path
 
 import pytest

@@ -284,6 +284,13 @@ def data_main(argv) -> int:
                    "not a tmpfs, or nothing is ever read from a disk)")
     p.add_argument("--index-rows", "--index_rows", dest="index_rows", type=int, default=2_000_000,
                    help="samples in the synthetic index whose validation is timed (default 2,000,000)")
+    p.add_argument("--remote", action="store_true",
+                   help="instead: the reader's CPU per sample from S3 against local disk (`bench data-remote`; "
+                   "`bench data --remote --help` lists its options)")
+    if "--remote" in argv:
+        from m2das.tools import bench_remote
+
+        return bench_remote.main([a for a in argv if a != "--remote"])
     args = p.parse_args(argv)
     print(f"machine: {describe(torch.device('cpu'))}")
     with tempfile.TemporaryDirectory(dir=args.dir, prefix=".m2das-bench-data-") as tmp:

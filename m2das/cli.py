@@ -9,6 +9,8 @@ import contextlib
 import importlib
 import sys
 
+from m2das.signals import EXIT_ABORTED, StartInterrupted
+
 COMMANDS = {
     "train": ("m2das.train", "Pre-train M2D-AS (single process, torchrun, or a launcher rank)."),
     "prepare": ("m2das.data.prepare", "Audio folder -> LMS .npy files, lists, labels, weights, norm stats."),
@@ -68,9 +70,13 @@ def main(argv=None) -> int:
             print(f"m2das train: error: {e}", file=sys.stderr)
             return runfolder.EXIT_BAD_INPUT
         hold_early()  # a stop signal during the seconds torch takes to import is held, not fatal
-    module = importlib.import_module(COMMANDS[name][0])
-    if name == "bench" and not rest:  # a benchmark must be named: usage on stderr, exit 2
-        with contextlib.redirect_stdout(sys.stderr):
-            module.main(["--help"])
-        return 2
-    return int(module.main(rest) or 0)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        if name == "bench" and not rest:  # a benchmark must be named: usage on stderr, exit 2
+            with contextlib.redirect_stdout(sys.stderr):
+                module.main(["--help"])
+            return 2
+        return int(module.main(rest) or 0)
+    except StartInterrupted as e:  # a Ctrl-C while `train` starts (only it holds signals early)
+        print(f"m2das {name}: {e} (exit {EXIT_ABORTED})", file=sys.stderr)
+        return EXIT_ABORTED

@@ -13,7 +13,8 @@ process neither dies from it (SIGUSR2's default is to terminate) nor loses it.
 Ctrl-C (SIGINT, which torchrun forwards to its ranks) is a stop request too:
 the first one saves at the next step boundary like SIGTERM; a second one
 aborts at once (KeyboardInterrupt, exit 130), for a user who will not wait.
-Before the StopRequest exists a Ctrl-C aborts as usual: nothing is lost yet.
+Before the StopRequest exists nothing is trained, so a Ctrl-C there ends the
+command at once (StartInterrupted: one line, exit 130) instead of being held.
 """
 
 import os
@@ -27,6 +28,15 @@ EXIT_ABORTED = 128 + signal.SIGINT  # the shell's status for a process ended by 
 class Aborted(KeyboardInterrupt):
     """A second Ctrl-C: stop now, without saving (the last checkpoint stays the resume point)."""
 
+
+class StartInterrupted(BaseException):
+    """A Ctrl-C before the StopRequest exists: nothing to save yet, so the command ends with one line and
+    EXIT_ABORTED, not a traceback. Not an Exception, so no `except Exception` on its way (an import's
+    fallback, the trainer's error reporting) mistakes it for an error and carries on."""
+
+
+START_INTERRUPTED = "stopped before training started; nothing to save"
+
 _early = {"signum": None, "previous": {}}
 
 
@@ -35,9 +45,17 @@ def _hold(signum, _frame):
         _early["signum"] = signum
 
 
+def _interrupt_early(_signum, _frame):
+    raise StartInterrupted(START_INTERRUPTED)
+
+
 def hold_early(signals=STOP_SIGNALS) -> None:
-    """Remember the first stop signal until a StopRequest is installed (call before heavy imports)."""
-    for s in signals:
+    """Remember the first stop signal until a StopRequest is installed, and turn a Ctrl-C until then into
+    StartInterrupted (call before heavy imports). An ignored SIGINT (a launcher's choice) stays ignored."""
+    if signal.getsignal(INTERRUPT) is signal.default_int_handler:
+        _early["previous"][INTERRUPT] = signal.default_int_handler
+        signal.signal(INTERRUPT, _interrupt_early)
+    for s in signals:  # last: a held SIGTERM/SIGUSR* also tells an onlooker the Ctrl-C is taken care of
         _early["previous"][s] = signal.getsignal(s)
         signal.signal(s, _hold)
 
@@ -56,7 +74,7 @@ class StopRequest:
         for s in self.signals:
             current = signal.getsignal(s)
             # Behind the early hold: the handler before it is the one to hand over to.
-            self.previous[s] = _early["previous"].get(s, current) if current is _hold else current
+            self.previous[s] = _early["previous"].get(s, current) if current in (_hold, _interrupt_early) else current
             signal.signal(s, self._on_signal)
         if self.signum is None and _early["signum"] in self.signals:
             self.signum = _early["signum"]

@@ -1,7 +1,8 @@
 """A TCP proxy on 127.0.0.1 in front of the test S3 server that a test switches to fail like a network.
 
 Modes: "pass" forwards; "refuse" closes the listening socket (a client's connect is refused, as when
-the store's host is down); "drop" also cuts the connections already open (a load balancer restarting).
+the store's host is down); "drop" also cuts the connections already open (a load balancer restarting);
+"unavailable" cuts them and answers every new request with HTTP 503 ServiceUnavailable (an overloaded store).
 """
 
 import socket
@@ -36,6 +37,9 @@ class StoreProxy:
                 client, _ = listener.accept()
             except OSError:  # closed by set("refuse")
                 return
+            if self.mode == "unavailable":
+                threading.Thread(target=self._answer_503, args=(client,), daemon=True).start()
+                continue
             try:
                 upstream = socket.create_connection(self.target)
             except OSError:
@@ -45,6 +49,22 @@ class StoreProxy:
                 self._conns.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _answer_503(self, client) -> None:
+        body = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ServiceUnavailable</Code>" \
+               b"<Message>Service is unavailable</Message></Error>"
+        try:
+            client.settimeout(5)
+            request = b""
+            while b"\r\n\r\n" not in request and (part := client.recv(65536)):
+                request += part
+            client.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\n"
+                           b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                           % (len(body), b"" if request.startswith(b"HEAD ") else body))
+        except OSError:
+            pass
+        finally:
+            client.close()
 
     def _pump(self, src, dst) -> None:
         try:
@@ -66,19 +86,20 @@ class StoreProxy:
         s.close()
 
     def set(self, mode: str) -> None:
-        """Switch to "pass", "refuse" or "drop"."""
+        """Switch to "pass", "refuse", "drop" or "unavailable"."""
         if mode == self.mode:
             return
-        if mode == "pass":
+        listening, previous = ("pass", "unavailable"), self.mode
+        self.mode = mode  # before any new connection is accepted or an open one cut
+        if mode in listening and previous not in listening:
             self.port = self._listen(self.port)
-        elif self.mode == "pass":
+        elif mode not in listening and previous in listening:
             self._stop_listening()
-        if mode == "drop":
+        if mode in ("drop", "unavailable"):
             with self._lock:
                 conns = list(self._conns)
             for s in conns:
                 self._close(s)
-        self.mode = mode
 
     def _stop_listening(self) -> None:
         try:
@@ -88,7 +109,7 @@ class StoreProxy:
         self._listener.close()
 
     def close(self) -> None:
-        if self.mode == "pass":
+        if self.mode in ("pass", "unavailable"):
             self._stop_listening()
         with self._lock:
             conns = list(self._conns)

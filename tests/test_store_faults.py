@@ -193,3 +193,48 @@ def test_a_store_error_a_dataloader_worker_could_not_rebuild_is_still_a_resumabl
     assert isinstance(failure, storeerrors.StoreUnavailable), caught.value
     assert str(failure).startswith("s3://bkt/data/packed: the object store did not answer (botocore.exceptions."
                                    "EndpointConnectionError: Could not connect to the endpoint URL"), failure
+
+
+def test_packed_reads_while_the_store_fails_are_resumable_not_bad_input(store, tmp_path, monkeypatch):
+    """The packed reader and its validation in this process, while the store cuts connections or answers
+    503 (s3fs's OSError EBUSY): each failure is the store's (exit 75), never a PackError or DataListError."""
+    from s3fs import S3FileSystem
+
+    from m2das import storeerrors
+    from m2das.data import packed
+    from m2das.data.dataset import DataListError, make_dataset, read_samples, validate_packed
+    from m2das.data.pack import pack
+    from m2das.data.stats import write_norm_stats
+    from m2das.datafolder import NORM_STATS
+
+    fs, url, proxy, env = store
+    data = write_lms_folder(tmp_path / "data", n_files=4)
+    write_norm_stats(data / NORM_STATS, {"mean": -7.0, "std": 4.0})  # not 5000 crops computed
+    pack(data, shard_size=100_000, workers=1)
+    data_url = f"{url}/data/packed"
+    fs.put(str(data / "packed") + "/", data_url, recursive=True)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    S3FileSystem.clear_instance_cache()  # new clients, through the proxy
+    try:
+        samples = read_samples(data_url, None)
+        dataset = make_dataset(samples, 64, 0)
+        assert len(dataset.__getitems__([(0, 0, 0), (0, 1, 1)])) == 2  # connections open, then cut
+        calls = {"is_packed": lambda: packed.is_packed(data_url), "read_samples": lambda: read_samples(data_url, None),
+                 "validate_packed": lambda: validate_packed(samples, None),
+                 "crops": lambda: dataset.__getitems__([(0, 0, 2)]), "crop": lambda: dataset[(0, 0, 3)]}
+        for mode in ("unavailable", "drop"):
+            proxy.set(mode)
+            for what, call in calls.items():
+                with pytest.raises(Exception) as caught:
+                    call()
+                e = caught.value
+                assert not isinstance(e, (packed.PackError, DataListError)), (mode, what, repr(e))
+                assert isinstance(storeerrors.store_failure(e, data_url), storeerrors.StoreUnavailable), (mode, what)
+                if isinstance(e, OSError):  # s3fs's EBUSY and the like: named here, the object's URL first
+                    assert isinstance(e, storeerrors.StoreUnavailable), (mode, what, repr(e))
+                    assert str(e).startswith(data_url) and "did not answer" in str(e), (mode, what, e)
+            proxy.set("pass")
+        assert packed.is_packed(data_url) and validate_packed(samples, None)["rows"] == len(samples)
+    finally:
+        S3FileSystem.clear_instance_cache()

@@ -209,20 +209,20 @@ class PackedDataset(LMSDataset):
     _ready: dict = {}  # (index, crop start) -> crop fetched ahead by __getitems__
 
     def crop(self, i: int, rng: np.random.Generator):
-        from m2das.data.packed import PackError, read_crop
+        from m2das.data.packed import PackError, read_crop, unavailable
 
         start = crop_start(int(self.samples.frames[i]), self.frames, rng)
         x = self._ready.get((i, start))
         try:
             x = read_crop(self.samples, self.reader, i, start, self.frames) if x is None else x
-        except (PackError, OSError) as e:
-            raise DataListError(str(e)) from None
+        except (PackError, OSError) as e:  # a store that did not answer: a resumable stop, not bad input
+            raise unavailable(e, self.samples.describe(i)) or DataListError(str(e)) from None
         return x, self.samples.describe(i)
 
     def __getitems__(self, keys):
         """A batch at once (the DataLoader calls this): over a URL its range requests run concurrently,
         not one round trip per sample. The crops are the ones __getitem__ draws."""
-        from m2das.data.packed import PackError, read_crops
+        from m2das.data.packed import PackError, read_crops, unavailable
 
         if not is_url(self.samples.root):
             return [self[key] for key in keys]
@@ -231,7 +231,7 @@ class PackedDataset(LMSDataset):
         try:
             self._ready = dict(zip(wanted, read_crops(self.samples, self.reader, wanted, self.frames)))
         except (PackError, OSError) as e:
-            raise DataListError(str(e)) from None
+            raise unavailable(e, self.samples.root) or DataListError(str(e)) from None
         try:
             return [self[key] for key in keys]
         finally:

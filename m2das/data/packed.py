@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from m2das import storeerrors
 from m2das.data.packcheck import index_problem, manifest_problem
 from m2das.fileio import is_url, url_fs
 
@@ -84,8 +85,16 @@ def is_packed(data_path) -> bool:
         raise PackError(f"{data_path}: no fsspec backend for it ({e}); install it, e.g. pip install s3fs "
                         f"for s3://, gcsfs for gs://") from None
     except (OSError, ValueError) as e:
-        raise PackError(f"{data_path}: cannot be reached ({type(e).__name__}: {e}); check the URL and the "
-                        f"store's credentials in the environment") from e  # a store that did not answer stays resumable
+        raise unavailable(e, data_path) or PackError(f"{data_path}: cannot be reached ({type(e).__name__}: {e}); "
+                                                     f"check the URL and the store's credentials in the environment") from e
+
+
+def unavailable(e: BaseException, path):
+    """A StoreUnavailable naming `path` when `e` says the object store behind that URL did not answer,
+    else None: an outage is a resumable stop (exit 75), never a damaged pack (exit 2)."""
+    if not is_url(path) or not storeerrors.is_transient(e):
+        return None
+    return storeerrors.store_failure(e, str(path), "reading the packed data")
 
 
 def crc32_of(chunks) -> int:
@@ -184,8 +193,8 @@ def read_manifest(root) -> dict:
     try:
         manifest = json.loads(read_whole(path))
     except (OSError, ValueError) as e:
-        raise PackError(f"{path}: unreadable packed manifest ({e}); pack the data folder again "
-                        f"with `m2das pack DATA_DIR --out {root}`") from e
+        raise unavailable(e, path) or PackError(f"{path}: unreadable packed manifest ({e}); pack the data "
+                                                f"folder again with `m2das pack DATA_DIR --out {root}`") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PackError(f"{path}: not an m2das packed manifest; pack again with `m2das pack`")
     if manifest.get("version") != VERSION:
@@ -208,7 +217,8 @@ def load_packed(root, classes: list | None = None) -> PackedSamples:
     try:
         blob = read_whole(path)
     except OSError as e:
-        raise PackError(f"{path}: cannot be read ({e}); pack again with `m2das pack DATA_DIR --out {root}`") from e
+        raise unavailable(e, path) or PackError(f"{path}: cannot be read ({e}); pack again with "
+                                                f"`m2das pack DATA_DIR --out {root}`") from e
     if len(blob) != manifest["index"]["bytes"] or zlib.crc32(blob) != manifest["index"]["crc32"]:
         raise PackError(f"{path}: damaged ({len(blob)} bytes, CRC32 differs from {MANIFEST}); pack again "
                         f"with `m2das pack DATA_DIR --out {root}`")
@@ -268,8 +278,8 @@ def verify_shards(samples: PackedSamples, known: dict | None = None, progress=No
         path = samples.shard_path(k)
         try:
             fp = fingerprint(path)
-        except OSError:
-            raise damaged(path, "missing", samples.root) from None
+        except OSError as e:
+            raise unavailable(e, path) or damaged(path, "missing", samples.root) from None
         if fp[0] != entry["bytes"]:
             raise damaged(path, f"{fp[0]} bytes, the index records {entry['bytes']}", samples.root)
         if known.get(entry["name"]) != fp:

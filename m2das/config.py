@@ -40,6 +40,17 @@ def size_pair(text: str):
     return [a, b]
 
 
+def count(text: str) -> int:
+    """An int flag that counts (0 or more): a negative one is refused, not read as 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
 def model_names() -> tuple:
     """The model registry's names (m2das/model.py MODEL_SIZES), read without importing torch.
 
@@ -120,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", type=machine.device_flag, default="auto", help=machine.DEVICE_HELP)
     a("--force_config", action="store_true", help="continue a run folder whose config.json differs")
     a("--skip_validation", action="store_true", help="do not check every listed file before training")
-    a("--verify_shards", type=int, default=0, metavar="N", help="packed data: read every shard's CRC32 at the "
+    a("--verify_shards", type=count, default=0, metavar="N", help="packed data: read every shard's CRC32 at the "
       "run's first start and every N starts after (1: this start and each one); 0: only shards whose size or "
       "mtime changed (default: %(default)s)")
     a("--print_config", action="store_true", help="print the resolved configuration as JSON and exit")

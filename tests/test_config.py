@@ -62,3 +62,14 @@ def test_an_unknown_device_is_one_line_and_exit_2(capsys):
         config.parse_args(["--device", "tpu"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "'tpu'" in err and "cuda:N" in err
+
+
+def test_a_negative_verify_shards_is_refused_not_read_as_0(capsys):
+    from m2das.runfolder import EXIT_BAD_INPUT
+
+    assert config.parse_args(["--verify_shards", "3"]).verify_shards == 3
+    with pytest.raises(SystemExit) as e:
+        config.parse_args(["--verify_shards", "-1"])
+    err = capsys.readouterr().err
+    assert e.value.code == EXIT_BAD_INPUT and len(err.strip().splitlines()) == 1, err
+    assert "--verify_shards" in err and "0 or more, got -1" in err, err

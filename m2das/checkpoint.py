@@ -47,7 +47,7 @@ def resume_hint() -> str:
     job = os.environ.get("SLURM_JOB_ID")
     if job:
         return f"SLURM job {job} requeues itself and resumes here (a job started by hand: rerun the same command)"
-    if os.environ.get("M2DAS_LAUNCHER_ATTEMPT"):
+    if os.environ.get(runfolder.LAUNCHER_ATTEMPT_ENV):
         return "the launcher restarts the run and resumes here"
     return "rerun the same command to resume"
 

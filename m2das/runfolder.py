@@ -51,14 +51,20 @@ MARKER_FILES = (CONFIG, LAUNCHER, RESTARTS, LOG)  # any of them makes a folder a
 # names is refused (fileio.refuse_links), as writing through it would change a file elsewhere.
 WRITTEN_IN_PLACE = (LOG, RESTARTS, LAUNCHER, EVENTS_DIR, LOGS_DIR)
 
-# -- events in restarts.jsonl ------------------------------------------------------
-EVENT_START = "start"
+# -- events in restarts.jsonl (the trainer's) and launcher.jsonl (submit, a job's start, requeue's decisions) --
+EVENT_START = "start"  # a trainer's start; in launcher.jsonl, a job's or attempt's start
+EVENT_SUBMIT = "submit"  # launcher.jsonl: a job sent to SLURM or this machine (`m2das submit`)
 EVENT_STOPPED = "stopped"
 EVENT_DIVERGED = "diverged"
 EVENT_FINISHED = "finished"
 EVENT_SAVE_FAILED = "save_failed"
 EVENT_CONFIG_CHANGED = "config_changed"
 EVENT_CHECKPOINT_SKIPPED = "checkpoint_skipped"  # a checkpoint that did not load; an older one was resumed
+
+# -- what a launcher tells the ranks it starts --------------------------------------
+# The restart count (0 first) a launcher sets where SLURM_RESTART_COUNT is not: recorded in the start event,
+# and why a stop's line says the launcher resumes. Shell: `python -m m2das.runfolder LAUNCHER_ATTEMPT_ENV`.
+LAUNCHER_ATTEMPT_ENV = "M2DAS_LAUNCHER_ATTEMPT"
 
 
 def epoch_checkpoint_name(epoch: int) -> str:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from m2das import config, events, remote, runfolder, storeerrors
 from m2das.config import TrainConfig
 from m2das.data import packed
-from m2das.data.dataset import DataListError, read_samples, validate, validate_packed
+from m2das.data.dataset import DataListError, ListedPaths, read_samples, validate, validate_packed
 from m2das.data.recipe import record_recipe
 from m2das.data.stats import compute_norm_stats, read_norm_stats, write_norm_stats
 from m2das.datafolder import NORM_STATS, RECIPE_FILE
@@ -236,7 +236,7 @@ def resolve_norm_stats(cfg: TrainConfig, samples, run_dir: Path) -> dict:
         stats = read(data_file)
     else:
         log(f"computing normalisation statistics from {cfg.stats_files} random crops (seed 0) ...")
-        paths = [samples.root / f for f in samples.files]
+        paths = ListedPaths(samples.root, samples.files)  # a Path per drawn file, not per row
         stats = {**compute_norm_stats(paths, cfg.stats_files, cfg.input_size[1]), "source": "computed"}
         if not (math.isfinite(stats["mean"]) and math.isfinite(stats["std"]) and stats["std"] > 0):
             raise TrainError(f"{cfg.csv_main}: normalisation statistics came out as {stats['mean']}/"
@@ -313,7 +313,7 @@ def record_start(run_dir: Path, resumed_from, step: int) -> dict:
         reason = (last_stop.get("reason") or f"signal {last_stop.get('signal')}") if event == runfolder.EVENT_STOPPED \
             else ends.get(event) or \
             "killed without warning (no clean stop recorded)"
-    count = os.environ.get("SLURM_RESTART_COUNT", os.environ.get("M2DAS_LAUNCHER_ATTEMPT"))
+    count = os.environ.get("SLURM_RESTART_COUNT", os.environ.get(runfolder.LAUNCHER_ATTEMPT_ENV))
     return events.record(run_dir, runfolder.EVENT_START, host=socket.gethostname(),
                          job_id=os.environ.get("SLURM_JOB_ID"), restart_count=int(count) if count else 0,
                          resumed_from=resumed_from, resumed_step=step, last_stop_reason=reason, pid=os.getpid())

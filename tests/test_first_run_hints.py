@@ -52,7 +52,7 @@ def test_a_stop_under_slurm_or_the_launcher_says_who_resumes(lms_data, tmp_path)
     """A SIGTERM inside a real step: under SLURM the job requeues itself, under the local launcher the
     supervisor restarts the run; neither asks the user to rerun the command."""
     from conftest import TINY_TRAIN
-    from m2das import EXIT_RESUMABLE
+    from m2das import EXIT_RESUMABLE, runfolder
 
     run = tmp_path / "run"
     args = ("train", *TINY_TRAIN, "--data_path", lms_data, "--output_dir", run, "--batch_size", "8", "--epochs", "2")
@@ -60,7 +60,7 @@ def test_a_stop_under_slurm_or_the_launcher_says_who_resumes(lms_data, tmp_path)
     out = r.stdout + r.stderr
     assert r.returncode == EXIT_RESUMABLE, out
     assert "SIGTERM received: saved" in out and "SLURM job 4242 requeues itself and resumes here" in out
-    r = run_m2das(*args, env={"M2DAS_LAUNCHER_ATTEMPT": "1", "M2DAS_TEST_SIGTERM_AT_STEP": "4"})
+    r = run_m2das(*args, env={runfolder.LAUNCHER_ATTEMPT_ENV: "1", "M2DAS_TEST_SIGTERM_AT_STEP": "4"})
     out = r.stdout + r.stderr
     assert r.returncode == EXIT_RESUMABLE and "resumed from" in out, out
     assert "the launcher restarts the run and resumes here" in out and "rerun the same command" not in out

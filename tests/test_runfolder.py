@@ -1,10 +1,12 @@
-"""The one-trainer lock with real files and real processes: who may take a run folder, and when."""
+"""The run-folder contract: the one-trainer lock with real files and real processes, and names spelled once."""
 
+import ast
 import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +86,60 @@ def test_shell_scripts_read_names_from_the_contract():
     assert r.returncode == 0 and r.stdout.strip() == runfolder.LAUNCHER
     r = subprocess.run([sys.executable, "-m", "m2das.runfolder", "nope"], capture_output=True, text=True)
     assert r.returncode == runfolder.EXIT_BAD_INPUT and "usage" in r.stderr
+
+
+PACKAGE = Path(runfolder.__file__).parent
+README = PACKAGE.parent / "README.md"
+
+
+def _is_event_field(node) -> bool:
+    """`row.get("event")` or `row["event"]`."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" and node.args:
+        node = node.args[0]
+    elif isinstance(node, ast.Subscript):
+        node = node.slice
+    else:
+        return False
+    return isinstance(node, ast.Constant) and node.value == "event"
+
+
+def event_literals(source: str) -> list:
+    """Strings written where an event name goes: `{"event": ...}`, `event=...`, `row.get("event") == ...`
+    (or `in (...)`); an event name belongs in a constant of m2das/runfolder.py (or requeue's decisions)."""
+    found = []
+    for n in ast.walk(ast.parse(source)):
+        values = []
+        if isinstance(n, ast.Dict):
+            values = [v for k, v in zip(n.keys, n.values) if isinstance(k, ast.Constant) and k.value == "event"]
+        elif isinstance(n, ast.keyword) and n.arg == "event":
+            values = [n.value]
+        elif isinstance(n, ast.Compare) and _is_event_field(n.left):
+            for c in n.comparators:
+                values += c.elts if isinstance(c, (ast.Tuple, ast.List, ast.Set)) else [c]
+        found += [v.value for v in values if isinstance(v, ast.Constant) and isinstance(v.value, str)]
+    return found
+
+
+def test_event_names_and_the_attempt_variable_are_spelled_only_in_the_contract():
+    events, attempt = {}, []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if path.name != "runfolder.py" and (found := event_literals(text)):
+            events[str(path.relative_to(PACKAGE))] = found
+        if runfolder.LAUNCHER_ATTEMPT_ENV in text:
+            attempt.append(str(path.relative_to(PACKAGE)))
+    assert events == {}, f"event names spelled outside m2das/runfolder.py: {events}; import its EVENT_* constants"
+    assert attempt == ["runfolder.py"], f"{runfolder.LAUNCHER_ATTEMPT_ENV} is spelled in {attempt}"
+    # The README's wrapper loop sets the variable the trainer reads.
+    assert f"{runfolder.LAUNCHER_ATTEMPT_ENV}=$n torchrun" in README.read_text(encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "m2das.runfolder", "LAUNCHER_ATTEMPT_ENV"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == runfolder.LAUNCHER_ATTEMPT_ENV
+
+
+def test_the_event_check_sees_each_way_an_event_is_written_or_read():
+    source = ('rows = [{"event": "submit", "job_id": 1}]\n'
+              'log("x", event="start")\n'
+              'a = [r for r in rows if r.get("event") == "stopped"]\n'
+              'b = [r for r in rows if r["event"] in ("finished", EVENT_START)]\n'
+              'c = {"kind": "submit"}\n')
+    assert event_literals(source) == ["submit", "start", "stopped", "finished"]

@@ -183,7 +183,7 @@ class Supervisor:
         self.rank0_offset = rank0.stat().st_size if rank0.exists() else 0
         for rank in range(self.spec["ranks"]):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(self.spec["ranks"]), LOCAL_RANK=str(rank),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), M2DAS_LAUNCHER_ATTEMPT=str(attempt))
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **{runfolder.LAUNCHER_ATTEMPT_ENV: str(attempt)})
             if not self.spec["gpu"]:
                 env.setdefault("OMP_NUM_THREADS", str(max(1, machine.usable_cores() // self.spec["ranks"])))
             with open_append(self.logs / f"rank{rank}.log", "ab") as log:
@@ -244,7 +244,7 @@ class Supervisor:
         cap = int(self.spec["max_restarts"])
         attempt = 0
         while True:
-            self._log(f"start {attempt} ({self.spec['ranks']} ranks)", event="start", restart_count=attempt,
+            self._log(f"start {attempt} ({self.spec['ranks']} ranks)", event=runfolder.EVENT_START, restart_count=attempt,
                       host=socket.gethostname(), pid=os.getpid())
             self._start(attempt)
             codes = self._wait()

@@ -378,7 +378,7 @@ def _read_json(path):
 
 def last_submit(run_dir):
     """The newest `submit` row of RUN/launcher.jsonl, or None."""
-    rows = [r for r in read_jsonl(Path(run_dir) / runfolder.LAUNCHER) if r.get("event") == "submit"]
+    rows = [r for r in read_jsonl(Path(run_dir) / runfolder.LAUNCHER) if r.get("event") == runfolder.EVENT_SUBMIT]
     return rows[-1] if rows else None
 
 

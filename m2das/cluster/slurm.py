@@ -51,7 +51,7 @@ class TrainJob:
         if env.global_rank == 0:
             append_jsonl(Path(self.run_dir) / runfolder.LAUNCHER, {
                 "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "event": "start", "job_id": env.job_id, "restart_count": restart,
+                "event": runfolder.EVENT_START, "job_id": env.job_id, "restart_count": restart,
                 "host": socket.gethostname(), "world_size": env.num_tasks})
         if self.cpu_threads:
             os.environ.setdefault("OMP_NUM_THREADS", str(self.cpu_threads))

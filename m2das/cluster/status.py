@@ -153,7 +153,7 @@ def local_checkpoints(run: Path) -> list:
 
 def failed_launch(launcher: list, starts: list) -> dict | None:
     """The launcher's newest decision when it is "failed" and nothing was submitted or started since."""
-    newest = [(i, r) for i, r in enumerate(launcher) if r.get("event") in (*requeue.EXIT_FOR, "submit", "start")]
+    newest = [(i, r) for i, r in enumerate(launcher) if r.get("event") in (*requeue.EXIT_FOR, runfolder.EVENT_SUBMIT, runfolder.EVENT_START)]
     if not newest or newest[-1][1].get("event") != requeue.FAILED:
         return None
     row = newest[-1][1]
@@ -277,7 +277,7 @@ def collect(run_dir, now=None, queue=True, checkpoints=None) -> dict:
     out["unrecorded_starts"] = sum(1 for r in out["requeues"]
                                    if _start_key(r["job_id"], r["restart_count"]) not in recorded)
     out["job_ids"] = sorted({str(r["job_id"]) for r in launcher + starts if r.get("job_id")})
-    submits = [r for r in launcher if r.get("event") == "submit"]
+    submits = [r for r in launcher if r.get("event") == runfolder.EVENT_SUBMIT]
     out["submitted"] = [{"time": _ts(r.get("time")), "cluster": r.get("cluster"), "job_id": r.get("job_id"),
                          "preset": r.get("preset")} for r in submits]
     slurm_jobs = [r.get("job_id") for r in submits if r.get("cluster") == "slurm" and r.get("job_id")]

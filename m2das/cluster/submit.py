@@ -74,7 +74,7 @@ def main(argv=None):
         return 0
     append_jsonl(plan.run_dir / runfolder.LAUNCHER, {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "event": "submit", "cluster": args.cluster, "job_id": str(job_id), "preset": args.preset,
+        "event": runfolder.EVENT_SUBMIT, "cluster": args.cluster, "job_id": str(job_id), "preset": args.preset,
         "nodes": plan.nodes, "ranks_per_node": plan.ranks_per_node, "train_argv": plan.train_argv,
         "user_argv": plan.user_argv, "launcher_argv": launcher_argv,
         "launcher_args": vars(args), "host": socket.gethostname()})

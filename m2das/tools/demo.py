@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m2das import runfolder
 from m2das.cliargs import Parser
 from m2das.fileio import read_jsonl
 
@@ -216,8 +217,8 @@ def main(argv=None) -> int:
         print(f"[demo] resumed run failed with exit {code}", file=sys.stderr)
         return 1
 
-    starts = read_jsonl(run_dir / "restarts.jsonl")
-    resumed = next(r for r in starts if r.get("event") == "start" and r.get("resumed_from"))
+    starts = read_jsonl(run_dir / runfolder.RESTARTS)
+    resumed = next(r for r in starts if r.get("event") == runfolder.EVENT_START and r.get("resumed_from"))
     final = run_dir / f"checkpoint-{args.epochs}.pth"
     identical = None
     if not args.no_reference:

@@ -61,6 +61,19 @@ def test_norm_stats_fixed_seed_is_reproducible(lms_data):
     b = compute_norm_stats(paths, num_files=30, frames=100, seed=0)
     assert a == b
     assert a["mean"] == pytest.approx(-7, abs=0.2) and a["std"] == pytest.approx(4, abs=0.2)
+    # the trainer's lazy root / name per drawn file gives the numbers a list of every path gives
+    from m2das.data.dataset import ListedPaths
+
+    class Counted(ListedPaths):
+        made = 0
+
+        def __getitem__(self, i):
+            Counted.made += 1
+            return super().__getitem__(i)
+
+    names = [p.relative_to(lms_data).as_posix() for p in paths]
+    assert compute_norm_stats(Counted(lms_data, names), num_files=30, frames=100, seed=0) == a
+    assert Counted.made == 30  # one Path per drawn file, none per row of the list
 
 
 def test_validation_names_missing_and_truncated_files(tmp_path):

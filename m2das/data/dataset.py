@@ -12,6 +12,7 @@ import os
 import signal
 import weakref
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,20 @@ class SampleList:
 
     def labels_of(self, i: int) -> np.ndarray:
         return self.label_ids[self.label_offsets[i]:self.label_offsets[i + 1]]
+
+
+class ListedPaths(Sequence):
+    """root / files[i], made only when asked for: the normalisation statistics draw a few thousand
+    files of a list of millions, and a Path per row would cost hundreds of MB at first start."""
+
+    def __init__(self, root: Path, files: list):
+        self.root, self.files = Path(root), files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return self.root / self.files[i]
 
 
 def split_labels(value) -> list:

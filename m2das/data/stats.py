@@ -6,6 +6,7 @@ numbers, and `norm_stats.json` (in the data folder or the run folder) pins them.
 """
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -72,16 +73,16 @@ def compute_norm_stats(paths, num_files: int = DEFAULT_STATS_FILES, frames: int 
     fixed seed, and accumulated in float64 so the result does not depend on
     how many files are summed.
     """
-    paths = list(paths)
+    paths = paths if isinstance(paths, Sequence) else list(paths)  # a lazy sequence stays lazy
     if not paths:
         raise ValueError("cannot compute normalisation statistics from an empty file list")
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(paths), size=num_files)
     total = total_sq = count = 0.0
     for n, i in enumerate(picks):
-        lms = np.load(paths[i], mmap_mode="r")
-        x = finite_crop(crop_or_pad(lms, frames, crop_start(lms.shape[-1], frames, rng)),
-                        paths[i]).astype(np.float64)
+        path = paths[i]
+        lms = np.load(path, mmap_mode="r")
+        x = finite_crop(crop_or_pad(lms, frames, crop_start(lms.shape[-1], frames, rng)), path).astype(np.float64)
         total += x.sum()
         total_sq += np.square(x).sum()
         count += x.size

@@ -9,7 +9,7 @@ import contextlib
 import importlib
 import sys
 
-from m2das.signals import EXIT_ABORTED, StartInterrupted
+from m2das.signals import EXIT_ABORTED, StartInterrupted, hold_early
 
 COMMANDS = {
     "train": ("m2das.train", "Pre-train M2D-AS (single process, torchrun, or a launcher rank)."),
@@ -61,7 +61,6 @@ def main(argv=None) -> int:
         return 2
     if name == "train":
         from m2das import config, runfolder
-        from m2das.signals import hold_early
 
         config.parse_args(rest)  # --help and flag errors answer before torch is imported
         try:

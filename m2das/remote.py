@@ -77,7 +77,8 @@ def store_wait_s() -> float:
 def while_unavailable(fn, why: str, log=events.log):
     """fn() again while the store does not answer, for up to STORE_WAIT_ENV seconds (said once, with
     `why` it waits); then its StoreUnavailable. A short outage costs a wait, not a requeue."""
-    deadline, said = time.monotonic() + store_wait_s(), False
+    wait = store_wait_s()
+    deadline, said = time.monotonic() + wait, False
     while True:
         try:
             return fn()
@@ -85,8 +86,8 @@ def while_unavailable(fn, why: str, log=events.log):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise
-            if not said:
-                log(f"{e}; waiting up to {left:.0f} s ({STORE_WAIT_ENV}) for it {why}")
+            if not said:  # the setting, not what is left of it after the first try's timeout
+                log(f"{e}; waiting up to {wait:.0f} s ({STORE_WAIT_ENV}) for it {why}")
                 said = True
             time.sleep(min(2.0, left))
 

@@ -51,6 +51,15 @@ def count(text: str) -> int:
     return value
 
 
+def positive(text: str) -> int:
+    """An int flag that must be 1 or more (a batch, an epoch count, a period): 0 would divide by zero or
+    train nothing, so it is refused with the flag's name rather than failing hours later."""
+    value = count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected 1 or more, got 0")
+    return value
+
+
 def model_names() -> tuple:
     """The model registry's names (m2das/model.py MODEL_SIZES), read without importing torch.
 
@@ -98,11 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", type=model_name, default="m2d_as_vit_base", help=" | ".join(model_names()))
     a("--input_size", type=size_pair, default=[80, 608], help="FxT of the training crop (default 80x608)")
     a("--patch_size", type=size_pair, default=[16, 16])
-    a("--epochs", type=int, default=300)
-    a("--batch_size", type=int, default=512, help="per process (GPU)")
-    a("--accum_iter", type=int, default=1, help="batches per optimizer step")
-    a("--save_freq", type=int, default=50, help="write checkpoint-{epoch}.pth every N epochs")
-    a("--keep_epochs", type=int, default=0,
+    a("--epochs", type=positive, default=300)
+    a("--batch_size", type=positive, default=512, help="per process (GPU)")
+    a("--accum_iter", type=positive, default=1, help="batches per optimizer step")
+    a("--save_freq", type=positive, default=50, help="write checkpoint-{epoch}.pth every N epochs")
+    a("--keep_epochs", type=count, default=0,
       help="keep only the newest N checkpoint-{epoch}.pth, deleting older ones as new ones land; 0: keep all")
     a("--seed", type=int, default=3)
     a("--loss_off", type=float, default=1.0, help="weight of the offline (AudioSet label) loss")
@@ -112,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--output_dir", default=None, help="run folder (default runs/{model}-{F}x{T}p{pf}x{pt}p16k-{YYMMDD}-{config})")
     a("--runs_dir", default="runs", help="parent of the default run folder")
     a("--bf16", action="store_true", help="bf16 autocast instead of fp16 + loss scaling")
-    a("--num_workers", type=int, default=8, help="DataLoader workers per process")
+    a("--num_workers", type=count, default=8, help="DataLoader workers per process")
     a("--blr", type=float, default=3e-4, help="base LR: lr = blr * effective batch / 256")
     a("--lr", type=float, default=None, help="absolute LR (overrides --blr)")
     a("--min_lr", type=float, default=0.0)
@@ -126,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--init_from", default=None, help="start a fresh schedule from the weights of an M2D / M2D-AS checkpoint")
     a("--resume", default="auto", help="auto (newest valid checkpoint in the run folder) | none | PATH")
     a("--ckpt_interval_min", type=float, default=30, help="minutes between rolling full-state saves")
-    a("--log_every", type=int, default=50, help="optimizer steps between log lines")
-    a("--stats_files", type=int, default=5000, help="files drawn for normalisation statistics")
+    a("--log_every", type=positive, default=50, help="optimizer steps between log lines")
+    a("--stats_files", type=count, default=5000, help="files drawn for normalisation statistics")
     a("--device", type=machine.device_flag, default="auto", help=machine.DEVICE_HELP)
     a("--force_config", action="store_true", help="continue a run folder whose config.json differs")
     a("--skip_validation", action="store_true", help="do not check every listed file before training")

@@ -73,3 +73,21 @@ def test_a_negative_verify_shards_is_refused_not_read_as_0(capsys):
     err = capsys.readouterr().err
     assert e.value.code == EXIT_BAD_INPUT and len(err.strip().splitlines()) == 1, err
     assert "--verify_shards" in err and "0 or more, got -1" in err, err
+
+
+@pytest.mark.parametrize("flag,bad,want", [("--epochs", "0", "1 or more, got 0"), ("--batch_size", "-4", "0 or more"),
+                                           ("--accum_iter", "0", "1 or more"), ("--save_freq", "0", "1 or more"),
+                                           ("--log_every", "0", "1 or more"), ("--keep_epochs", "-1", "0 or more"),
+                                           ("--num_workers", "-2", "0 or more"), ("--stats_files", "-5", "0 or more"),
+                                           ("--batch_size", "many", "a whole number")])
+def test_counting_flags_refuse_what_would_fail_hours_later(flag, bad, want, capsys):
+    """--save_freq 0 divided by zero at the first epoch's end, --log_every 0 at the first step; a negative
+    worker or file count was taken as is. Each is now the flag's one-line usage error, before any work."""
+    from m2das.runfolder import EXIT_BAD_INPUT
+
+    with pytest.raises(SystemExit) as e:
+        config.parse_args([flag, bad])
+    err = capsys.readouterr().err
+    assert e.value.code == EXIT_BAD_INPUT and len(err.strip().splitlines()) == 1, err
+    assert flag in err and want in err, err
+    assert config.parse_args([flag, "1"]) is not None  # the smallest value that works is taken

@@ -294,7 +294,7 @@ def launcher(*args, cwd=REPO):
     (["--preset", "cpu-test", "--", "--epochs", "1", "--partition", "gpu"], ["--partition is a launcher flag"]),
     (["--preset", "cpu-test", "--epochs", "1", "--no-such-flag", "3"], ["--no-such-flag: not a flag"]),
     (["--preset", "cpu-test", "--model", "m2d_as_vit_huge"], ["unknown model 'm2d_as_vit_huge'", "m2d_as_vit_base"]),
-    (["--preset", "cpu-test", "--epochs", "x"], ["--epochs", "invalid int value"]),
+    (["--preset", "cpu-test", "--epochs", "x"], ["--epochs", "expected a whole number, got 'x'"]),
     (["--preset", "cpu-test", "--job-name", "a\nb"], ["control characters"]),
     (["--preset", "cpu-test", "--", "--data_path", "d\te"], ["control characters"]),
 ])

@@ -353,11 +353,13 @@ class RunLock(LockWatch):
     def acquire(self) -> "RunLock":
         self.heartbeat_s, _ = lock_timing()  # a bad setting is refused before anything is touched
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        broken = False
         for _ in range(5):
             if self._try_link():
                 self._start_heartbeat()
                 try:
-                    wait_for_unfinished(self.run_dir, self.me, self.heartbeat_s)
+                    if not broken:  # a lock just broken as stale has judged its holder gone already
+                        wait_for_unfinished(self.run_dir, self.me, self.heartbeat_s)
                 except BaseException:
                     self.release()
                     raise
@@ -369,6 +371,7 @@ class RunLock(LockWatch):
             if why is None:
                 raise RunLocked(locked_message(self.run_dir, holder, age))
             self._break(holder, why)
+            broken = True
         raise RunLocked(f"{self.path}: could not take the lock after repeated races with another trainer")
 
     def _try_link(self) -> bool:
